@@ -1,0 +1,235 @@
+"""Load and save Phi-3 checkpoints in the Hugging Face layout (config.json + safetensors, single or sharded).
+
+Loading builds the model on the `meta` device and assigns tensors that are zero-copy views of the
+memory-mapped files (gpt-fast's recipe), so peak host memory stays about one checkpoint, not two. Every
+problem with the files is a CheckpointError with a one-line message that says what to do.
+
+    model = load_model("~/Phi-3-mini-4k-instruct", dtype=torch.bfloat16, device="cuda")
+    save_model(model, "out/merged", tokenizer_from="~/Phi-3-mini-4k-instruct")
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from phi3.config import ConfigError, Phi3Config
+from phi3.model import Phi3ForCausalLM
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot use; the message names the file, the problem and what to do."""
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of bf16, fp16, fp32")
+    return DTYPES[name]
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on GPUs, fp32 on the CPU (CPU bf16 matmuls are slow and less exact)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Zero-copy tensors over a private (copy-on-write) memory map of one .safetensors file, validated."""
+    size = path.stat().st_size
+    bad = f"{path}: truncated or corrupt safetensors file"
+    fix = "download or copy the file again"
+    if size < 8:
+        raise CheckpointError(f"{bad} ({size} bytes); {fix}")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise CheckpointError(f"{bad} (header says {header_len} bytes, file has {size}); {fix}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{bad} (header is not JSON); {fix}") from None
+        data_start, data_len = 8 + header_len, size - 8 - header_len
+        header.pop("__metadata__", None)
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{bad} (entry {name!r} is malformed or has an unsupported dtype); {fix}") from None
+        numel = 1
+        for n in shape:
+            numel *= n
+        if not 0 <= begin <= end <= data_len or end - begin != numel * dtype.itemsize:
+            raise CheckpointError(f"{bad} (tensor {name!r} lies outside the file: it was cut short); {fix}")
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=data_start + begin).view(shape)
+    return tensors
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map'); copy it again") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        found = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = f" (found {', '.join(found[:3])}: convert them to safetensors)" if found else ""
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: shard listed in model.safetensors.index.json is missing; download it")
+    return files
+
+
+def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder as memory-mapped views (no copy)."""
+    state = {}
+    for file in checkpoint_files(Path(folder)):
+        state.update(read_safetensors(file))
+    return state
+
+
+def _names(names, limit: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+               ) -> Phi3ForCausalLM:
+    """A Phi3ForCausalLM with the checkpoint's weights, in `dtype` (default: bf16 on CUDA, fp32 on CPU), in eval mode."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found; pass a folder in Hugging Face layout "
+                              "(config.json + model.safetensors)")
+    try:
+        config = Phi3Config.from_json(folder / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    device = torch.device(device)
+    dtype = parse_dtype(dtype) or default_dtype(device)
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    state = load_state_dict(folder)
+
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = set(expected) - set(state) - optional
+    unexpected = set(state) - set(expected)
+    if missing:
+        raise CheckpointError(f"{folder}: tensors missing from the checkpoint: {_names(missing)}; the files are "
+                              "incomplete or not a Phi-3 checkpoint")
+    if unexpected:
+        raise CheckpointError(f"{folder}: unexpected tensors in the checkpoint: {_names(unexpected)}; config.json "
+                              "does not match the weights (e.g. num_hidden_layers) or this is not Phi3ForCausalLM")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise CheckpointError(f"{folder}: tensor {name} has shape {list(tensor.shape)}, config.json implies "
+                                  f"{list(expected[name])}; config.json does not match the weights")
+    # .to() on an mmap view copies only when dtype/device differ, one tensor at a time.
+    state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The plain Phi-3 tensors of a model (LoRA parameters left out), tied lm_head dropped, each contiguous."""
+    state = {}
+    for name, t in model.state_dict().items():
+        if ".lora_" in name:
+            continue
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        state[name] = t.detach().contiguous()
+    return state
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place; an older folder there is swapped out, then deleted."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model: Phi3ForCausalLM, path: str | Path, dtype: torch.dtype | str | None = None,
+               max_shard_bytes: int = 5 * 2**30, tokenizer_from: str | Path | None = None) -> Path:
+    """Write config.json + safetensors (sharded above max_shard_bytes, with an index) in Hugging Face layout.
+
+    The folder is written under a temporary name and renamed at the end, so a crash never leaves a
+    half-written checkpoint behind. LoRA parameters are not saved: merge them first to export them.
+    """
+    final = Path(path).expanduser()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        dtype = parse_dtype(dtype)
+        state = {n: (t.to(dtype) if dtype and t.is_floating_point() else t).cpu() for n, t in
+                 base_state_dict(model).items()}
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        shard_bytes = 0
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+                shards.append({})
+                shard_bytes = 0
+            shards[-1][name] = t
+            shard_bytes += nbytes
+        config = model.config.to_hf_dict()
+        config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / file, metadata={"format": "pt"})
+                weight_map.update({name: file for name in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_from).expanduser() / name
+                if src.is_file():
+                    shutil.copyfile(src, tmp / name)
+        _replace_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

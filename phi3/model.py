@@ -1,0 +1,225 @@
+"""Phi-3 (Phi3ForCausalLM) in plain PyTorch.
+
+Parameter names and fused layouts are the checkpoint's own (`self_attn.qkv_proj` = [Q; K; V] rows,
+`mlp.gate_up_proj` = [gate; up] rows), so Hugging Face weights load with no renaming. Numerics follow
+transformers' modeling_phi3: RMSNorm upcasts to fp32 and multiplies the weight in the model dtype, RoPE is
+"rotate half" with cos/sin computed in fp32, LongRoPE picks short/long factors from the largest position of
+the call, the 4k models' sliding window lets query i see keys i-window < j <= i.
+
+    model = Phi3ForCausalLM(config)
+    logits = model(input_ids)                      # (B, T, vocab)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from phi3.config import Phi3Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)  # the weight product happens in the model dtype, as in the reference
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotate-half RoPE, incl. LongRoPE's short/long factors and attention factor."""
+
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        # Plain Python numbers, not buffers: nothing to re-create after building on the meta device and
+        # nothing a model-wide .to(bfloat16) could round. The fp32 tables are rebuilt per call (hd/2 values).
+        half = config.head_dim // 2
+        self.dim = config.head_dim
+        self.theta = config.rope_theta
+        self.short_factor = list(config.rope_short_factor or [1.0] * half)
+        self.long_factor = list(config.rope_long_factor or [1.0] * half)
+        self.longrope = config.rope_type == "longrope"
+        self.original_max = config.original_max_position_embeddings
+        self.attention_factor = config.rope_attention_factor
+
+    def inv_freq(self, factors: list[float], device) -> torch.Tensor:
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * self.theta**exponents)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq(self.short_factor, position_ids.device)
+        if self.longrope:
+            # One choice for the whole call, from its largest position (torch.where: no host sync).
+            long = self.inv_freq(self.long_factor, position_ids.device)
+            inv_freq = torch.where(position_ids.max() + 1 > self.original_max, long, inv_freq)
+        with torch.autocast(device_type=position_ids.device.type, enabled=False):
+            freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+            cos, sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd) broadcast over heads
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: (layers, B, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, config: Phi3Config, batch_size: int, max_len: int, device, dtype):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens already stored; advanced by the model after all layers ran
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def attention_mask(q_len: int, offset: int, sliding_window: int | None, document_ids: torch.Tensor | None,
+                   device) -> torch.Tensor | str | None:
+    """The mask SDPA needs: "causal" (use is_causal), None (all keys visible) or a bool (B|1, 1, T, S) tensor.
+
+    Query i (absolute position offset+i) sees key j iff j <= offset+i, offset+i - window < j (when the window
+    binds) and both belong to the same packed document.
+    """
+    k_len = offset + q_len
+    window_binds = sliding_window is not None and k_len > sliding_window
+    if document_ids is None and not window_binds:
+        if q_len == 1:
+            return None
+        if offset == 0:
+            return "causal"
+    q_pos = torch.arange(offset, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window_binds:
+        mask = mask & (k_pos > q_pos - sliding_window)
+    mask = mask[None, None]  # (1, 1, T, S)
+    if document_ids is not None:
+        mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Phi3Config, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(config.qkv_sizes), bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.config.qkv_sizes, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        is_causal = isinstance(mask, str)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_head != self.n_head)  # scale 1/sqrt(hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # first half gate, second half up
+        return self.down_proj(up * F.silu(gate))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Phi3Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Phi3Model(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Phi3ForCausalLM(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.config = config
+        self.model = Phi3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False  # per-layer, non-reentrant; only while training
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      document_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, hidden). position_ids default to 0.. (+ cache length)."""
+        B, T = input_ids.shape
+        offset = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        mask = attention_mask(T, offset, self.config.sliding_window, document_ids, input_ids.device)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) in the model dtype (the loss upcasts)."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, document_ids, kv_cache))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random init as transformers does (normal(0, 0.02) weights, ones for norms); for --init random."""
+        device = self.lm_head.weight.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) * std)
+        pad = self.config.pad_token_id
+        if pad is not None and pad < self.config.vocab_size:
+            self.model.embed_tokens.weight[pad].zero_()

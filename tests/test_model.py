@@ -1,0 +1,75 @@
+"""Logits parity with transformers' Phi3ForCausalLM (the reference) on small random checkpoints."""
+
+import pytest
+import torch
+
+from phi3 import load_model
+from tiny import save_hf
+
+
+def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 32000, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+CASES = [  # (config, sequence length): each attention / RoPE regime the model has
+    ("4k", 16),        # window not binding
+    ("4k", 40),        # sliding window (24) binding
+    ("longrope", 20),  # below original_max_position_embeddings: short factors
+    ("longrope", 48),  # above: long factors
+    ("gqa", 30),
+    ("tied", 12),
+]
+
+
+@pytest.mark.parametrize("name,length", CASES)
+def test_logits_match_transformers_fp32(tmp_path, name, length):
+    ref_model = save_hf(name, tmp_path)
+    model = load_model(tmp_path, dtype=torch.float32)
+    ids = random_ids(2, length, seed=length)
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+        out = model(ids)
+    assert out.shape == (2, length, 32064)
+    assert max_rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("name,length", [("4k", 40), ("longrope", 48), ("gqa", 30)])
+def test_logits_bf16_error_within_2x_of_transformers_bf16(tmp_path, name, length):
+    ref_model = save_hf(name, tmp_path)
+    ids = random_ids(2, length, seed=7)
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+        ref_bf16 = ref_model.to(torch.bfloat16)(ids).logits
+        out_bf16 = load_model(tmp_path, dtype=torch.bfloat16)(ids)
+    assert out_bf16.dtype == torch.bfloat16
+    ours, theirs = max_rel_err(out_bf16, ref), max_rel_err(ref_bf16, ref)
+    assert ours <= 2 * theirs + 1e-3, (ours, theirs)
+
+
+def test_longrope_switches_factors_at_original_max(tmp_path):
+    """The same prefix gets different logits once the call's positions pass original_max (32)."""
+    save_hf("longrope", tmp_path)
+    model = load_model(tmp_path)
+    ids = random_ids(1, 40, seed=3)
+    with torch.no_grad():
+        short = model(ids[:, :30])
+        long = model(ids)[:, :30]
+    assert (short - long).abs().max() > 1e-3
+
+
+def test_document_ids_isolate_packed_examples(tmp_path):
+    """Two examples packed in one row give the logits each gets alone (positions restart per document)."""
+    save_hf("gqa", tmp_path)
+    model = load_model(tmp_path)
+    a, b = random_ids(1, 7, seed=1), random_ids(1, 5, seed=2)
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    docs = torch.tensor([[0] * 7 + [1] * 5])
+    with torch.no_grad():
+        out = model(packed, position_ids=positions, document_ids=docs)
+        alone = torch.cat([model(a), model(b)], dim=1)
+    torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-5)
