@@ -148,9 +148,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     if unexpected:
         raise CheckpointError(f"{folder}: unexpected tensors in the checkpoint: {_names(unexpected)}; config.json "
                               "does not match the weights (e.g. num_hidden_layers) or this is not Phi3ForCausalLM")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name]):
-            raise CheckpointError(f"{folder}: tensor {name} has shape {list(tensor.shape)}, config.json implies "
+    for name in (n for n in expected if n in state):  # model order: the first mismatch is the one reported
+        if tuple(state[name].shape) != tuple(expected[name]):
+            raise CheckpointError(f"{folder}: tensor {name} has shape {list(state[name].shape)}, config.json implies "
                                   f"{list(expected[name])}; config.json does not match the weights")
     # .to() on an mmap view copies only when dtype/device differ, one tensor at a time.
     state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}
