@@ -1,0 +1,315 @@
+"""LoRA for Phi-3: a wrapper around the frozen linear layers, and adapter files in the PEFT layout.
+
+    add_lora(model, LoRAConfig(rank=16, alpha=32, targets=("qkv", "o", "gate_up", "down")))
+    mark_only_lora_as_trainable(model)
+    ...train...
+    save_adapter(model, "out", base_model="~/Phi-3-mini-4k-instruct")   # loads in peft and vLLM
+    merge_lora(model)                                                    # explicit; never a side effect of .eval()
+
+A LoRALinear keeps the frozen base weight under the checkpoint's own name (`qkv_proj.weight`), so merged
+models save in the Hugging Face layout unchanged. A target may be a slice of a fused layer ("q", "v" inside
+`qkv_proj`, "gate"/"up" inside `gate_up_proj`): each slice gets its own rank-r pair, which is the same thing
+as one LoRA of rank n*r with stacked A and block-diagonal B. That is how it runs (one kernel call) and how
+it is exported (PEFT and vLLM need no special case).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from kernels import lora_linear
+from phi3.checkpoint import CheckpointError, read_safetensors
+
+# Short target name -> (module name suffix, index of the slice in the fused output, or None for all of it).
+TARGETS = {
+    "qkv": ("self_attn.qkv_proj", None), "q": ("self_attn.qkv_proj", 0), "k": ("self_attn.qkv_proj", 1),
+    "v": ("self_attn.qkv_proj", 2), "o": ("self_attn.o_proj", None),
+    "gate_up": ("mlp.gate_up_proj", None), "gate": ("mlp.gate_up_proj", 0), "up": ("mlp.gate_up_proj", 1),
+    "down": ("mlp.down_proj", None), "lm_head": ("lm_head", None),
+}
+ALIASES = {"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down", "all-linear": "all"}
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("qkv", "o", "gate_up", "down")
+    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r (rank-stabilised LoRA)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
+
+
+def parse_targets(spec: str | tuple[str, ...]) -> tuple[str, ...]:
+    """'qkv,o,gate_up,down', 'q,v', 'all-linear' ... -> validated short names."""
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    out = []
+    for name in names:
+        name = ALIASES.get(name, name)
+        if name == "all":
+            out += ["qkv", "o", "gate_up", "down"]
+        elif name in TARGETS:
+            out.append(name)
+        else:
+            raise ValueError(f"unknown LoRA target {name!r}; choose from {', '.join(TARGETS)} or all-linear")
+    if not out:
+        raise ValueError("no LoRA targets given; e.g. --targets qkv,o,gate_up,down")
+    return tuple(dict.fromkeys(out))
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + scale * dropout(x) A^T B^T, W frozen; A (n*r, in) and B (out, r) per slice, in fp32.
+
+    `slices` are the output row ranges that get an adapter (one range = the whole layer). The full B is
+    block-diagonal: rows of slice i only see columns i*r..(i+1)*r of the stacked A.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float, slices: list[tuple[int, int]],
+                 rslora: bool = False):
+        super().__init__()
+        self.rslora = rslora  # only recorded for the exported adapter_config; the scale already includes it
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.rank, self.scale, self.dropout, self.slices = rank, scale, dropout, slices
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(len(slices) * rank, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(sum(e - s for s, e in slices), rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and peft; B = 0 -> starts at the base
+        self.merged = False
+
+    def full_B(self) -> torch.Tensor:
+        """B as one (out, n*r) matrix: the layer's B itself, or the slices' Bs placed block-diagonally."""
+        if self.slices == [(0, self.out_features)]:
+            return self.lora_B
+        full = self.lora_B.new_zeros(self.out_features, len(self.slices) * self.rank)
+        row = 0
+        for i, (start, end) in enumerate(self.slices):
+            full[start:end, i * self.rank:(i + 1) * self.rank] = self.lora_B[row:row + end - start]
+            row += end - start
+        return full
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight)
+        return lora_linear(x, self.weight, self.lora_A, self.full_B(), self.scale,
+                           dropout_p=self.dropout if self.training else 0.0, training=self.training)
+
+    @torch.no_grad()
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.full_B().float() @ self.lora_A.float())  # (out, in), fp32
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge (exact in fp32; in bf16 the weight keeps the rounding of the add and subtract)."""
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta()).to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, slices={len(self.slices)}, scale={self.scale:g}"
+
+
+def _slice_bounds(model, suffix: str) -> list[tuple[int, int]]:
+    c = model.config
+    sizes = c.qkv_sizes if suffix == "self_attn.qkv_proj" else (c.intermediate_size, c.intermediate_size)
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Wrap the targeted linear layers in place (all layers). Returns the model."""
+    wanted: dict[str, set | None] = {}  # module suffix -> slice indices (None = whole layer)
+    for target in parse_targets(config.targets):
+        suffix, index = TARGETS[target]
+        if index is None:
+            wanted[suffix] = None
+        elif wanted.get(suffix, set()) is not None:
+            wanted.setdefault(suffix, set()).add(index)
+    if "lm_head" in wanted and model.config.tie_word_embeddings:
+        raise ValueError("LoRA on lm_head is not supported when lm_head is tied to embed_tokens")
+    for name, module in list(model.named_modules()):
+        for suffix, indices in wanted.items():
+            if (name == suffix or name.endswith("." + suffix)) and isinstance(module, nn.Linear):
+                if indices is None:
+                    slices = [(0, module.out_features)]
+                else:
+                    slices = [b for i, b in enumerate(_slice_bounds(model, suffix)) if i in indices]
+                _set_module(model, name, LoRALinear(module, config.rank, config.scale, config.dropout, slices, config.rslora))
+    return model
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """requires_grad only on LoRA parameters (+ biases: 'all', or 'lora_only' for biases of LoRA layers)."""
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name or name.startswith("lora_"))
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.requires_grad_(True)
+    elif bias == "lora_only":
+        for m in lora_modules(model).values():
+            if getattr(m, "bias", None) is not None:
+                m.bias.requires_grad_(True)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA parameters, under this project's names (`...qkv_proj.lora_A`)."""
+    return {name: p for name, p in model.state_dict().items() if ".lora_" in name}
+
+
+def merge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+# ---- PEFT files ------------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp_path), then rename over path: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_adapter(model: nn.Module, folder: str | Path, base_model: str | Path | None = None) -> Path:
+    """adapter_config.json + adapter_model.safetensors as peft writes them (keys base_model.model.<module>.lora_A.weight).
+
+    Per-slice adapters are exported as stacked A (n*r, in) and block-diagonal B (out, n*r); their rank n*r and
+    an alpha that keeps the same scale go into rank_pattern / alpha_pattern when ranks differ between modules.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no LoRA layers to save")
+    tensors, ranks, alphas = {}, {}, {}
+    any_m = next(iter(modules.values()))
+    rslora = all(m.rslora for m in modules.values())
+    for name, m in modules.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.full_B().detach().float().contiguous().cpu()
+        rank = len(m.slices) * m.rank
+        ranks[name] = rank
+        alphas[name] = m.scale * (math.sqrt(rank) if rslora else rank)  # peft's scale = alpha / r (or / sqrt r)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    r, alpha = ranks[next(iter(modules))], alphas[next(iter(modules))]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model) if base_model else None,
+        "r": r, "lora_alpha": alpha, "lora_dropout": any_m.dropout, "target_modules": leaves, "bias": "none",
+        "use_rslora": rslora, "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
+        "inference_mode": True, "use_dora": False, "layers_to_transform": None, "revision": None,
+        # Exact full names (anchored the way peft matches pattern keys) for modules whose rank/alpha differ.
+        "rank_pattern": {f"^{re.escape(n)}$": v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {f"^{re.escape(n)}$": v for n, v in alphas.items() if v != alpha},
+    }
+    _write_atomic(folder / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _write_atomic(folder / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return folder
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """peft's lookup: a pattern key matches a module name when the name ends with it (regex)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name) or re.fullmatch(key, name):
+            return value
+    return default
+
+
+def adapter_base_model(folder: str | Path) -> Path | None:
+    """The adapter's base checkpoint, when adapter_config.json names a local folder that exists."""
+    try:
+        base = json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return Path(base).expanduser() if base and Path(base).expanduser().is_dir() else None
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Add LoRA layers from PEFT files (ours or trained by peft) to a plain model. Returns the model."""
+    folder = Path(folder)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not found; an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    try:
+        cfg = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
+        raise CheckpointError(f"{config_path}: only plain LoRA adapters are supported (not {cfg.get('peft_type')}/DoRA)")
+    if cfg.get("modules_to_save") or cfg.get("bias", "none") != "none":
+        raise CheckpointError(f"{config_path}: modules_to_save and trained biases are not supported; "
+                              "export a LoRA-only adapter")
+    tensors = read_safetensors(weights_path)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if not m:
+            raise CheckpointError(f"{weights_path}: unexpected tensor {key!r}; expected <module>.lora_A.weight / .lora_B.weight")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    modules = dict(model.named_modules())
+    for name, ab in pairs.items():
+        base = modules.get(name)
+        if not isinstance(base, nn.Linear) or set(ab) != {"A", "B"}:
+            raise CheckpointError(f"{weights_path}: module {name!r} is not a linear layer of this model or lacks "
+                                  "lora_A/lora_B; was the adapter trained on another model?")
+        A, B = ab["A"], ab["B"]
+        rank = A.shape[0]
+        if A.shape != (rank, base.in_features) or B.shape != (base.out_features, rank):
+            raise CheckpointError(f"{weights_path}: {name} has lora_A {list(A.shape)} / lora_B {list(B.shape)}, "
+                                  f"the layer is {base.out_features}x{base.in_features}; adapter for another model size")
+        alpha = _pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", rank))
+        scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+        layer = LoRALinear(base, rank, scale, float(cfg.get("lora_dropout", 0.0)), [(0, base.out_features)],
+                           bool(cfg.get("use_rslora")))
+        with torch.no_grad():
+            layer.lora_A.copy_(A.float())
+            layer.lora_B.copy_(B.float())
+        _set_module(model, name, layer)
+    return model
