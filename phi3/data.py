@@ -30,7 +30,11 @@ _FORMATS = '{"messages": [...]}, {"conversations": [...]}, {"prompt", "completio
 class DataError(ValueError):
     """Bad training data. Message: "path:line: what is wrong. what to do" (line left out when not about one)."""
 
-    def __init__(self, path, line: int | None, what: str, todo: str):
+    def __init__(self, path, line: int | None = None, what: str | None = None, todo: str = ""):
+        if what is None:  # DataError("a whole message")
+            self.path, self.line = None, None
+            super().__init__(path)
+            return
         self.path, self.line = str(path), line
         super().__init__(f"{path}:{line}: {what}. {todo}" if line else f"{path}: {what}. {todo}")
 
@@ -48,15 +52,18 @@ class DataStats:
     trained_tokens: int = 0  # their target tokens (mask[1:]), after truncation
     truncated: int = 0       # records cut to max_seq_len (including the dropped ones)
     dropped: int = 0         # truncated records left with no target token at all: not returned
+    system_dropped: int = 0  # system messages the checkpoint's template leaves out (older mini / medium)
     max_seq_len: int | None = None
 
     def summary(self) -> str:
         share = 100.0 * self.trained_tokens / max(self.tokens, 1)
-        s = (f"{self.examples:,} examples, {self.tokens:,} tokens, {self.trained_tokens:,} trained ({share:.1f}%), "
-             f"{self.truncated:,} truncated to {self.max_seq_len} tokens")
+        s = f"{self.examples:,} examples, {self.tokens:,} tokens, {self.trained_tokens:,} trained ({share:.1f}%), "
+        s += "not truncated" if self.max_seq_len is None else f"{self.truncated:,} truncated to {self.max_seq_len} tokens"
         if self.dropped:
             s += (f", {self.dropped:,} dropped (no trained token left within {self.max_seq_len} tokens; "
                   f"raise max_seq_len to keep them)")
+        if self.system_dropped:
+            s += f", {self.system_dropped:,} system messages left out (this checkpoint's chat template has none)"
         return s
 
 
@@ -179,6 +186,8 @@ def read_jsonl(path, tokenizer, train_on: str = "assistant", max_seq_len: int | 
     for n, kind, payload in _parse(path):
         if kind == "chat":
             ids, mask = tokenizer.render(payload)
+            if not getattr(tokenizer, "supports_system", True):
+                stats.system_dropped += sum(m["role"] == "system" for m in payload)
         elif kind == "completion":
             ids, mask = tokenizer.render_completion(*payload)
         else:

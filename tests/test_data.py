@@ -265,3 +265,21 @@ def test_split_eval():
 def test_stats_summary_format():
     s = DataStats(examples=3, tokens=200, trained_tokens=50, truncated=0, max_seq_len=128).summary()
     assert s == "3 examples, 200 tokens, 50 trained (25.0%), 0 truncated to 128 tokens"
+
+
+def test_system_messages_dropped_by_template_are_counted(tmp_path, tok):
+    import shutil
+    d = tmp_path / "medium"
+    d.mkdir()
+    shutil.copy(TOK_DIR / "tokenizer.json", d / "tokenizer.json")
+    shutil.copy(TOK_DIR.parent / "configs/phi3-medium-4k-instruct/tokenizer_config.json", d / "tokenizer_config.json")
+    medium = load_tokenizer(d)
+    _, stats = read_jsonl(_write(tmp_path, [CHAT, CHAT]), medium, max_seq_len=64)
+    assert stats.system_dropped == 2 and "2 system messages left out" in stats.summary()
+    _, stats = read_jsonl(_write(tmp_path, [CHAT]), tok, max_seq_len=64)
+    assert stats.system_dropped == 0 and "system" not in stats.summary()
+
+
+def test_data_error_plain_message():
+    e = DataError("whole message")
+    assert str(e) == "whole message" and e.line is None

@@ -224,3 +224,29 @@ def test_no_template_falls_back_to_july(tmp_path):
     (d / "tokenizer_config.json").unlink()
     tok = load_tokenizer(d)
     assert tok.chat_format == "phi3" and tok.eos_id == 32000 and not tok.add_bos
+
+
+def test_tokenizer_without_rstrip(tmp_path):
+    """April-2024 tokenizer.json (special tokens without rstrip): the "\\n" after <|end|>/<|assistant|> are real
+    tokens; ids still match the oracle and those "\\n" tokens are not trained."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the chat-template oracle")
+    d = _make_folder(tmp_path, "phi3")
+    tj = json.loads((d / "tokenizer.json").read_text())
+    for t in tj["added_tokens"]:
+        t["rstrip"] = False
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    tok = load_tokenizer(d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    oracle = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), bos_token="<s>",
+                                                  eos_token="<|endoftext|>", chat_template=cfg["chat_template"])
+    assert tok.encode("<|user|>\nHello<|end|>\n<|assistant|>\n") == [32010, 29871, 13, 10994, 32007, 29871, 13,
+                                                                      32001, 29871, 13]
+    for messages in CONVERSATIONS:
+        ids, mask = tok.render(messages)
+        assert ids == _oracle_ids(oracle, messages, False)
+        trained = [i for i, m in zip(ids, mask) if m]
+        assert 13 not in trained or any("\n" in m["content"] for m in messages if m["role"] == "assistant")
+        if not any("<|" in m["content"] for m in messages):
+            want = [m["content"] + "<|end|>" for m in messages if m["role"] == "assistant"]
+            got = _trained_segments(tok, ids, mask)
+            assert [g.lstrip(" ") for g in got] == [w.lstrip(" ") for w in want], messages
