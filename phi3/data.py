@@ -58,7 +58,10 @@ class DataStats:
     def summary(self) -> str:
         share = 100.0 * self.trained_tokens / max(self.tokens, 1)
         s = f"{self.examples:,} examples, {self.tokens:,} tokens, {self.trained_tokens:,} trained ({share:.1f}%), "
-        s += "not truncated" if self.max_seq_len is None else f"{self.truncated:,} truncated to {self.max_seq_len} tokens"
+        if self.max_seq_len is None:
+            s += "not truncated"
+        else:
+            s += f"{self.truncated:,} truncated to {self.max_seq_len} tokens"
         if self.dropped:
             s += (f", {self.dropped:,} dropped (no trained token left within {self.max_seq_len} tokens; "
                   f"raise max_seq_len to keep them)")

@@ -41,7 +41,6 @@ class TokenizerError(ValueError):
 
 # --- chat templates -----------------------------------------------------------------------------------------
 
-_NL = "\n"
 _JULY = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
          "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
          "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"

@@ -35,7 +35,8 @@ CONVERSATIONS = [
     [{"role": "system", "content": "Réponds en français 🇫🇷"}, {"role": "user", "content": "héllo 世界 🙂"},
      {"role": "assistant", "content": "😀😀 日本語のテキスト — ✓ ünïcödé"}],
     [{"role": "system", "content": ""}, {"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
-    [{"role": "user", "content": "  leading and trailing  "}, {"role": "assistant", "content": "\n\n  indented\n\tcode\n"},
+    [{"role": "user", "content": "  leading and trailing  "},
+     {"role": "assistant", "content": "\n\n  indented\n\tcode\n"},
      {"role": "user", "content": "   "}, {"role": "assistant", "content": "trailing spaces   "},
      {"role": "user", "content": "\n"}, {"role": "assistant", "content": " \t\n x"}],
     [{"role": "user", "content": "Write <|end|> and <s> literally"},
@@ -54,7 +55,8 @@ def _make_folder(root: Path, variant: str) -> Path:
     src = VARIANTS[variant]
     if src == "mistralrs":  # only the template string is known for Phi-3.5: put it into the July config
         cfg = json.loads((TOK_DIR / "tokenizer_config.json").read_text())
-        cfg["chat_template"] = json.loads((ASSETS / "configs/chat_template.mistralrs.json").read_text())["chat_template"]
+        phi35 = json.loads((ASSETS / "configs/chat_template.mistralrs.json").read_text())
+        cfg["chat_template"] = phi35["chat_template"]
         (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     elif src is not None:
         shutil.copy(src, d / "tokenizer_config.json")
