@@ -1,0 +1,338 @@
+"""LoRA fine-tuning of Phi-3 on a chat JSONL (or full-parameter training with --full).
+
+    python train.py --data chat.jsonl                            # embedded tiny Phi-3, run folder ./out
+    python train.py --data chat.jsonl --model ~/Phi-3-mini-4k-instruct --out runs/a
+    python train.py --resume runs/a                              # continue from the newest checkpoint
+    python sample.py --adapter runs/a                            # chat with the result
+
+Every flag is a field of TrainConfig below (`--max-seq-len` sets max_seq_len). The resolved configuration
+is printed and saved as train_config.json in the run folder, next to metrics.jsonl, the final adapter
+(PEFT layout) and checkpoint-STEP/ folders. Bad data stops the run before training, with file and line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load_model, load_tokenizer, save_model
+from phi3.checkpoint import default_dtype, parse_dtype
+from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
+from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, merge_lora, parse_targets, save_adapter
+from phi3.loss import cross_entropy_sum
+from phi3.run_state import find_checkpoint, load_checkpoint, lr_lambda, save_checkpoint
+from phi3.tokenizer import TokenizerError
+
+REPO = Path(__file__).resolve().parent
+EMBEDDED_MODEL = REPO / "models" / "tiny-phi3"
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(default="", metadata={"help": "training JSONL (messages / prompt+completion / text / ShareGPT)"})
+    model: str = field(default=str(EMBEDDED_MODEL), metadata={"help": "base checkpoint folder (HF layout)"})
+    out: str = field(default="out", metadata={"help": "run folder: adapter, checkpoints, metrics"})
+    eval_data: str | None = field(default=None, metadata={"help": "held-out JSONL (default: --eval-fraction of --data)"})
+    eval_fraction: float = field(default=0.05, metadata={"help": "share of --data held out when no --eval-data"})
+    epochs: float = 1.0
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --epochs when > 0"})
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (LoRA; try ~2e-5 with --full)"})
+    lr_schedule: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant"]})
+    warmup: float = field(default=0.03, metadata={"help": "warmup: fraction of the steps if < 1, else steps"})
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 2048
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: str = field(default="qkv,o,gate_up,down", metadata={"help": "e.g. qkv,o,gate_up,down or q,v (+lm_head)"})
+    rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(rank) instead of alpha/rank"})
+    train_on: str = field(default="assistant", metadata={"choices": ["assistant", "all"]})
+    packing: bool = field(default=False, metadata={"help": "pack examples into full rows (attention kept per example)"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on for CUDA, off on CPU"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    dtype: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
+    seed: int = 0
+    eval_every: int = field(default=0, metadata={"help": "steps between evals (0: five evals per run)"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    keep: int = field(default=2, metadata={"help": "checkpoints kept"})
+    log_every: int = field(default=10, metadata={"help": "steps between lines in metrics.jsonl / non-terminal logs"})
+    resume: str | None = field(default=None, metadata={"help": "checkpoint or run folder to continue from"})
+    full: bool = field(default=False, metadata={"help": "train all parameters (fp32 master weights) instead of LoRA"})
+    init: str = field(default="pretrained", metadata={"choices": ["pretrained", "random"],
+                                                      "help": "random: build from --model's config.json (pretraining)"})
+    export_merged: str | None = field(default=None, metadata={"help": "also write base+adapter merged (HF layout) here"})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") + (f" (default: {f.default})" if f.default not in (None, "") else "")
+        if f.type in ("bool", "bool | None"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def resolve_config(argv) -> TrainConfig:
+    """Flags given on the command line override the defaults, or, with --resume, the resumed run's config."""
+    given = vars(build_parser().parse_args(argv))
+    if given.get("resume"):
+        ckpt = find_checkpoint(given["resume"])
+        saved = ckpt / "train_config.json"
+        base = TrainConfig(**json.loads(saved.read_text())) if saved.is_file() else TrainConfig()
+        return dataclasses.replace(base, **given)
+    config = TrainConfig(**given)
+    if not config.data:
+        raise SystemExit("error: --data is required (a JSONL file; see README.md for the formats)")
+    return config
+
+
+class Progress:
+    """One live line on a terminal (rewritten every step), plain lines every log_every steps elsewhere."""
+
+    def __init__(self, total: int, log_every: int, metrics_path: Path):
+        self.total, self.log_every, self.metrics = total, log_every, open(metrics_path, "a")
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def log(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def step(self, step: int, loss: float, lr: float, tokens_per_s: float, peak_gib: float, done_steps: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(done_steps, 1) * (self.total - step)
+        line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
+                f"ETA {int(eta // 60)}m{int(eta % 60):02d}s | peak {peak_gib:.2f} GiB")
+        if self.tty:
+            print("\r" + line.ljust(110), end="", file=sys.stderr, flush=True)
+        elif step % self.log_every == 0 or step == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def say(self, text: str) -> None:
+        print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Phi3ForCausalLM:
+    if cfg.init == "random":
+        model = Phi3ForCausalLM(Phi3Config.from_json(Path(cfg.model) / "config.json")).to(device)
+        model.init_weights(cfg.seed)
+    else:
+        # --full keeps fp32 master weights and computes in `dtype` under autocast; LoRA keeps the base in `dtype`.
+        model = load_model(cfg.model, dtype=torch.float32 if cfg.full else dtype, device=device)
+    if cfg.full:
+        model.float().requires_grad_(True)
+    else:
+        add_lora(model, LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, parse_targets(cfg.targets), cfg.rslora))
+        mark_only_lora_as_trainable(model)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model
+
+
+def evaluate(model, batches, device, autocast) -> tuple[float, float]:
+    """Token-weighted mean loss and perplexity over all eval batches."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast():
+        for b in batches:
+            hidden = model.hidden_states(b.input_ids.to(device), b.position_ids.to(device),
+                                         None if b.document_ids is None else b.document_ids.to(device))
+            total += cross_entropy_sum(hidden, model.lm_head, b.labels.to(device)).item()
+            count += b.trained_tokens
+    model.train()
+    loss = total / max(count, 1)
+    return loss, math.exp(min(loss, 50))
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def train(cfg: TrainConfig) -> int:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    dtype = default_dtype(device) if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
+    if cfg.gradient_checkpointing is None:
+        cfg.gradient_checkpointing = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    print("config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr)
+
+    tokenizer = load_tokenizer(cfg.model)
+    examples, stats = read_jsonl(cfg.data, tokenizer, cfg.train_on, cfg.max_seq_len)
+    print(f"data {cfg.data}: {stats.summary()}", file=sys.stderr)
+    if cfg.eval_data:
+        eval_examples, eval_stats = read_jsonl(cfg.eval_data, tokenizer, cfg.train_on, cfg.max_seq_len)
+        print(f"eval {cfg.eval_data}: {eval_stats.summary()}", file=sys.stderr)
+    else:
+        examples, eval_examples = split_eval(examples, cfg.eval_fraction, cfg.seed)
+        print(f"eval: {len(eval_examples)} examples held out of {cfg.data}", file=sys.stderr)
+    pad_id = pad_token_for(tokenizer)
+    epoch_batches = lambda epoch: make_batches(examples, cfg.batch_size, cfg.max_seq_len, pad_id, cfg.packing,
+                                               shuffle=True, seed=cfg.seed, epoch=epoch)
+    eval_batches = make_batches(eval_examples, cfg.batch_size, cfg.max_seq_len, pad_id, cfg.packing,
+                                shuffle=False, seed=0) if eval_examples else []
+
+    run_dir = Path(cfg.out)  # created only once the data is known to be good
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    model = build_model(cfg, device, dtype).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{sum(p.numel() for p in trainable):,} trained, {device} {str(dtype).removeprefix('torch.')}, "
+          f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}", file=sys.stderr)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    steps_per_epoch = math.ceil(len(epoch_batches(0)) / cfg.grad_accum)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    warmup_steps = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup_steps, total_steps))
+    eval_every = cfg.eval_every or max(1, total_steps // 5)
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=cfg.full and dtype != torch.float32)
+
+    step, position = 0, {"epoch": 0, "batch": 0}
+    if cfg.resume:
+        ckpt = find_checkpoint(cfg.resume)
+        step, position = load_checkpoint(ckpt, model, optimizer, scheduler)
+        print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
+
+    def write_model_files(folder: Path) -> None:
+        (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if cfg.full:
+            save_model(model, folder / "model", dtype=dtype, tokenizer_from=cfg.model)
+            for item in (folder / "model").iterdir():
+                os.replace(item, folder / item.name)
+            (folder / "model").rmdir()
+        else:
+            save_adapter(model, folder, base_model=Path(cfg.model).resolve())
+
+    def checkpoint_now() -> Path:
+        return save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(position), write_model_files, cfg.keep)
+
+    progress = Progress(total_steps, cfg.log_every, run_dir / "metrics.jsonl")
+    if step == 0 and eval_batches:
+        loss, ppl = evaluate(model, eval_batches, device, autocast)
+        progress.say(f"eval before training: loss {loss:.4f} ppl {ppl:.2f}")
+        progress.log({"step": 0, "eval_loss": loss, "eval_ppl": ppl})
+
+    interrupted = False
+    previous_handler = signal.signal(signal.SIGTERM, raise_interrupt)  # `kill` saves a checkpoint like Ctrl-C
+    batches = epoch_batches(position["epoch"])
+    start_step, window_start, window_tokens = step, time.perf_counter(), 0
+    try:
+        while step < total_steps:
+            micro = []
+            while len(micro) < cfg.grad_accum:
+                if position["batch"] >= len(batches):
+                    position = {"epoch": position["epoch"] + 1, "batch": 0}
+                    batches = epoch_batches(position["epoch"])
+                micro.append(batches[position["batch"]])
+                position["batch"] += 1
+            # The step's loss is the mean over all its trained tokens, not a mean of per-batch means.
+            trained = sum(b.trained_tokens for b in micro)
+            loss_sum = 0.0
+            for b in micro:
+                with autocast():
+                    hidden = model.hidden_states(b.input_ids.to(device), b.position_ids.to(device),
+                                                 None if b.document_ids is None else b.document_ids.to(device))
+                    loss = cross_entropy_sum(hidden, model.lm_head, b.labels.to(device))
+                (loss / max(trained, 1)).backward()
+                loss_sum += loss.item()
+                window_tokens += int((b.input_ids != pad_id).sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            now = time.perf_counter()
+            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+            train_loss = loss_sum / max(trained, 1)
+            peak = peak_memory_gib(device)
+            progress.step(step, train_loss, lr, tokens_per_s, peak, step - start_step)
+            if step % cfg.log_every == 0 or step == total_steps:
+                progress.log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
+                              "tokens_per_s": tokens_per_s, "peak_gib": peak, "epoch": position["epoch"]})
+                window_tokens = 0
+            if eval_batches and (step % eval_every == 0 or step == total_steps):
+                loss, ppl = evaluate(model, eval_batches, device, autocast)
+                progress.say(f"eval at step {step}: loss {loss:.4f} ppl {ppl:.2f}")
+                progress.log({"step": step, "eval_loss": loss, "eval_ppl": ppl})
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                checkpoint_now()
+            if step % cfg.log_every == 0 or step % eval_every == 0:
+                window_start = time.perf_counter()  # keep eval and saving out of tokens/s
+    except KeyboardInterrupt:
+        interrupted = True
+        optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; state is that of `step`
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+    final = checkpoint_now()
+    if interrupted:
+        progress.say(f"interrupted: saved {final}; continue with: python train.py --resume {run_dir}")
+        return 130
+    write_model_files(run_dir)
+    progress.say(f"done: {'model' if cfg.full else 'adapter'} in {run_dir}, checkpoint {final}")
+    if cfg.export_merged and not cfg.full:
+        merge_lora(model)
+        save_model(model, cfg.export_merged, dtype=dtype, tokenizer_from=cfg.model)
+        progress.say(f"merged model written to {cfg.export_merged}")
+    plot_loss(run_dir)
+    return 0
+
+
+def plot_loss(run_dir: Path) -> None:
+    """loss.png from metrics.jsonl when matplotlib is installed (optional dependency)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train")
+    ax.plot([r["step"] for r in eval_rows], [r["eval_loss"] for r in eval_rows], "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.savefig(run_dir / "loss.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = resolve_config(argv)
+        return train(cfg)
+    except (DataError, CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
