@@ -17,6 +17,7 @@ low-rank term L R is written into the output by the same Triton kernel with K=0,
 x W^T into it in place (addmm_ with beta=1): one extra write + read of y, but cuBLAS's main loop.
 """
 import contextlib
+import functools
 import os
 
 import torch
@@ -26,6 +27,7 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMM = os.environ.get("LORA_GEMM", "triton")  # "triton" | "cublas"
+AUTOTUNE = os.environ.get("LORA_AUTOTUNE", "1") == "1"  # False: first config of each list (fast GPU tests)
 POISON_OUTPUTS = False  # tests set True: kernel-written buffers are filled with NaN before launch
 
 
@@ -198,18 +200,47 @@ def _lora_da_kernel(x_ptr, g_ptr, dap_ptr, M, K, R, seed, p, inv_keep, rows_per_
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _gemm_configs():
-    c = triton.Config
-    return [
-        c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        c({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-        c({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        c({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 16}, num_stages=4, num_warps=8),
-    ]
+def _cfg(num_warps, num_stages, **meta):
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-_gemm_tuned = triton.autotune(_gemm_configs(), key=["M", "N", "K", "R_PAD"])(_lora_gemm_kernel)
+def _prune_gemm(configs, named_args, **kw):  # drop tiles far larger than the problem (tests, small M)
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(128, named_args["M"])]
+    return keep or configs[:1]
+
+
+_GEMM_CONFIGS = [_cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+                 _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+                 _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                 _cfg(8, 4, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+                 _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)]
+# memory-bound skinny kernels: many programs and deep pipelines keep enough bytes in flight
+_DOWN_CONFIGS = [_cfg(4, 4, BLOCK_M=32, BLOCK_K=256), _cfg(4, 4, BLOCK_M=64, BLOCK_K=128), _cfg(4, 4, BLOCK_M=16, BLOCK_K=256)]
+_DY_CONFIGS = [_cfg(8, 3, BLOCK_M=64, BLOCK_N=256), _cfg(8, 3, BLOCK_M=128, BLOCK_N=128),
+               _cfg(8, 3, BLOCK_M=128, BLOCK_N=256), _cfg(4, 4, BLOCK_M=64, BLOCK_N=128)]
+_DA_CONFIGS = [_cfg(4, 4, BLOCK_M=64, BLOCK_K=128), _cfg(4, 4, BLOCK_M=32, BLOCK_K=256), _cfg(8, 3, BLOCK_M=128, BLOCK_K=128)]
+_SPLIT = 256  # per-program row/col ranges are multiples of every block size above
+_tuned = {
+    "gemm": triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "R_PAD", "DROPOUT"],
+                            prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel),
+    "down": triton.autotune(_DOWN_CONFIGS, key=["M", "K", "R"])(_lora_down_kernel),
+    "dy": triton.autotune(_DY_CONFIGS, key=["M", "N", "R"])(_lora_dy_kernel),
+    "da": triton.autotune(_DA_CONFIGS, key=["M", "K", "R"])(_lora_da_kernel),
+}
+_plain = {"gemm": (_lora_gemm_kernel, _GEMM_CONFIGS[0]), "down": (_lora_down_kernel, _DOWN_CONFIGS[0]),
+          "dy": (_lora_dy_kernel, _DY_CONFIGS[0]), "da": (_lora_da_kernel, _DA_CONFIGS[0])}
 _SMALL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)  # interpreter: small blocks, no autotune
+
+
+def _launch(name, grid, *args, **meta):
+    """Autotuned on the GPU (keys: shapes only); a fixed config under the interpreter or with AUTOTUNE off."""
+    if AUTOTUNE and not INTERPRET:
+        return _tuned[name][grid](*args, **meta)
+    fn, cfg = _plain[name]
+    small = {k: v for k, v in _SMALL.items() if k in cfg.kwargs}
+    conf = small if INTERPRET else cfg.kwargs
+    kw = {} if INTERPRET else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return fn[grid(conf)](*args, **meta, **conf, **kw)
 
 
 def _prec(dtype):
@@ -236,22 +267,19 @@ def _gemm(a, b_op, lo, ro, scale, out_dtype, seed=0, p=0.0):
 
 def _launch_gemm(a, b_op, lo, ro, scale, c, K, r_pad, block_r, seed, p):
     M, N, R = c.shape[0], c.shape[1], lo.shape[1]
-    args = (a, b_op, lo, ro, c, M, N, K, R, float(scale), seed, p, 1.0 / (1.0 - p), a.stride(0), a.stride(1), b_op.stride(0), b_op.stride(1),
-            lo.stride(0), lo.stride(1), ro.stride(0), ro.stride(1), c.stride(0), c.stride(1))
-    meta = dict(DOT_PREC=_prec(a.dtype), R_PAD=r_pad, BLOCK_R=block_r, DROPOUT=p > 0)
-    if INTERPRET:
-        grid = (triton.cdiv(M, _SMALL["BLOCK_M"]) * triton.cdiv(N, _SMALL["BLOCK_N"]),)
-        _lora_gemm_kernel[grid](*args, **meta, **_SMALL)
-    else:
-        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
-        _gemm_tuned[grid](*args, **meta)
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
+    _launch("gemm", grid, a, b_op, lo, ro, c, M, N, K, R, float(scale), seed, p, 1.0 / (1.0 - p),
+            a.stride(0), a.stride(1), b_op.stride(0), b_op.stride(1), lo.stride(0), lo.stride(1),
+            ro.stride(0), ro.stride(1), c.stride(0), c.stride(1),
+            DOT_PREC=_prec(a.dtype), R_PAD=r_pad, BLOCK_R=block_r, DROPOUT=p > 0)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device):
     return 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split(n, parts, block):
+def _split(n, parts, block=_SPLIT):
     """(per-program length rounded up to `block`, number of programs) splitting n into about `parts` pieces."""
     per = triton.cdiv(triton.cdiv(n, max(1, parts)), block) * block
     return per, triton.cdiv(n, per)
@@ -263,11 +291,9 @@ def _lora_down(x2, A, seed, p):
     R = A.shape[0]
     _, block_r = _r_blocks(R)
     s = _empty(M, R, dtype=torch.float32, device=x2.device)
-    bm, bk = (32, 32) if INTERPRET else (64, 128)
-    grid = (triton.cdiv(M, bm), triton.cdiv(R, block_r))
-    _lora_down_kernel[grid](x2, A, s, M, K, R, seed, p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1),
-                            A.stride(0), A.stride(1), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype),
-                            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, num_warps=4)
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(R, block_r))
+    _launch("down", grid, x2, A, s, M, K, R, seed, p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1),
+            A.stride(0), A.stride(1), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
     return s
 
 
@@ -276,16 +302,15 @@ def _lora_dy(dy2, B, s, scale):
     M, N = dy2.shape
     R = B.shape[1]
     _, block_r = _r_blocks(R)
-    bm, bn = (32, 32) if INTERPRET else (64, 128)
+    blk = 32 if INTERPRET else _SPLIT
     target = 2 * _num_sms(dy2.device)  # enough programs to stream dy at full bandwidth, few partials
-    rows, gm = _split(M, min(16, triton.cdiv(M, bm)), bm)
-    cols, gn = _split(N, triton.cdiv(target, gm), bn)
+    rows, gm = _split(M, min(16, triton.cdiv(M, blk)), blk)
+    cols, gn = _split(N, triton.cdiv(target, gm), blk)
     gp = torch.empty(gn, M, R, dtype=torch.float32, device=dy2.device)  # every element written by the kernel
     dbp = torch.empty(gm, N, R, dtype=torch.float32, device=dy2.device)
-    grid = (gm, gn, triton.cdiv(R, block_r))
-    _lora_dy_kernel[grid](dy2, B, s, gp, dbp, M, N, R, float(scale), rows, cols, dy2.stride(0), dy2.stride(1),
-                          B.stride(0), B.stride(1), DOT_PREC=_prec(dy2.dtype),
-                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r, num_warps=4)
+    grid = lambda m: (gm, gn, triton.cdiv(R, block_r))
+    _launch("dy", grid, dy2, B, s, gp, dbp, M, N, R, float(scale), rows, cols, dy2.stride(0), dy2.stride(1),
+            B.stride(0), B.stride(1), DOT_PREC=_prec(dy2.dtype), BLOCK_R=block_r)
     return gp.sum(0) if gn > 1 else gp[0], dbp.sum(0) if gm > 1 else dbp[0]
 
 
@@ -294,14 +319,12 @@ def _lora_da(x2, g, seed, p):
     M, K = x2.shape
     R = g.shape[1]
     _, block_r = _r_blocks(R)
-    bm, bk = (32, 32) if INTERPRET else (64, 128)
-    nk = triton.cdiv(K, bk)
-    rows, gm = _split(M, triton.cdiv(2 * _num_sms(x2.device), nk), bm)
+    blk = 32 if INTERPRET else _SPLIT
+    rows, gm = _split(M, triton.cdiv(4 * _num_sms(x2.device), triton.cdiv(K, 128)), blk)
     dap = torch.empty(gm, R, K, dtype=torch.float32, device=x2.device)
-    grid = (nk, gm, triton.cdiv(R, block_r))
-    _lora_da_kernel[grid](x2, g, dap, M, K, R, seed, p, 1.0 / (1.0 - p), rows, x2.stride(0), x2.stride(1),
-                          DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r,
-                          num_warps=4)
+    grid = lambda m: (triton.cdiv(K, m["BLOCK_K"]), gm, triton.cdiv(R, block_r))
+    _launch("da", grid, x2, g, dap, M, K, R, seed, p, 1.0 / (1.0 - p), rows, x2.stride(0), x2.stride(1),
+            DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
     return dap.sum(0) if gm > 1 else dap[0]
 
 

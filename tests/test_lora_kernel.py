@@ -31,6 +31,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU (run `pyte
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(ll, "POISON_OUTPUTS", True)  # y, S, dx buffers start as NaN
+    monkeypatch.setattr(ll, "AUTOTUNE", False)  # one config per kernel: compile time (bench checks the tuned ones)
 
 
 def _inputs(shape, n_out, r, dtype, noncontig=False, seed=0):
