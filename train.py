@@ -152,15 +152,35 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> P
     return model
 
 
+def batch_loss_sum(model, batch, device) -> torch.Tensor:
+    hidden = model.hidden_states(batch.input_ids.to(device), batch.position_ids.to(device),
+                                 None if batch.document_ids is None else batch.document_ids.to(device))
+    return cross_entropy_sum(hidden, model.lm_head, batch.labels.to(device))
+
+
+def accumulate_gradients(model, micro_batches, device, autocast) -> float:
+    """Backward over the micro-batches of one optimizer step; returns the step's loss.
+
+    The loss is the mean over all trained tokens of all micro-batches (token-weighted), not a mean of
+    per-batch means: each micro-batch's loss sum is divided by the step's total trained tokens.
+    """
+    trained = max(sum(b.trained_tokens for b in micro_batches), 1)
+    loss_sum = 0.0
+    for b in micro_batches:
+        with autocast():
+            loss = batch_loss_sum(model, b, device)
+        (loss / trained).backward()
+        loss_sum += loss.item()
+    return loss_sum / trained
+
+
 def evaluate(model, batches, device, autocast) -> tuple[float, float]:
     """Token-weighted mean loss and perplexity over all eval batches."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), autocast():
         for b in batches:
-            hidden = model.hidden_states(b.input_ids.to(device), b.position_ids.to(device),
-                                         None if b.document_ids is None else b.document_ids.to(device))
-            total += cross_entropy_sum(hidden, model.lm_head, b.labels.to(device)).item()
+            total += batch_loss_sum(model, b, device).item()
             count += b.trained_tokens
     model.train()
     loss = total / max(count, 1)
@@ -179,6 +199,9 @@ def train(cfg: TrainConfig) -> int:
     torch.manual_seed(cfg.seed)
     print("config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr)
 
+    if not Path(cfg.model).is_dir():
+        raise CheckpointError(f"{cfg.model}: checkpoint folder not found; --model takes a folder in Hugging Face "
+                              "layout (config.json, model.safetensors, tokenizer.json)")
     tokenizer = load_tokenizer(cfg.model)
     examples, stats = read_jsonl(cfg.data, tokenizer, cfg.train_on, cfg.max_seq_len)
     print(f"data {cfg.data}: {stats.summary()}", file=sys.stderr)
@@ -249,17 +272,8 @@ def train(cfg: TrainConfig) -> int:
                     batches = epoch_batches(position["epoch"])
                 micro.append(batches[position["batch"]])
                 position["batch"] += 1
-            # The step's loss is the mean over all its trained tokens, not a mean of per-batch means.
-            trained = sum(b.trained_tokens for b in micro)
-            loss_sum = 0.0
-            for b in micro:
-                with autocast():
-                    hidden = model.hidden_states(b.input_ids.to(device), b.position_ids.to(device),
-                                                 None if b.document_ids is None else b.document_ids.to(device))
-                    loss = cross_entropy_sum(hidden, model.lm_head, b.labels.to(device))
-                (loss / max(trained, 1)).backward()
-                loss_sum += loss.item()
-                window_tokens += int((b.input_ids != pad_id).sum())
+            train_loss = accumulate_gradients(model, micro, device, autocast)
+            window_tokens += sum(int((b.input_ids != pad_id).sum()) for b in micro)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -269,7 +283,6 @@ def train(cfg: TrainConfig) -> int:
 
             now = time.perf_counter()
             tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-            train_loss = loss_sum / max(trained, 1)
             peak = peak_memory_gib(device)
             progress.step(step, train_loss, lr, tokens_per_s, peak, step - start_step)
             if step % cfg.log_every == 0 or step == total_steps:
