@@ -1,0 +1,34 @@
+# Phi-3 LoRA: common commands. `make help` lists them.
+PYTHON ?= python3
+
+.PHONY: help setup test test-gpu demo bench tiny-data tiny-model
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+setup:  ## install the runtime + test dependencies (CPU torch on machines without CUDA)
+	$(PYTHON) -m pip install -q -r requirements-test.txt
+
+test:  ## the whole CPU test suite (Triton kernels run under TRITON_INTERPRET=1)
+	$(PYTHON) -m pytest tests
+
+test-gpu:  ## kernel + model tests on an NVIDIA GPU (bf16 at Phi-3-mini shapes)
+	$(PYTHON) -m pytest tests -m cuda -v
+
+demo:  ## LoRA-train the embedded tiny model on the demo chat data, then score held-out questions
+	$(PYTHON) train.py --data examples/chat.jsonl
+	$(PYTHON) examples/eval_chat.py
+
+bench:  ## GPU benchmarks against transformers + peft (kernel, model load/decode, training step)
+	$(PYTHON) bench/bench_lora.py
+	$(PYTHON) bench/bench_model.py
+	$(PYTHON) bench/bench_train.py
+
+tiny-data:  ## WordNet pretraining text + demo chats (needs Debian's wordnet-base)
+	$(PYTHON) examples/make_data.py
+
+tiny-model:  ## pretrain the embedded tiny Phi-3 from scratch (GPU, a few minutes), into models/tiny-phi3
+	$(PYTHON) train.py --full --init random --model models/tiny-phi3 --data examples/pretrain.jsonl \
+	  --train-on all --packing --max-seq-len 512 --batch-size 64 --lr 3e-3 --warmup 0.02 --weight-decay 0.1 \
+	  --epochs 12 --eval-fraction 0.005 --save-every 0 --log-every 50 --no-gradient-checkpointing --out runs/tiny-pretrain
+	cp runs/tiny-pretrain/model.safetensors runs/tiny-pretrain/config.json models/tiny-phi3/

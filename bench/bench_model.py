@@ -1,0 +1,106 @@
+"""Load time, peak memory and greedy decode speed: this project vs transformers, same checkpoint, same run.
+
+    python bench/bench_model.py --ckpt /tmp/phi3-mini-random      # writes the random checkpoint first if missing
+
+The checkpoint is Phi-3-mini-4k shaped (assets/configs/phi3-mini-4k-instruct/config.json) with random bf16
+weights (speed does not depend on the values). Each system runs in its own process so that peak host
+memory (ru_maxrss) and peak GPU memory are its own. Needs a GPU and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from phi3 import Phi3Config, Phi3ForCausalLM, save_model  # noqa: E402
+
+
+def make_checkpoint(path: Path) -> None:
+    config = Phi3Config.from_json(REPO / "assets" / "configs" / "phi3-mini-4k-instruct" / "config.json")
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    model.init_weights(seed=0)
+    save_model(model, path, dtype=torch.bfloat16, tokenizer_from=REPO / "assets" / "tokenizer")
+
+
+def measure(system: str, ckpt: Path, prompt_len: int, new_tokens: int) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if system == "ours":
+        from phi3 import load_model
+        model = load_model(ckpt, dtype=torch.bfloat16, device="cuda")
+    else:
+        import transformers
+        model = transformers.Phi3ForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, device_map="cuda").eval()
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - start
+    host_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    prompt = torch.randint(0, 32000, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def decode(n):
+        if system == "ours":
+            from phi3.generate import generate
+            return list(generate(model, prompt, n))
+        out = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, prompt_len:].tolist()
+
+    decode(8)  # warm-up: kernels, allocator
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    tokens = decode(new_tokens)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"system": system, "load_s": load_s, "host_peak_gib": host_gib,
+            "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30, "decode_tok_s": len(tokens) / seconds,
+            "tokens": tokens}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt", type=Path, default=Path("/tmp/phi3-mini-random"))
+    p.add_argument("--system", choices=["ours", "transformers"])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=256)
+    args = p.parse_args()
+    if args.system:
+        print(json.dumps(measure(args.system, args.ckpt, args.prompt_len, args.new_tokens)))
+        return
+    if not (args.ckpt / "model.safetensors.index.json").exists() and not (args.ckpt / "model.safetensors").exists():
+        start = time.perf_counter()
+        make_checkpoint(args.ckpt)
+        print(f"wrote random Phi-3-mini checkpoint to {args.ckpt} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    size = sum(f.stat().st_size for f in args.ckpt.glob("*.safetensors")) / 2**30
+    results = {}
+    for system in ("ours", "transformers"):
+        cmd = [sys.executable, __file__, "--system", system, "--ckpt", str(args.ckpt),
+               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{system} failed:\n{out.stderr[-3000:]}")
+        results[system] = json.loads(out.stdout.strip().splitlines()[-1])
+    ours, ref = results["ours"], results["transformers"]
+    print(f"\nPhi-3-mini-shaped random checkpoint, bf16, {size:.2f} GiB of safetensors; greedy, batch 1, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens; {torch.cuda.get_device_name()}")
+    print(f"{'':22}{'ours':>12}{'transformers':>14}{'ratio':>9}")
+    for key, label, better in (("load_s", "load time (s)", "lower"), ("host_peak_gib", "peak host RSS (GiB)", "lower"),
+                               ("gpu_peak_gib", "peak GPU (GiB)", "lower"), ("decode_tok_s", "decode tokens/s", "higher")):
+        print(f"{label:22}{ours[key]:12.2f}{ref[key]:14.2f}{ours[key] / ref[key]:9.2f}  ({better} is better)")
+    same = ours["tokens"] == ref["tokens"]
+    print(f"greedy tokens identical to transformers: {same}"
+          + ("" if same else f" (first difference at {next(i for i, (a, b) in enumerate(zip(ours['tokens'], ref['tokens'])) if a != b)})"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""LoRA training step speed and peak memory: this project vs transformers + peft, side by side.
+
+    python bench/bench_train.py                       # Phi-3-mini-4k shapes, batch 4 x 2048, r=16, checkpointing on
+    python bench/bench_train.py --no-checkpointing --steps 6
+
+Workload (DESIGN.md section 5): random bf16 weights, LoRA r=16 alpha=32 dropout 0.05 on qkv/o/gate_up/down,
+every token trained, AdamW (fused), gradient checkpointing per layer. Each system runs in its own process
+(clean peak memory). Prints tokens/s, peak GiB and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+CONFIG = REPO / "assets" / "configs" / "phi3-mini-4k-instruct" / "config.json"
+
+
+def build_ours(checkpointing: bool):
+    from phi3 import Phi3Config, Phi3ForCausalLM
+    from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
+    from phi3.loss import cross_entropy_sum
+
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(Phi3Config.from_json(CONFIG))
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    model.init_weights(seed=0)
+    add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
+    mark_only_lora_as_trainable(model)
+    model.gradient_checkpointing = checkpointing
+    model.train()
+
+    def loss_fn(ids, labels):
+        return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()
+    return model, loss_fn
+
+
+def build_reference(checkpointing: bool):
+    import peft
+    import transformers
+
+    config = transformers.Phi3Config.from_json_file(str(CONFIG))
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = transformers.Phi3ForCausalLM(config).to(torch.bfloat16)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                                       target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    model.train()
+
+    def loss_fn(ids, labels):
+        # transformers shifts labels itself; pass ids as labels so every position is trained like ours
+        return model(input_ids=ids, labels=ids).loss
+    return model, loss_fn
+
+
+def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool) -> dict:
+    torch.manual_seed(0)
+    model, loss_fn = (build_ours if system == "ours" else build_reference)(checkpointing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
+    ids = torch.randint(0, 32000, (batch, seq), device="cuda")
+    labels = torch.roll(ids, -1, dims=1)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps + 2):  # 2 warm-up steps (Triton autotune, allocator)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = loss_fn(ids, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    step_s = sorted(times[2:])[len(times[2:]) // 2]
+    return {"system": system, "tokens_per_s": batch * seq / step_s, "step_s": step_s,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss),
+            "trainable": sum(p.numel() for p in trainable)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--system", choices=["ours", "reference"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    args = p.parse_args()
+    if args.system:
+        print(json.dumps(measure(args.system, args.batch, args.seq, args.steps, args.checkpointing)))
+        return
+    results = {}
+    for system in ("ours", "reference"):
+        cmd = [sys.executable, __file__, "--system", system, "--batch", str(args.batch), "--seq", str(args.seq),
+               "--steps", str(args.steps), "--checkpointing" if args.checkpointing else "--no-checkpointing"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{system} failed:\n{out.stderr[-3000:]}")
+        results[system] = json.loads(out.stdout.strip().splitlines()[-1])
+    ours, ref = results["ours"], results["reference"]
+    print(f"\nLoRA training step, Phi-3-mini shapes, batch {args.batch} x {args.seq}, r=16, checkpointing "
+          f"{'on' if args.checkpointing else 'off'}, {torch.cuda.get_device_name()}, median of {args.steps} steps")
+    print(f"{'':16}{'ours':>12}{'transformers+peft':>20}{'ours/ref':>10}")
+    print(f"{'tokens/s':16}{ours['tokens_per_s']:12,.0f}{ref['tokens_per_s']:20,.0f}{ours['tokens_per_s'] / ref['tokens_per_s']:10.2f}")
+    print(f"{'peak GiB':16}{ours['peak_gib']:12.2f}{ref['peak_gib']:20.2f}{ours['peak_gib'] / ref['peak_gib']:10.2f}")
+    print(f"{'trainable':16}{ours['trainable']:12,}{ref['trainable']:20,}")
+
+
+if __name__ == "__main__":
+    main()
