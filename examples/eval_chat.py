@@ -1,0 +1,76 @@
+"""Score a model (+ adapter) on the held-out demo questions: greedy replies vs the reference answers.
+
+    python examples/eval_chat.py                      # embedded tiny model + the adapter in ./out
+    python examples/eval_chat.py --adapter none       # the base model alone ("before")
+    python examples/eval_chat.py --adapter runs/a --limit 50 --show 3
+
+Reports token F1 and exact match (examples/chat_metric.py) and the share of replies that ended with a
+stop token (<|end|>) within --max-new-tokens, i.e. that learned to stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "examples"))
+
+from chat_metric import score, summarize  # noqa: E402
+from phi3 import load_model, load_tokenizer  # noqa: E402
+from phi3.generate import generate  # noqa: E402
+from phi3.lora import adapter_base_model, load_adapter, merge_lora  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=REPO / "examples" / "chat_eval.jsonl")
+    p.add_argument("--model", type=Path, default=None, help="default: the adapter's base, else models/tiny-phi3")
+    p.add_argument("--adapter", default="out", help="adapter folder, or 'none' for the base model")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--show", type=int, default=2, help="print this many question/reply pairs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    args = p.parse_args(argv)
+
+    adapter = None if args.adapter == "none" else Path(args.adapter)
+    model_dir = args.model or (adapter_base_model(adapter) if adapter else None) or REPO / "models" / "tiny-phi3"
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, device=args.device)
+    if adapter is not None:
+        load_adapter(model, adapter)
+        merge_lora(model)
+    records = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+    records = records[: args.limit] if args.limit else records
+    scores, stopped = [], 0
+    start = time.perf_counter()
+    for i, record in enumerate(records):
+        messages, reference = record["messages"][:-1], record["messages"][-1]["content"]
+        prompt, _ = tokenizer.render(messages, add_generation_prompt=True)
+        reply_ids = list(generate(model, prompt, args.max_new_tokens, stop_ids=tokenizer.stop_ids))
+        if reply_ids and reply_ids[-1] in tokenizer.stop_ids:
+            stopped += 1
+            reply_ids = reply_ids[:-1]
+        reply = tokenizer.decode(reply_ids)
+        scores.append(score(reply, reference))
+        if i < args.show:
+            print(f"Q: {messages[-1]['content']}\nA: {reply}\nref: {reference}\n", file=sys.stderr)
+    summary = summarize(scores)
+    summary["stopped"] = stopped / max(len(records), 1)
+    label = f"{model_dir}" + (f" + {adapter}" if adapter else " (no adapter)")
+    print(f"{label}: {len(records)} questions, F1 {summary['f1']:.3f}, exact match {summary['exact_match']:.3f}, "
+          f"stopped at <|end|> {summary['stopped']:.0%} ({time.perf_counter() - start:.0f}s)")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
