@@ -30,5 +30,5 @@ tiny-data:  ## WordNet pretraining text + demo chats (needs Debian's wordnet-bas
 tiny-model:  ## pretrain the embedded tiny Phi-3 from scratch (GPU, a few minutes), into models/tiny-phi3
 	$(PYTHON) train.py --full --init random --model models/tiny-phi3 --data examples/pretrain.jsonl \
 	  --train-on all --packing --max-seq-len 512 --batch-size 64 --lr 3e-3 --warmup 0.02 --weight-decay 0.1 \
-	  --epochs 12 --eval-fraction 0.005 --save-every 0 --log-every 50 --no-gradient-checkpointing --out runs/tiny-pretrain
+	  --epochs 20 --eval-fraction 0.005 --save-every 0 --log-every 50 --no-gradient-checkpointing --out runs/tiny-pretrain
 	cp runs/tiny-pretrain/model.safetensors runs/tiny-pretrain/config.json models/tiny-phi3/
