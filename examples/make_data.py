@@ -171,6 +171,8 @@ def main():
     ap.add_argument("--n-eval", type=int, default=200)
     ap.add_argument("--core-repeats", type=int, default=3,
                     help="times the pretraining record of each chat word (train and eval) appears in pretrain.jsonl")
+    ap.add_argument("--chat-share", type=float, default=0.1,
+                    help="share of the other synsets also written as a one-turn chat (trains the chat tokens)")
     ap.add_argument("--max-answer-words", type=int, default=40)
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.wordnet_dir, "data.noun")):
@@ -213,17 +215,26 @@ def main():
 
     # pretraining: every synset once, chat words' synsets --core-repeats times in all, fixed-seed shuffle
     core = {(p, s["offset"]) for _, _, p, s in chosen}
-    texts = []
+    # A --chat-share of the other synsets is also laid out as a terse chat (user: the head word, assistant: the
+    # same record), so the base has trained embeddings for <|user|>, <|assistant|>, <|system|>, <|end|> as real
+    # Phi-3 bases do. The demo words never appear in chat layout: their answers come from plain text only.
+    chat_rng = random.Random(args.seed + 2)
+    records = []
     for key in sorted(synsets):
         s = synsets[key]
         t = pretrain_text(s, sense_of(s))
-        texts.extend([t] * (args.core_repeats if key in core else 1))
-    random.Random(args.seed + 1).shuffle(texts)
+        records.extend([{"text": t}] * (args.core_repeats if key in core else 1))
+        if key not in core and chat_rng.random() < args.chat_share:
+            turns = [{"role": "system", "content": "You are a dictionary."}] if chat_rng.random() < 0.2 else []
+            turns += [{"role": "user", "content": s["words"][0]}, {"role": "assistant", "content": t}]
+            records.append({"messages": turns})
+    random.Random(args.seed + 1).shuffle(records)
+    texts = [r["text"] if "text" in r else r["messages"][-1]["content"] for r in records]
 
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "pretrain.jsonl"), "w", encoding="utf-8") as fh:
-        for t in texts:
-            fh.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     print(f"pretrain.jsonl: {len(texts)} records ({len(synsets)} synsets, {len(core)} core x{args.core_repeats}), "
           f"{sum(len(t) for t in texts):,} characters")
     for name, recs in chat.items():

@@ -60,7 +60,7 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, p, inv_keep, BLOCK_M: tl.constexpr
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_down_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed, p, inv_keep,
-                      stride_xm, stride_xk, stride_ar, stride_ak,
+                      stride_xm, stride_xk, stride_ar, stride_ak, M_BUCKET,
                       DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """S[m, j] = sum_k dropout(x)[m, k] A[j, k]   (M, R) fp32, one rank chunk of BLOCK_R per program axis 1."""
@@ -83,7 +83,7 @@ def _lora_down_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed, p, inv_keep,
 @triton.jit(do_not_specialize=["seed"])
 def _lora_gemm_kernel(a_ptr, b_ptr, l_ptr, r_ptr, c_ptr, M, N, K, R, scale, seed, p, inv_keep,
                       stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr, stride_rr, stride_rn,
-                      stride_cm, stride_cn,
+                      stride_cm, stride_cn, M_BUCKET,
                       DOT_PREC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C = A_op B_op + scale * L R   with A_op (M, K), B_op (K, N), L (M, R) fp32, R (R, N); fp32 accumulator.
@@ -136,7 +136,7 @@ def _lora_gemm_kernel(a_ptr, b_ptr, l_ptr, r_ptr, c_ptr, M, N, K, R, scale, seed
 
 @triton.jit
 def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, dbp_ptr, M, N, R, scale, cols_per_prog,
-                    stride_dym, stride_dyn, stride_bn, stride_br,
+                    stride_dym, stride_dyn, stride_bn, stride_br, M_BUCKET,
                     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """One pass over dy for both skinny products; program (pm, pn, pr) owns rows pm*BLOCK_M.. and a column range:
         Gp[pn]      = s dy[rows, cols] B[cols]      G accumulates in registers over the column loop
@@ -167,7 +167,7 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, dbp_ptr, M, N, R, scale, cols_
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_da_kernel(x_ptr, g_ptr, dap_ptr, M, K, R, seed, p, inv_keep, rows_per_prog,
-                    stride_xm, stride_xk,
+                    stride_xm, stride_xk, M_BUCKET,
                     DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """dAp[pm, j, k] = sum_{m in rows(pm)} G[m, j] dropout(x)[m, k]; the mask is regenerated from the seed.
@@ -213,19 +213,25 @@ _DA_CONFIGS = [_cfg(4, 4, BLOCK_M=64, BLOCK_K=128), _cfg(8, 3, BLOCK_M=64, BLOCK
 _DY_ROWS = 256  # rows per dy-pass program (sets the dB partial count, so not autotuned)
 _SPLIT = 256  # per-program row/col ranges are multiples of every block size above
 _tuned = {
-    "gemm": triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K", "R_PAD", "DROPOUT"],
+    "gemm": triton.autotune(_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT"],
                             prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel),
-    "down": triton.autotune(_DOWN_CONFIGS, key=["M", "K", "R"])(_lora_down_kernel),
-    "dy": triton.autotune(_DY_CONFIGS, key=["M", "N", "R"])(_lora_dy_kernel),
-    "da": triton.autotune(_DA_CONFIGS, key=["M", "K", "R"])(_lora_da_kernel),
+    "down": triton.autotune(_DOWN_CONFIGS, key=["M_BUCKET", "K", "R"])(_lora_down_kernel),
+    "dy": triton.autotune(_DY_CONFIGS, key=["M_BUCKET", "N", "R"])(_lora_dy_kernel),
+    "da": triton.autotune(_DA_CONFIGS, key=["M_BUCKET", "K", "R"])(_lora_da_kernel),
 }
 _plain = {"gemm": (_lora_gemm_kernel, _GEMM_CONFIGS[0]), "down": (_lora_down_kernel, _DOWN_CONFIGS[0]),
           "dy": (_lora_dy_kernel, _DY_CONFIGS[0]), "da": (_lora_da_kernel, _DA_CONFIGS[0])}
 _SMALL = dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=4, BLOCK_M=32)  # interpreter: small blocks, no autotune
 
 
+def _m_bucket(m: int) -> int:
+    """Autotune key for the token count: powers of two, so batches of new lengths reuse a tuned config
+    instead of re-running the autotuner (training on unpadded chat data sees a new M almost every step)."""
+    return triton.next_power_of_2(max(int(m), 16))
+
+
 def _launch(name, grid, *args, **meta):
-    """Autotuned on the GPU (keys: shapes only); a fixed config under the interpreter or with AUTOTUNE off."""
+    """Autotuned on the GPU (keys: shapes only, M bucketed); a fixed config under the interpreter or with AUTOTUNE off."""
     if AUTOTUNE and not INTERPRET:
         return _tuned[name][grid](*args, **meta)
     fn, cfg = _plain[name]
@@ -263,7 +269,7 @@ def _launch_gemm(a, b_op, lo, ro, scale, c, K, r_pad, block_r, seed, p):
     _launch("gemm", grid, a, b_op, lo, ro, c, M, N, K, R, float(scale), seed, p, 1.0 / (1.0 - p),
             a.stride(0), a.stride(1), b_op.stride(0), b_op.stride(1), lo.stride(0), lo.stride(1),
             ro.stride(0), ro.stride(1), c.stride(0), c.stride(1),
-            DOT_PREC=_prec(a.dtype), R_PAD=r_pad, BLOCK_R=block_r, DROPOUT=p > 0)
+            M_BUCKET=_m_bucket(M), DOT_PREC=_prec(a.dtype), R_PAD=r_pad, BLOCK_R=block_r, DROPOUT=p > 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,7 +291,7 @@ def _lora_down(x2, A, seed, p):
     s = _empty(M, R, dtype=torch.float32, device=x2.device)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(R, block_r))
     _launch("down", grid, x2, A, s, M, K, R, seed, p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1),
-            A.stride(0), A.stride(1), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
+            A.stride(0), A.stride(1), M_BUCKET=_m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
     return s
 
 
@@ -301,7 +307,7 @@ def _lora_dy(dy2, B, s, scale):
     dbp = torch.empty(gm, N, R, dtype=torch.float32, device=dy2.device)
     grid = lambda m: (gm, gn, triton.cdiv(R, block_r))
     _launch("dy", grid, dy2, B, s, gp, dbp, M, N, R, float(scale), cols, dy2.stride(0), dy2.stride(1),
-            B.stride(0), B.stride(1), DOT_PREC=_prec(dy2.dtype), BLOCK_R=block_r, BLOCK_M=bm)
+            B.stride(0), B.stride(1), M_BUCKET=_m_bucket(M), DOT_PREC=_prec(dy2.dtype), BLOCK_R=block_r, BLOCK_M=bm)
     return gp.sum(0) if gn > 1 else gp[0], dbp.sum(0) if gm > 1 else dbp[0]
 
 
@@ -315,7 +321,7 @@ def _lora_da(x2, g, seed, p):
     dap = torch.empty(gm, R, K, dtype=torch.float32, device=x2.device)
     grid = lambda m: (triton.cdiv(K, m["BLOCK_K"]), gm, triton.cdiv(R, block_r))
     _launch("da", grid, x2, g, dap, M, K, R, seed, p, 1.0 / (1.0 - p), rows, x2.stride(0), x2.stride(1),
-            DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
+            M_BUCKET=_m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
     return dap.sum(0) if gm > 1 else dap[0]
 
 
