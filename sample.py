@@ -57,6 +57,8 @@ def load(args):
 
     adapter = resolve_adapter(args.adapter)
     model_dir = args.model or (adapter_base_model(adapter) if adapter else None) or EMBEDDED_MODEL
+    if not Path(model_dir).is_dir():
+        raise CheckpointError(f"{model_dir}: checkpoint folder not found; --model takes a folder in Hugging Face layout")
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=parse_dtype(args.dtype), device=args.device)
     if adapter is not None:
