@@ -28,6 +28,9 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMM = os.environ.get("LORA_GEMM", "cublas")  # "cublas" (measured faster on H200) | "triton"
 AUTOTUNE = os.environ.get("LORA_AUTOTUNE", "1") == "1"  # False: first config of each list (fast GPU tests)
+# Below this many tokens the first config is used untuned: tuning a small problem costs far more than it can win,
+# and short unpadded batches (chat data) would otherwise tune every kernel for several small M buckets.
+AUTOTUNE_MIN_M = 2048
 POISON_OUTPUTS = False  # tests set True: kernel-written buffers are filled with NaN before launch
 
 
@@ -232,7 +235,7 @@ def _m_bucket(m: int) -> int:
 
 def _launch(name, grid, *args, **meta):
     """Autotuned on the GPU (keys: shapes only, M bucketed); a fixed config under the interpreter or with AUTOTUNE off."""
-    if AUTOTUNE and not INTERPRET:
+    if AUTOTUNE and not INTERPRET and meta["M_BUCKET"] >= AUTOTUNE_MIN_M:
         return _tuned[name][grid](*args, **meta)
     fn, cfg = _plain[name]
     small = {k: v for k, v in _SMALL.items() if k in cfg.kwargs}
