@@ -4,6 +4,7 @@
     python train.py --data chat.jsonl --model ~/Phi-3-mini-4k-instruct --out runs/a
     python train.py --resume runs/a                              # continue from the newest checkpoint
     python sample.py --adapter runs/a                            # chat with the result
+    torchrun --nproc_per_node 2 train.py --data chat.jsonl ...   # data parallel on 2 GPUs (phi3/distributed.py)
 
 Every flag is a field of TrainConfig below (`--max-seq-len` sets max_seq_len). The resolved configuration
 is printed and saved as train_config.json in the run folder, next to metrics.jsonl, the final adapter
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load_model, load_tokenizer, save_model
+from phi3 import distributed
 from phi3.checkpoint import default_dtype, parse_dtype
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, merge_lora, parse_targets, save_adapter
@@ -105,18 +107,23 @@ def resolve_config(argv) -> TrainConfig:
 
 
 class Progress:
-    """One live line on a terminal (rewritten every step), plain lines every log_every steps elsewhere."""
+    """One live line on a terminal (rewritten every step), plain lines every log_every steps elsewhere.
+    Only the main process of a torchrun job prints and writes metrics.jsonl."""
 
-    def __init__(self, total: int, log_every: int, metrics_path: Path):
-        self.total, self.log_every, self.metrics = total, log_every, open(metrics_path, "a")
+    def __init__(self, total: int, log_every: int, metrics_path: Path, enabled: bool = True):
+        self.total, self.log_every, self.enabled = total, log_every, enabled
+        self.metrics = open(metrics_path, "a") if enabled else None
         self.tty = sys.stderr.isatty()
         self.start = time.perf_counter()
 
     def log(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        if self.enabled:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
 
     def step(self, step: int, loss: float, lr: float, tokens_per_s: float, peak_gib: float, done_steps: int) -> None:
+        if not self.enabled:
+            return
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(done_steps, 1) * (self.total - step)
         line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
@@ -127,7 +134,8 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
     def say(self, text: str) -> None:
-        print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
+        if self.enabled:
+            print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -158,13 +166,14 @@ def batch_loss_sum(model, batch, device) -> torch.Tensor:
     return cross_entropy_sum(hidden, model.lm_head, batch.labels.to(device))
 
 
-def accumulate_gradients(model, micro_batches, device, autocast) -> float:
-    """Backward over the micro-batches of one optimizer step; returns the step's loss.
+def accumulate_gradients(model, micro_batches, device, autocast, step_trained_tokens: int | None = None) -> float:
+    """Backward over this process's micro-batches of one optimizer step; returns their loss sum / step tokens.
 
-    The loss is the mean over all trained tokens of all micro-batches (token-weighted), not a mean of
-    per-batch means: each micro-batch's loss sum is divided by the step's total trained tokens.
+    The step's loss is the mean over all trained tokens of all its micro-batches (token-weighted), not a mean
+    of per-batch means: each micro-batch's loss sum is divided by the step's total trained tokens, which
+    under torchrun includes the other processes' micro-batches (their gradients are summed afterwards).
     """
-    trained = max(sum(b.trained_tokens for b in micro_batches), 1)
+    trained = max(step_trained_tokens or sum(b.trained_tokens for b in micro_batches), 1)
     loss_sum = 0.0
     for b in micro_batches:
         with autocast():
@@ -174,15 +183,16 @@ def accumulate_gradients(model, micro_batches, device, autocast) -> float:
     return loss_sum / trained
 
 
-def evaluate(model, batches, device, autocast) -> tuple[float, float]:
-    """Token-weighted mean loss and perplexity over all eval batches."""
+def evaluate(model, batches, device, autocast, world=distributed.World()) -> tuple[float, float]:
+    """Token-weighted mean loss and perplexity over all eval batches (shared out among torchrun processes)."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), autocast():
-        for b in batches:
+        for b in batches[world.rank::world.size]:
             total += batch_loss_sum(model, b, device).item()
             count += b.trained_tokens
     model.train()
+    total, count = distributed.sum_scalars([total, count], world, device)
     loss = total / max(count, 1)
     return loss, math.exp(min(loss, 50))
 
@@ -191,26 +201,40 @@ def raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Dropout masks come from torch's RNG, reseeded per step and process: resuming at any step replays them,
+    and torchrun processes draw different masks."""
+    return (seed * 1_000_003 + step) * 1009 + rank
+
+
 def train(cfg: TrainConfig) -> int:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    world, device = distributed.init(cfg.device)
+    try:
+        return run(cfg, world, device)
+    finally:
+        distributed.shutdown(world)
+
+
+def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int:
+    log = (lambda text: print(text, file=sys.stderr)) if world.is_main else (lambda text: None)
     dtype = default_dtype(device) if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
     if cfg.gradient_checkpointing is None:
         cfg.gradient_checkpointing = device.type == "cuda"
     torch.manual_seed(cfg.seed)
-    print("config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr)
+    log("config: " + json.dumps(dataclasses.asdict(cfg)))
 
     if not Path(cfg.model).is_dir():
         raise CheckpointError(f"{cfg.model}: checkpoint folder not found; --model takes a folder in Hugging Face "
                               "layout (config.json, model.safetensors, tokenizer.json)")
     tokenizer = load_tokenizer(cfg.model)
     examples, stats = read_jsonl(cfg.data, tokenizer, cfg.train_on, cfg.max_seq_len)
-    print(f"data {cfg.data}: {stats.summary()}", file=sys.stderr)
+    log(f"data {cfg.data}: {stats.summary()}")
     if cfg.eval_data:
         eval_examples, eval_stats = read_jsonl(cfg.eval_data, tokenizer, cfg.train_on, cfg.max_seq_len)
-        print(f"eval {cfg.eval_data}: {eval_stats.summary()}", file=sys.stderr)
+        log(f"eval {cfg.eval_data}: {eval_stats.summary()}")
     else:
         examples, eval_examples = split_eval(examples, cfg.eval_fraction, cfg.seed)
-        print(f"eval: {len(eval_examples)} examples held out of {cfg.data}", file=sys.stderr)
+        log(f"eval: {len(eval_examples)} examples held out of {cfg.data}")
     pad_id = pad_token_for(tokenizer)
     epoch_batches = lambda epoch: make_batches(examples, cfg.batch_size, cfg.max_seq_len, pad_id, cfg.packing,
                                                shuffle=True, seed=cfg.seed, epoch=epoch)
@@ -218,16 +242,19 @@ def train(cfg: TrainConfig) -> int:
                                 shuffle=False, seed=0) if eval_examples else []
 
     run_dir = Path(cfg.out)  # created only once the data is known to be good
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     model = build_model(cfg, device, dtype).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{sum(p.numel() for p in trainable):,} trained, {device} {str(dtype).removeprefix('torch.')}, "
-          f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}", file=sys.stderr)
+    log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{sum(p.numel() for p in trainable):,} trained, {device} {str(dtype).removeprefix('torch.')}, "
+        f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+        + (f", {world.size} processes" if world.size > 1 else ""))
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
-    steps_per_epoch = math.ceil(len(epoch_batches(0)) / cfg.grad_accum)
+    group_size = cfg.grad_accum * world.size  # micro-batches per optimizer step, all processes together
+    steps_per_epoch = math.ceil(len(epoch_batches(0)) / group_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup_steps = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup_steps, total_steps))
@@ -238,7 +265,7 @@ def train(cfg: TrainConfig) -> int:
     if cfg.resume:
         ckpt = find_checkpoint(cfg.resume)
         step, position = load_checkpoint(ckpt, model, optimizer, scheduler)
-        print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
+        log(f"resumed from {ckpt} at step {step}")
 
     def write_model_files(folder: Path) -> None:
         (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -251,11 +278,17 @@ def train(cfg: TrainConfig) -> int:
             save_adapter(model, folder, base_model=Path(cfg.model).resolve())
 
     def checkpoint_now() -> Path:
-        return save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(position), write_model_files, cfg.keep)
+        """Written by the main process only; the others wait so that no process runs ahead of a save."""
+        folder = run_dir / f"checkpoint-{step}"
+        if world.is_main:
+            folder = save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(position), write_model_files,
+                                     cfg.keep)
+        distributed.barrier(world)
+        return folder
 
-    progress = Progress(total_steps, cfg.log_every, run_dir / "metrics.jsonl")
+    progress = Progress(total_steps, cfg.log_every, run_dir / "metrics.jsonl", enabled=world.is_main)
     if step == 0 and eval_batches:
-        loss, ppl = evaluate(model, eval_batches, device, autocast)
+        loss, ppl = evaluate(model, eval_batches, device, autocast, world)
         progress.say(f"eval before training: loss {loss:.4f} ppl {ppl:.2f}")
         progress.log({"step": 0, "eval_loss": loss, "eval_ppl": ppl})
 
@@ -265,15 +298,19 @@ def train(cfg: TrainConfig) -> int:
     start_step, window_start, window_tokens = step, time.perf_counter(), 0
     try:
         while step < total_steps:
-            micro = []
-            while len(micro) < cfg.grad_accum:
+            group = []  # this step's micro-batches, the same list in every process
+            while len(group) < group_size:
                 if position["batch"] >= len(batches):
                     position = {"epoch": position["epoch"] + 1, "batch": 0}
                     batches = epoch_batches(position["epoch"])
-                micro.append(batches[position["batch"]])
+                group.append(batches[position["batch"]])
                 position["batch"] += 1
-            train_loss = accumulate_gradients(model, micro, device, autocast)
-            window_tokens += sum(int((b.input_ids != pad_id).sum()) for b in micro)
+            torch.manual_seed(step_seed(cfg.seed, step, world.rank))
+            step_tokens = sum(b.trained_tokens for b in group)
+            loss = accumulate_gradients(model, group[world.rank::world.size], device, autocast, step_tokens)
+            distributed.all_reduce_sum_([p.grad for p in trainable if p.grad is not None], world)
+            (train_loss,) = distributed.sum_scalars([loss], world, device)
+            window_tokens += sum(int((b.input_ids != pad_id).sum()) for b in group)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -290,7 +327,7 @@ def train(cfg: TrainConfig) -> int:
                               "tokens_per_s": tokens_per_s, "peak_gib": peak, "epoch": position["epoch"]})
                 window_tokens = 0
             if eval_batches and (step % eval_every == 0 or step == total_steps):
-                loss, ppl = evaluate(model, eval_batches, device, autocast)
+                loss, ppl = evaluate(model, eval_batches, device, autocast, world)
                 progress.say(f"eval at step {step}: loss {loss:.4f} ppl {ppl:.2f}")
                 progress.log({"step": step, "eval_loss": loss, "eval_ppl": ppl})
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
@@ -303,17 +340,22 @@ def train(cfg: TrainConfig) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
 
-    final = checkpoint_now()
-    if interrupted:
-        progress.say(f"interrupted: saved {final}; continue with: python train.py --resume {run_dir}")
+    if interrupted:  # no collectives here: the other processes may be stopping at another point
+        if world.is_main:
+            final = save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(position), write_model_files,
+                                    cfg.keep)
+            progress.say(f"interrupted: saved {final}; continue with: python train.py --resume {run_dir}")
         return 130
-    write_model_files(run_dir)
-    progress.say(f"done: {'model' if cfg.full else 'adapter'} in {run_dir}, checkpoint {final}")
-    if cfg.export_merged and not cfg.full:
-        merge_lora(model)
-        save_model(model, cfg.export_merged, dtype=dtype, tokenizer_from=cfg.model)
-        progress.say(f"merged model written to {cfg.export_merged}")
-    plot_loss(run_dir)
+    final = checkpoint_now()
+    if world.is_main:
+        write_model_files(run_dir)
+        progress.say(f"done: {'model' if cfg.full else 'adapter'} in {run_dir}, checkpoint {final}")
+        if cfg.export_merged and not cfg.full:
+            merge_lora(model)
+            save_model(model, cfg.export_merged, dtype=dtype, tokenizer_from=cfg.model)
+            progress.say(f"merged model written to {cfg.export_merged}")
+        plot_loss(run_dir)
+    distributed.barrier(world)
     return 0
 
 

@@ -227,3 +227,24 @@ def test_trained_adapter_and_merged_export_match_transformers(base, small_chat, 
         assert (expected - load_model(base)(ids)).abs().max() > 1e-3  # the adapter changed the model
         torch.testing.assert_close(hf(ids).logits, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(hf_merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_torchrun_two_processes_train_like_one_with_double_accumulation(base, small_chat, tmp_path):
+    """2 processes x --grad-accum 1 == 1 process x --grad-accum 2: same data, token-weighted loss, summed grads."""
+    common = ["--data", str(small_chat), "--model", str(base), "--max-steps", "4", "--batch-size", "2",
+              "--dropout", "0", "--lr", "1e-2", "--eval-fraction", "0.2", "--log-every", "1", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(REPO / "train.py"), *common, "--out", str(tmp_path / "two")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert run(*common, "--grad-accum", 2, "--out", tmp_path / "one") == 0
+    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    one_rows, two_rows = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one_rows) == len(two_rows)
+    for r1, r2 in zip(one_rows, two_rows):
+        key = "loss" if "loss" in r1 else "eval_loss"
+        assert r1["step"] == r2["step"] and r2[key] == pytest.approx(r1[key], rel=1e-5)
