@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class FlagError(ValueError):
+    """A command-line value that cannot work."""
+
+
 def resolve_config(argv) -> TrainConfig:
     """Flags given on the command line override the defaults, or, with --resume, the resumed run's config."""
     given = vars(build_parser().parse_args(argv))
@@ -102,8 +106,27 @@ def resolve_config(argv) -> TrainConfig:
         return dataclasses.replace(base, **given)
     config = TrainConfig(**given)
     if not config.data:
-        raise SystemExit("error: --data is required (a JSONL file; see README.md for the formats)")
-    return config
+        raise FlagError("--data is required (a JSONL file; see README.md for the formats)")
+    return validate(config)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Catch impossible flag values before anything is loaded; one line each, exit code 2."""
+    positive = ("batch_size", "grad_accum", "max_seq_len", "rank", "keep", "log_every")
+    problems = [f"--{n.replace('_', '-')} must be > 0" for n in positive if getattr(cfg, n) <= 0]
+    problems += [f"--{n.replace('_', '-')} must be >= 0" for n in ("lr", "weight_decay", "warmup", "eval_every",
+                                                                  "save_every", "max_grad_norm") if getattr(cfg, n) < 0]
+    if not 0 <= cfg.dropout < 1:
+        problems.append("--dropout must be in [0, 1)")
+    if not 0 <= cfg.eval_fraction < 1:
+        problems.append("--eval-fraction must be in [0, 1)")
+    try:
+        parse_targets(cfg.targets)
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise FlagError("; ".join(problems))
+    return cfg
 
 
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Phi3ForCausalLM:
@@ -325,7 +348,7 @@ def main(argv=None) -> int:
     try:
         cfg = resolve_config(argv)
         return train(cfg)
-    except (DataError, CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as e:
+    except (FlagError, DataError, CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

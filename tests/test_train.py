@@ -248,3 +248,13 @@ def test_torchrun_two_processes_train_like_one_with_double_accumulation(base, sm
     for r1, r2 in zip(one_rows, two_rows):
         key = "loss" if "loss" in r1 else "eval_loss"
         assert r1["step"] == r2["step"] and r2[key] == pytest.approx(r1[key], rel=1e-5)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rank", "0"], "--rank must be > 0"),
+    (["--targets", "attn"], "unknown LoRA target 'attn'"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+])
+def test_impossible_flags_exit_2_before_loading(small_chat, tmp_path, capsys, flags, message):
+    assert run("--data", small_chat, "--out", tmp_path / "o", *flags) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
