@@ -258,3 +258,20 @@ def test_torchrun_two_processes_train_like_one_with_double_accumulation(base, sm
 def test_impossible_flags_exit_2_before_loading(small_chat, tmp_path, capsys, flags, message):
     assert run("--data", small_chat, "--out", tmp_path / "o", *flags) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_full_training_from_random_init_saves_a_hugging_face_checkpoint(base, small_chat, tmp_path):
+    transformers = transformers_or_skip()
+    out = tmp_path / "full"
+    assert run("--data", small_chat, "--model", base, "--out", out, "--full", "--init", "random", "--max-steps", 3,
+               "--lr", 1e-3, "--train-on", "all", "--packing", "--max-seq-len", 256, "--eval-fraction", 0) == 0
+    trained = load_model(out)
+    start = train.build_model(train.TrainConfig(model=str(base), full=True, init="random"), torch.device("cpu"),
+                              torch.float32)  # the same seed's random init
+    changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
+    assert "model.layers.0.self_attn.qkv_proj.weight" in changed and "model.norm.weight" in changed
+    assert (out / "tokenizer.json").exists() and (out / "checkpoint-3" / "model.safetensors").exists()
+    ids = torch.randint(0, 32000, (1, 9))
+    with torch.no_grad():
+        hf = transformers.Phi3ForCausalLM.from_pretrained(out).eval()
+        torch.testing.assert_close(hf(ids).logits, trained(ids), rtol=1e-5, atol=1e-5)
