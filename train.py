@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 
 from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load_model, load_tokenizer, save_model
 from phi3 import distributed
-from phi3.checkpoint import default_dtype, parse_dtype
+from phi3.checkpoint import default_dtype, parse_dtype, write_hf_files
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, merge_lora, parse_targets, save_adapter
 from phi3.loss import cross_entropy_sum
@@ -137,7 +136,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> P
         # --full keeps fp32 master weights and computes in `dtype` under autocast; LoRA keeps the base in `dtype`.
         model = load_model(cfg.model, dtype=torch.float32 if cfg.full else dtype, device=device)
     if cfg.full:
-        model.float().requires_grad_(True)
+        model.requires_grad_(True)  # already fp32: built that way or loaded with dtype=float32 above
     else:
         add_lora(model, LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, parse_targets(cfg.targets), cfg.rslora))
         mark_only_lora_as_trainable(model)
@@ -255,10 +254,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     def write_model_files(folder: Path) -> None:
         (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         if cfg.full:
-            save_model(model, folder / "model", dtype=dtype, tokenizer_from=cfg.model)
-            for item in (folder / "model").iterdir():
-                os.replace(item, folder / item.name)
-            (folder / "model").rmdir()
+            write_hf_files(model, folder, dtype=dtype, tokenizer_from=cfg.model)
         else:
             save_adapter(model, folder, base_model=Path(cfg.model).resolve())
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import shutil
 import struct
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from phi3.atomic import atomic_dir, atomic_file
 from phi3.config import ConfigError, Phi3Config
 from phi3.model import Phi3ForCausalLM
 
@@ -174,62 +173,48 @@ def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place; an older folder there is swapped out, then deleted."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def write_hf_files(model: Phi3ForCausalLM, folder: Path, dtype: torch.dtype | str | None = None,
+                   max_shard_bytes: int = 5 * 2**30, tokenizer_from: str | Path | None = None) -> None:
+    """config.json + safetensors (sharded above max_shard_bytes, with an index) + tokenizer files into `folder`,
+    each file written atomically. LoRA parameters are not saved: merge them first to export them."""
+    dtype = parse_dtype(dtype)
+    state = {n: (t.to(dtype) if dtype and t.is_floating_point() else t).cpu() for n, t in base_state_dict(model).items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = t
+        shard_bytes += nbytes
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    with atomic_file(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards):
+        with atomic_file(folder / name) as tmp:
+            save_file(shard, tmp, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {n: file for file, shard in zip(names, shards) for n in shard}}
+        with atomic_file(folder / "model.safetensors.index.json") as tmp:
+            tmp.write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_from).expanduser() / name
+            if src.is_file():
+                with atomic_file(folder / name) as tmp:
+                    shutil.copyfile(src, tmp)
 
 
 def save_model(model: Phi3ForCausalLM, path: str | Path, dtype: torch.dtype | str | None = None,
                max_shard_bytes: int = 5 * 2**30, tokenizer_from: str | Path | None = None) -> Path:
-    """Write config.json + safetensors (sharded above max_shard_bytes, with an index) in Hugging Face layout.
-
-    The folder is written under a temporary name and renamed at the end, so a crash never leaves a
-    half-written checkpoint behind. LoRA parameters are not saved: merge them first to export them.
-    """
+    """A checkpoint folder in Hugging Face layout, written under a temporary name and renamed at the end, so a
+    crash never leaves a half-written checkpoint behind (an existing folder is replaced whole)."""
     final = Path(path).expanduser()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        dtype = parse_dtype(dtype)
-        state = {n: (t.to(dtype) if dtype and t.is_floating_point() else t).cpu() for n, t in
-                 base_state_dict(model).items()}
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        shard_bytes = 0
-        for name, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
-                shards.append({})
-                shard_bytes = 0
-            shards[-1][name] = t
-            shard_bytes += nbytes
-        config = model.config.to_hf_dict()
-        config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / file, metadata={"format": "pt"})
-                weight_map.update({name: file for name in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_from).expanduser() / name
-                if src.is_file():
-                    shutil.copyfile(src, tmp / name)
-        _replace_dir(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(final) as tmp:
+        write_hf_files(model, tmp, dtype, max_shard_bytes, tokenizer_from)
     return final

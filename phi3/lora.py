@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from kernels import lora_linear
+from phi3.atomic import atomic_file
 from phi3.checkpoint import CheckpointError, read_safetensors
 
 # Short target name -> (module name suffix, index of the slice in the fused output, or None for all of it).
@@ -206,17 +205,6 @@ def unmerge_lora(model: nn.Module) -> None:
 
 # ---- PEFT files ------------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path), then rename over path: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_adapter(model: nn.Module, folder: str | Path, base_model: str | Path | None = None) -> Path:
     """adapter_config.json + adapter_model.safetensors as peft writes them (keys base_model.model.<module>.lora_A.weight).
 
@@ -248,8 +236,10 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str | Path | 
         "rank_pattern": {f"^{re.escape(n)}$": v for n, v in ranks.items() if v != r},
         "alpha_pattern": {f"^{re.escape(n)}$": v for n, v in alphas.items() if v != alpha},
     }
-    _write_atomic(folder / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _write_atomic(folder / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    with atomic_file(folder / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_file(folder / ADAPTER_CONFIG) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
 

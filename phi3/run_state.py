@@ -9,16 +9,16 @@ any moment leaves every checkpoint-* folder either absent or whole.
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from phi3.atomic import atomic_dir
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
 
@@ -60,19 +60,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, posit
                     keep: int) -> Path:
     """Write run_dir/checkpoint-STEP atomically; delete the oldest so that `keep` remain."""
     final = run_dir / f"checkpoint-{step}"
-    tmp = run_dir / f".checkpoint-{step}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(final) as tmp:
         write_model_files(tmp)  # adapter (PEFT) or full model (HF layout), for users
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         torch.save({"step": step, "position": position, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -1,0 +1,51 @@
+"""Writes that are all or nothing: a file or folder is built under a temporary name, then renamed into place.
+
+A crash or kill at any moment leaves either the previous version or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _temporary_name(final: Path, kind: str) -> Path:
+    return final.with_name(f".{final.name}.{kind}-{uuid.uuid4().hex[:8]}")
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """with atomic_file(p) as tmp: write tmp  ->  tmp renamed over p (removed if the body fails)."""
+    final = Path(path)
+    tmp = _temporary_name(final, "tmp")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """with atomic_dir(d) as tmp: fill folder tmp  ->  tmp takes d's place; an older d is swapped out, then deleted."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(final, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = _temporary_name(final, "old")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
