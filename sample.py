@@ -19,19 +19,18 @@ from pathlib import Path
 import torch
 
 from phi3 import CheckpointError, ConfigError, load_model, load_tokenizer
-from phi3.checkpoint import parse_dtype
+from phi3.checkpoint import EMBEDDED_MODEL, parse_dtype
+from phi3.lora import adapter_base_model, load_adapter, merge_lora
 from phi3.generate import generate
 from phi3.tokenizer import TokenizerError
 
-REPO = Path(__file__).resolve().parent
-EMBEDDED_MODEL = REPO / "models" / "tiny-phi3"
 DEFAULT_ADAPTER = Path("out")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None,
-                   help=f"checkpoint folder in Hugging Face layout (default: the adapter's base, else {EMBEDDED_MODEL.relative_to(REPO)})")
+                   help="checkpoint folder in Hugging Face layout (default: the adapter's base, else models/tiny-phi3)")
     p.add_argument("--adapter", type=Path, default=None,
                    help="LoRA adapter folder (PEFT layout); default ./out when it holds one, 'none' to disable")
     p.add_argument("--prompt", default=None, help="one user message; without it: interactive chat (or stdin)")
@@ -52,18 +51,15 @@ def resolve_adapter(arg: Path | None) -> Path | None:
     return DEFAULT_ADAPTER if (DEFAULT_ADAPTER / "adapter_config.json").is_file() else None
 
 
-def load(args):
-    from phi3.lora import adapter_base_model, load_adapter, merge_lora
-
-    adapter = resolve_adapter(args.adapter)
-    model_dir = args.model or (adapter_base_model(adapter) if adapter else None) or EMBEDDED_MODEL
-    if not Path(model_dir).is_dir():
-        raise CheckpointError(f"{model_dir}: checkpoint folder not found; --model takes a folder in Hugging Face layout")
+def load_for_chat(model_dir: Path | None, adapter: Path | None, device: str, dtype: str | None = None):
+    """(model, tokenizer) for generation: the adapter merged into the weights (no training follows), and the
+    base taken from --model, else the adapter's base_model_name_or_path, else the embedded tiny model."""
+    model_dir = model_dir or (adapter_base_model(adapter) if adapter else None) or EMBEDDED_MODEL
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=parse_dtype(args.dtype), device=args.device)
+    model = load_model(model_dir, dtype=parse_dtype(dtype), device=device)
     if adapter is not None:
         load_adapter(model, adapter)
-        merge_lora(model)  # no training follows: fold B A into W once, decode at base speed
+        merge_lora(model)  # fold B A into W once: decoding runs at base speed
     print(f"model {model_dir}" + (f" + adapter {adapter}" if adapter else ""), file=sys.stderr)
     return model, tokenizer
 
@@ -97,7 +93,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     try:
-        model, tokenizer = load(args)
+        model, tokenizer = load_for_chat(args.model, resolve_adapter(args.adapter), args.device, args.dtype)
     except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -121,4 +117,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while a reply streams: stop quietly
+        print(file=sys.stderr)
+        sys.exit(130)

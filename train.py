@@ -27,7 +27,7 @@ import torch
 
 from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load_model, load_tokenizer, save_model
 from phi3 import distributed
-from phi3.checkpoint import default_dtype, parse_dtype, write_hf_files
+from phi3.checkpoint import EMBEDDED_MODEL, default_dtype, parse_dtype, write_hf_files
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, merge_lora, parse_targets, save_adapter
 from phi3.loss import cross_entropy_sum
@@ -35,8 +35,6 @@ from phi3.progress import Progress, peak_memory_gib, plot_loss
 from phi3.run_state import find_checkpoint, load_checkpoint, lr_lambda, save_checkpoint
 from phi3.tokenizer import TokenizerError
 
-REPO = Path(__file__).resolve().parent
-EMBEDDED_MODEL = REPO / "models" / "tiny-phi3"
 
 
 @dataclass
@@ -207,9 +205,6 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     torch.manual_seed(cfg.seed)
     log("config: " + json.dumps(dataclasses.asdict(cfg)))
 
-    if not Path(cfg.model).is_dir():
-        raise CheckpointError(f"{cfg.model}: checkpoint folder not found; --model takes a folder in Hugging Face "
-                              "layout (config.json, model.safetensors, tokenizer.json)")
     tokenizer = load_tokenizer(cfg.model)
     examples, stats = read_jsonl(cfg.data, tokenizer, cfg.train_on, cfg.max_seq_len)
     log(f"data {cfg.data}: {stats.summary()}")
@@ -225,11 +220,11 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     eval_batches = make_batches(eval_examples, cfg.batch_size, cfg.max_seq_len, pad_id, cfg.packing,
                                 shuffle=False, seed=0) if eval_examples else []
 
-    run_dir = Path(cfg.out)  # created only once the data is known to be good
+    model = build_model(cfg, device, dtype).train()
+    run_dir = Path(cfg.out)  # created only once the data and the model are known to be good
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    model = build_model(cfg, device, dtype).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{sum(p.numel() for p in trainable):,} trained, {device} {str(dtype).removeprefix('torch.')}, "

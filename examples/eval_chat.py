@@ -23,9 +23,25 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
 
 from chat_metric import score, summarize  # noqa: E402
-from phi3 import load_model, load_tokenizer  # noqa: E402
+from phi3 import CheckpointError, ConfigError, TokenizerError  # noqa: E402
 from phi3.generate import generate  # noqa: E402
-from phi3.lora import adapter_base_model, load_adapter, merge_lora  # noqa: E402
+from sample import load_for_chat  # noqa: E402
+
+
+def read_questions(path: Path) -> list[tuple[list[dict], str]]:
+    """(messages before the answer, reference answer) per line; a bad line is a ValueError naming it."""
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+            assert isinstance(messages, list) and messages[-1]["role"] == "assistant"
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError, AssertionError):
+            raise ValueError(f"{path}:{n}: expected {{\"messages\": [..., {{\"role\": \"assistant\", ...}}]}}; "
+                             "regenerate the file with examples/make_data.py") from None
+        out.append((messages[:-1], messages[-1]["content"]))
+    return out
 
 
 def main(argv=None) -> int:
@@ -41,18 +57,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     adapter = None if args.adapter == "none" else Path(args.adapter)
-    model_dir = args.model or (adapter_base_model(adapter) if adapter else None) or REPO / "models" / "tiny-phi3"
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, device=args.device)
-    if adapter is not None:
-        load_adapter(model, adapter)
-        merge_lora(model)
-    records = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
-    records = records[: args.limit] if args.limit else records
+    try:
+        questions = read_questions(args.data)
+        model, tokenizer = load_for_chat(args.model, adapter, args.device)
+    except (CheckpointError, ConfigError, TokenizerError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    questions = questions[: args.limit] if args.limit else questions
     scores, stopped = [], 0
     start = time.perf_counter()
-    for i, record in enumerate(records):
-        messages, reference = record["messages"][:-1], record["messages"][-1]["content"]
+    for i, (messages, reference) in enumerate(questions):
         prompt, _ = tokenizer.render(messages, add_generation_prompt=True)
         reply_ids = list(generate(model, prompt, args.max_new_tokens, stop_ids=tokenizer.stop_ids))
         if reply_ids and reply_ids[-1] in tokenizer.stop_ids:
@@ -63,9 +77,9 @@ def main(argv=None) -> int:
         if i < args.show:
             print(f"Q: {messages[-1]['content']}\nA: {reply}\nref: {reference}\n", file=sys.stderr)
     summary = summarize(scores)
-    summary["stopped"] = stopped / max(len(records), 1)
-    label = f"{model_dir}" + (f" + {adapter}" if adapter else " (no adapter)")
-    print(f"{label}: {len(records)} questions, F1 {summary['f1']:.3f}, exact match {summary['exact_match']:.3f}, "
+    summary["stopped"] = stopped / max(len(questions), 1)
+    label = "base + adapter " + str(adapter) if adapter else "base, no adapter"
+    print(f"{label}: {len(questions)} questions, F1 {summary['f1']:.3f}, exact match {summary['exact_match']:.3f}, "
           f"stopped at <|end|> {summary['stopped']:.0%} ({time.perf_counter() - start:.0f}s)")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

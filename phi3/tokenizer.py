@@ -214,6 +214,9 @@ def load_tokenizer(path, chat_format: str | None = None) -> Phi3Tokenizer:
     special token ("<|user|>\\nHello": 15043 "▁Hello" here, 10994 "Hello" there).
     """
     folder = os.path.expanduser(os.fspath(path))
+    if not os.path.isdir(folder):
+        raise TokenizerError(f"{folder}: checkpoint folder not found; pass a folder in Hugging Face layout "
+                             "(config.json, model.safetensors, tokenizer.json)")
     tj = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(tj):
         raise TokenizerError(f"{tj}: not found. Point at a checkpoint folder that holds tokenizer.json "

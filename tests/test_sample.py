@@ -52,3 +52,13 @@ def test_adapter_from_a_training_run_is_applied(tmp_path):
     assert run.returncode == 0, run.stderr
     out = sample("--prompt", "Define \"water\".", "--max-new-tokens", 5, cwd=tmp_path)  # ./out is the default
     assert out.returncode == 0 and "+ adapter out" in out.stderr, out.stderr
+
+
+@pytest.mark.skipif(not (REPO / "models" / "tiny-phi3" / "model.safetensors").exists(), reason="embedded model missing")
+def test_eval_script_scores_and_reports_a_missing_adapter_cleanly(tmp_path):
+    script = [sys.executable, str(REPO / "examples" / "eval_chat.py"), "--limit", "2", "--max-new-tokens", "8"]
+    ok = subprocess.run(script + ["--adapter", "none"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "2 questions, F1" in ok.stdout, ok.stderr
+    bad = subprocess.run(script + ["--adapter", str(tmp_path / "nope")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "adapter_config.json: not found" in bad.stderr

@@ -275,3 +275,13 @@ def test_full_training_from_random_init_saves_a_hugging_face_checkpoint(base, sm
     with torch.no_grad():
         hf = transformers.Phi3ForCausalLM.from_pretrained(out).eval()
         torch.testing.assert_close(hf(ids).logits, trained(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_broken_weights_stop_the_run_before_anything_is_written(base, small_chat, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
+    assert run("--data", small_chat, "--model", broken, "--out", tmp_path / "o") == 2
+    assert "truncated or corrupt" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "o").exists()
