@@ -99,8 +99,12 @@ def resolve_config(argv) -> TrainConfig:
     if given.get("resume"):
         ckpt = find_checkpoint(given["resume"])
         saved = ckpt / "train_config.json"
-        base = TrainConfig(**json.loads(saved.read_text())) if saved.is_file() else TrainConfig()
-        return dataclasses.replace(base, **given)
+        try:
+            base = TrainConfig(**json.loads(saved.read_text())) if saved.is_file() else TrainConfig()
+        except (TypeError, json.JSONDecodeError) as e:
+            raise FlagError(f"{saved}: not a train_config.json this version can read ({e}); "
+                            "start a new run, or pass the flags again without --resume") from None
+        return validate(dataclasses.replace(base, **given))
     config = TrainConfig(**given)
     if not config.data:
         raise FlagError("--data is required (a JSONL file; see README.md for the formats)")
@@ -161,8 +165,8 @@ def accumulate_gradients(model, micro_batches, device, autocast, step_trained_to
         with autocast():
             loss = batch_loss_sum(model, b, device)
         (loss / trained).backward()
-        loss_sum += loss.item()
-    return loss_sum / trained
+        loss_sum = loss_sum + loss.detach()  # stays on the device: one host sync per step, not per micro-batch
+    return float(loss_sum) / trained
 
 
 def evaluate(model, batches, device, autocast, world=distributed.World()) -> tuple[float, float]:
@@ -233,7 +237,8 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     group_size = cfg.grad_accum * world.size  # micro-batches per optimizer step, all processes together
-    steps_per_epoch = math.ceil(len(epoch_batches(0)) / group_size)
+    batches = epoch_batches(0)  # every epoch has the same number of batches
+    steps_per_epoch = math.ceil(len(batches) / group_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup_steps = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup_steps, total_steps))
@@ -245,6 +250,8 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
         ckpt = find_checkpoint(cfg.resume)
         step, position = load_checkpoint(ckpt, model, optimizer, scheduler)
         log(f"resumed from {ckpt} at step {step}")
+        if position["epoch"] != 0:
+            batches = epoch_batches(position["epoch"])
 
     def write_model_files(folder: Path) -> None:
         (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -270,7 +277,6 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
 
     interrupted = False
     previous_handler = signal.signal(signal.SIGTERM, raise_interrupt)  # `kill` saves a checkpoint like Ctrl-C
-    batches = epoch_batches(position["epoch"])
     start_step, window_start, window_tokens = step, time.perf_counter(), 0
     try:
         while step < total_steps:
