@@ -7,7 +7,8 @@ Columns (median ms, triton.testing.do_bench, L2 flushed between calls, 3 rotatin
   a   frozen linear alone: cuBLAS forward + dx (the floor)
   b   peft-style: base in bf16, adapter path in fp32 (x cast up), result added in fp32 and cast back
   b'  all-bf16 torch LoRA (kernels.lora_linear_reference with autograd)
-  c   kernels.lora_linear, GEMM="triton" (fused Triton GEMM)      c_cub: GEMM="cublas" (cuBLAS + low-rank term)
+  c   kernels.lora_linear as shipped (GEMM="auto": the TMA Triton GEMM on Hopper)
+  c_ptr  GEMM="triton" (pointer-load Triton GEMM)      c_cub  GEMM="cublas" (cuBLAS + low-rank term)
 peak = extra peak memory of one fwd+bwd over the live inputs, MiB.
 """
 import argparse
@@ -100,7 +101,7 @@ def parts(m, k, n, r):
     t = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
     out = {"mm x W^T": t(lambda: x @ w.t()), "mm dy W": t(lambda: dy @ w), "S=xA^T": t(lambda: ll._lora_down(x, a, 0, 0.0)),
            "dy pass": t(lambda: ll._lora_dy(dy, b, s_, 2.0)), "dA": t(lambda: ll._lora_da(x, g, 0, 0.0))}
-    for gemm in ("triton", "cublas"):
+    for gemm in ("auto", "cublas"):
         ll.GEMM = gemm
         out[f"fwd gemm {gemm}"] = t(lambda: ll._gemm(x, w.t(), s_, b.t(), 2.0, dt))
         out[f"dx gemm {gemm}"] = t(lambda: ll._gemm(dy, w, g, a, 1.0, dt))
@@ -118,7 +119,8 @@ def main():
     ap.add_argument("--parts", action="store_true", help="also time each kernel for every shape")
     args = ap.parse_args()
     dev, dt, s = "cuda", torch.bfloat16, 2.0
-    fns = {"a": frozen, "b": peft_style, "b'": bf16_torch, "c": fused("triton"), "c_cub": fused("cublas")}
+    fns = {"a": frozen, "b": peft_style, "b'": bf16_torch, "c": fused("auto"), "c_ptr": fused("triton"),
+           "c_cub": fused("cublas")}
     variants = args.variants.split(",")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"M={args.m} r={args.r} bf16, A/B fp32")

@@ -33,8 +33,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU (run `pyte
 def _poison(monkeypatch):
     monkeypatch.setattr(ll, "POISON_OUTPUTS", True)  # y, S, dx buffers start as NaN
     monkeypatch.setattr(ll, "AUTOTUNE", False)  # one config per kernel: compile time (bench checks the tuned ones)
-    if not CUDA:
-        monkeypatch.setattr(ll, "GEMM", "triton")  # CPU: the fused GEMM (test_gemm_backends covers both)
+    monkeypatch.setattr(ll, "GEMM", "auto")  # TMA GEMM where strides allow it (test_gemm_backends: the others)
 
 
 def _inputs(shape, n_out, r, dtype, noncontig=False, seed=0):
@@ -87,10 +86,28 @@ def test_odd_shapes(dtype, r):
 
 
 @needs_triton
+@pytest.mark.parametrize("r", [1, 16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_tma_gemm_odd_shapes(r, p):
+    """Sizes off the block grid but with 16-byte aligned rows: the TMA GEMM (edges zero-filled / clipped by TMA).
+    16-bit only: fp32 takes the pointer GEMM (its FMA dot does not fit the TMA kernel's shared memory)."""
+    x, w, _, _, dy = _inputs((37, 48), 56, r, torch.float16)
+    assert ll._gemm_kind(x, w.t(), dy) == ll._gemm_kind(dy, w, x) == "tma"
+    assert ll._gemm_kind(x.float(), w.float().t(), dy.float()) == "triton"
+    _check((37, 48), 56, r, torch.float16, scale=1.3, p=p, seed=r)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("noncontig", ["slice", "transpose"])
 def test_3d_noncontiguous(dtype, noncontig):
     _check((2, 19, 40), 33, 8, dtype, scale=0.5, noncontig=noncontig)
+
+
+@needs_triton
+def test_many_tiles_per_program():
+    """More row tiles / work items than programs: the persistent skinny kernels walk several each."""
+    _check((200, 45), 40, 8, torch.float32, scale=0.7, p=0.2, seed=5)
 
 
 @needs_triton
@@ -100,10 +117,10 @@ def test_dropout_matches_mask(dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+@pytest.mark.parametrize("gemm", ["auto", "triton", "cublas"])
 def test_gemm_backends(monkeypatch, gemm):
     monkeypatch.setattr(ll, "GEMM", gemm)
-    _check((33, 40), 50, 8, torch.float32, p=0.1)
+    _check((33, 40), 48, 8, torch.float16, p=0.1)  # aligned 16-bit rows: "auto" is the TMA GEMM
 
 
 @needs_triton
@@ -166,7 +183,7 @@ PHI3 = [(3072, 9216), (3072, 3072), (3072, 16384), (8192, 3072)]  # qkv, o, gate
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+@pytest.mark.parametrize("gemm", ["auto", "triton", "cublas"])
 @pytest.mark.parametrize("k,n", PHI3)
 def test_cuda_phi3_bf16(monkeypatch, k, n, gemm):
     monkeypatch.setattr(ll, "GEMM", gemm)
@@ -175,7 +192,7 @@ def test_cuda_phi3_bf16(monkeypatch, k, n, gemm):
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+@pytest.mark.parametrize("gemm", ["auto", "triton", "cublas"])
 @pytest.mark.parametrize("r", [1, 64, 256])
 def test_cuda_ranks_bf16(monkeypatch, r, gemm):
     monkeypatch.setattr(ll, "GEMM", gemm)
@@ -191,7 +208,7 @@ def test_cuda_other_dtypes(dtype):
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+@pytest.mark.parametrize("gemm", ["auto", "triton", "cublas"])
 def test_cuda_dropout_bf16(monkeypatch, gemm):
     monkeypatch.setattr(ll, "GEMM", gemm)
     _check((4096, 3072), 3072, 16, torch.bfloat16, scale=2.0, p=0.1)
