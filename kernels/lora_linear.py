@@ -290,7 +290,7 @@ def _tma_cfg(num_warps, num_stages, bm, bn, bk, subtile=True, flatten=False, gro
 # 128 x 256 x 64 tiles, two consumer warpgroups: the shape cuBLAS-class Hopper GEMMs use for bf16
 _TMA_CONFIGS = [_tma_cfg(8, 3, 128, 256, 64), _tma_cfg(8, 4, 128, 256, 64), _tma_cfg(8, 3, 128, 256, 64, subtile=False),
                 _tma_cfg(8, 4, 256, 128, 64), _tma_cfg(8, 4, 128, 128, 64)]
-_TMA_PLAIN = {2: _TMA_CONFIGS[0], 4: _tma_cfg(8, 3, 128, 128, 32)}  # by element size (fp32: interpreter tests)
+_TMA_PLAIN = _TMA_CONFIGS[0]
 _TMA_SMALL = _tma_cfg(1, 1, 32, 32, 32, subtile=True, flatten=True)  # interpreter
 # memory-bound skinny kernels: many programs and deep pipelines keep enough bytes in flight
 _DOWN_CONFIGS = [_cfg(4, 4, BLOCK_M=64, BLOCK_K=128), _cfg(8, 3, BLOCK_M=64, BLOCK_K=256), _cfg(4, 4, BLOCK_M=32, BLOCK_K=256),
@@ -298,7 +298,9 @@ _DOWN_CONFIGS = [_cfg(4, 4, BLOCK_M=64, BLOCK_K=128), _cfg(8, 3, BLOCK_M=64, BLO
 _DY_CONFIGS = [_cfg(8, 3, BLOCK_N=128), _cfg(8, 4, BLOCK_N=64), _cfg(4, 3, BLOCK_N=64)]  # BLOCK_M fixed: _DY_ROWS
 _DA_CONFIGS = [_cfg(4, 4, BLOCK_M=64, BLOCK_K=128), _cfg(8, 3, BLOCK_M=64, BLOCK_K=256), _cfg(4, 6, BLOCK_M=32, BLOCK_K=128)]
 SKINNY_WAVES = 2  # persistent skinny kernels: programs = this many waves of the GPU's SMs
-_DY_ROWS = 256  # rows per dy-pass program (sets the dB partial count, so not autotuned)
+# rows per dy-pass work item, for outputs up to 4096 wide and wider: more rows = fewer dB partials to write and
+# sum, fewer rows = more items, which narrow outputs need to fill the GPU (sets buffer sizes, so not autotuned)
+_DY_ROWS_NARROW, _DY_ROWS = 256, 256
 _SPLIT = 256  # per-program row/col ranges are multiples of every block size above
 _tuned = {
     "gemm": triton.autotune(_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT"],
@@ -332,24 +334,28 @@ def _m_bucket(m: int) -> int:
 def _plain_config(name, dtype):
     """The config used untuned: the first of each list; TMA by element size (fp32 tiles must fit shared memory)."""
     if name == "tma":
-        return _TMA_SMALL if INTERPRET else _TMA_PLAIN[dtype.itemsize]
+        return _TMA_SMALL if INTERPRET else _TMA_PLAIN
     cfg = _tuned[name].configs[0]
     if INTERPRET:
         return triton.Config({k: v for k, v in _SMALL.items() if k in cfg.kwargs})
+    if dtype == torch.float32:  # tiles of <= 64 and two stages: fp32 tiles are twice the bytes of 16-bit ones
+        small = {k: min(v, 64) if k.startswith("BLOCK_") else v for k, v in cfg.kwargs.items()}
+        return triton.Config(small, num_warps=cfg.num_warps, num_stages=2)
     return cfg
 
 
 def _launch(name, grid, args, meta, dtype):
     """Launch kernel `name`: autotuned on the GPU (keys: shapes only, M bucketed), a fixed config under the
-    interpreter, with AUTOTUNE off or for small M. The first launch per autotune key goes through the autotuner;
-    later ones reuse its choice directly (the autotuner's own per-call bookkeeping costs host time)."""
+    interpreter, with AUTOTUNE off, for small M and for fp32 (a correctness path: see _plain_config). The first launch per autotune key goes through
+    the autotuner; later ones reuse its choice directly (the autotuner's per-call bookkeeping costs host time)."""
     fn = _KERNELS[name]
     cfg = None
+    tuned = AUTOTUNE and not INTERPRET and meta["M_BUCKET"] >= AUTOTUNE_MIN_M and dtype != torch.float32
     if name == "tma" and not INTERPRET:
         # device-built TMA descriptors live in per-launch scratch memory from this allocator; Triton keeps it
         # per thread (a context variable) and autograd runs the backward on its own thread, so set it every time
         triton.set_allocator(_scratch)
-    if AUTOTUNE and not INTERPRET and meta["M_BUCKET"] >= AUTOTUNE_MIN_M:
+    if tuned:
         tuner = _tuned[name]
         named = {**dict(zip(fn.arg_names, args)), **meta}
         key = (name, dtype) + tuple(named[k] for k in tuner.keys)
@@ -508,7 +514,7 @@ def _lora_dy(dy2, B, s, scale):
     M, N = dy2.shape
     R = B.shape[1]
     _, block_r = _r_blocks(R)
-    bm = 32 if INTERPRET else _DY_ROWS
+    bm = 32 if INTERPRET else _DY_ROWS_NARROW if N <= 4096 else _DY_ROWS
     gm = _cdiv(M, bm)
     cols, gn = _split(N, _cdiv(SKINNY_WAVES * _num_sms(dy2.device), gm), 32 if INTERPRET else _SPLIT)
     gp = torch.empty(gn, M, R, dtype=torch.float32, device=dy2.device)  # every element written by the kernel
