@@ -21,10 +21,11 @@ import importlib  # noqa: E402
 from kernels import dropout_mask, lora_linear, lora_linear_reference  # noqa: E402
 
 ll = importlib.import_module("kernels.lora_linear")  # the module (kernels.lora_linear is the function)
+launch = importlib.import_module("kernels.launch")
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 needs_triton = pytest.mark.skipif(
-    not CUDA and not ll.INTERPRET, reason="no CUDA, and triton was imported before TRITON_INTERPRET=1 was set")
+    not CUDA and not launch.INTERPRET, reason="no CUDA, and triton was imported before TRITON_INTERPRET=1 was set")
 cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU (run `pytest -m cuda` on the device machine)")
 
@@ -32,7 +33,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU (run `pyte
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(ll, "POISON_OUTPUTS", True)  # y, S, dx buffers start as NaN
-    monkeypatch.setattr(ll, "AUTOTUNE", False)  # one config per kernel: compile time (bench checks the tuned ones)
+    monkeypatch.setattr(launch, "AUTOTUNE", False)  # one config per kernel: compile time (bench checks the tuned ones)
     monkeypatch.setattr(ll, "GEMM", "auto")  # TMA GEMM where strides allow it (test_gemm_backends: the others)
 
 

@@ -1,0 +1,120 @@
+"""Memory-bound low-rank kernels of the LoRA linear (kernels/lora_linear.py), all reading x or dy once:
+
+    S  = dropout(x) A^T                 _lora_down_kernel   forward, (M, r) fp32
+    G  = s dy B,  dB = s dy^T S         _lora_dy_kernel     backward, one pass over dy, partial sums per program
+    dA = G^T dropout(x)                 _lora_da_kernel     backward, mask regenerated from the seed
+
+Dropout is Philox (tl.rand) keyed by (seed, row * in + col): the mask is never stored, and `_dropout_mask_kernel`
+materializes the same multiplier for tests. Each kernel is persistent: its programs (a wave or two of the GPU)
+walk the work items, so no partly filled last wave idles the GPU.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dropout(x, seed, offs_m, offs_k, n_cols, p, inv_keep, DROPOUT: tl.constexpr):
+    """keep with probability 1-p, scale kept values by 1/(1-p); Philox counter = row * n_cols + col (int32)."""
+    if DROPOUT:
+        rnd = tl.rand(seed, offs_m[:, None] * n_cols + offs_k[None, :])
+        x = tl.where(rnd >= p, x.to(tl.float32) * inv_keep, 0.0).to(x.dtype)
+    return x
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(out_ptr, M, K, seed, p, inv_keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[m, k] = keep(seed, m, k) / (1 - p), the exact multiplier the other kernels apply to x."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ones = tl.full((BLOCK_M, BLOCK_K), 1.0, tl.float32)
+    mask = _dropout(ones, seed, offs_m, offs_k, K, p, inv_keep, True)
+    tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], mask,
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_down_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed, p, inv_keep,
+                      stride_xm, stride_xk, stride_ar, stride_ak, M_BUCKET,
+                      DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """S[m, j] = sum_k dropout(x)[m, k] A[j, k]   (M, R) fp32; rank chunk of BLOCK_R per program axis 1.
+    Persistent: the programs (a wave or two) walk the row tiles, so no partly filled last wave idles the GPU.
+    (TMA loads were measured no faster than these pointer loads for the skinny kernels: bench/NOTES-lora.md.)"""
+    dt = x_ptr.dtype.element_ty
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
+                        mask=(offs_m[:, None] < M) & (ks[None, :] < K), other=0.0)
+            x = _dropout(x, seed, offs_m, ks, K, p, inv_keep, DROPOUT)
+            a = tl.load(a_ptr + offs_r[None, :] * stride_ar + ks[:, None] * stride_ak,
+                        mask=(offs_r[None, :] < R) & (ks[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
+            acc = tl.dot(x, a.to(dt), acc, input_precision=DOT_PREC)
+        tl.store(s_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
+                 mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+
+
+
+@triton.jit
+def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, dbp_ptr, M, N, R, scale, gn, cols_per_item,
+                    stride_dym, stride_dyn, stride_bn, stride_br, M_BUCKET,
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One pass over dy for both skinny products. Work item (pm, pn) = row block pm, column range pn:
+        Gp[pn]      = s dy[rows, cols] B[cols]      G accumulates in registers over the column loop
+        dBp[pm][c]  = s dy[rows, c]^T S[rows]       one partial per (row block, column block), no read-modify-write
+    The launcher sums Gp over pn (G = s dy B) and dBp over pm (dB = s dy^T S); the programs walk the items.
+    """
+    dt = dy_ptr.dtype.element_ty
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    for item in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * gn, tl.num_programs(0)):
+        pm = item // gn
+        pn = item % gn
+        offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        mr = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+        s = tl.load(s_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mr, other=0.0).to(dt)  # (BLOCK_M, BLOCK_R)
+        g = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+        n_start = pn * cols_per_item
+        n_end = min(n_start + cols_per_item, N)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nr = (offs_n[:, None] < n_end) & (offs_r[None, :] < R)
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                         mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_end), other=0.0)
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=nr, other=0.0)
+            g = tl.dot(dy, (b * scale).to(dt), g, input_precision=DOT_PREC)
+            db = tl.dot(tl.trans(dy), s, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_R)
+            tl.store(dbp_ptr + pm * N * R + offs_n[:, None] * R + offs_r[None, :], db * scale, mask=nr)
+        tl.store(gp_ptr + pn * M * R + offs_m[:, None] * R + offs_r[None, :], g, mask=mr)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_da_kernel(x_ptr, g_ptr, dap_ptr, M, K, R, seed, p, inv_keep, gm, rows_per_item,
+                    stride_xm, stride_xk, M_BUCKET,
+                    DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dAp[pm, j, k] = sum_{m in rows(pm)} G[m, j] dropout(x)[m, k]; the mask is regenerated from the seed.
+    Work item (column block, pm); computed as dA^T tiles = dropout(x)^T G (BLOCK_K x BLOCK_R) so the tensor-core
+    M dimension is BLOCK_K. The programs walk the items."""
+    dt = x_ptr.dtype.element_ty
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    for item in tl.range(tl.program_id(0), tl.cdiv(K, BLOCK_K) * gm, tl.num_programs(0)):
+        pm = item % gm
+        offs_k = (item // gm) * BLOCK_K + tl.arange(0, BLOCK_K)
+        m_start = pm * rows_per_item
+        m_end = min(m_start + rows_per_item, M)
+        acc = tl.zeros((BLOCK_K, BLOCK_R), tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=(offs_m[:, None] < m_end) & (offs_k[None, :] < K), other=0.0)
+            x = _dropout(x, seed, offs_m, offs_k, K, p, inv_keep, DROPOUT)
+            g = tl.load(g_ptr + offs_m[:, None] * R + offs_r[None, :],
+                        mask=(offs_m[:, None] < m_end) & (offs_r[None, :] < R), other=0.0)  # (BLOCK_M, BLOCK_R)
+            acc = tl.dot(tl.trans(x), g.to(dt), acc, input_precision=DOT_PREC)
+        tl.store(dap_ptr + pm * R * K + offs_r[None, :] * K + offs_k[:, None], acc,
+                 mask=(offs_r[None, :] < R) & (offs_k[:, None] < K))
+
