@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from kernels import launch
 from kernels.lowrank import _dropout_mask_kernel
 
-GEMM = os.environ.get("LORA_GEMM", "auto")  # "auto" | "tma" | "triton" (pointer loads) | "cublas" (hybrid)
+GEMM = os.environ.get("LORA_GEMM", "auto")  # "auto" (TMA where possible) | "triton" (pointer loads) | "cublas"
+if GEMM not in ("auto", "triton", "cublas"):
+    raise ValueError(f"LORA_GEMM={GEMM!r}: use auto, triton or cublas")
 POISON_OUTPUTS = False  # tests set True: kernel-written buffers are filled with NaN before launch
 SKINNY_WAVES = 2  # persistent skinny kernels: programs = this many waves of the GPU's SMs
 # rows per dy-pass work item: sets the dB partial count, so not autotuned; 256 beat 64 and 128 at out = 3072, 9216
