@@ -87,7 +87,9 @@ def _lora_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, M, N, K, R, scale, 
     """The same C = A_op B_op + scale * L R, Hopper style: a persistent grid of NUM_SMS programs walking the
     tiles, operands fetched by the tensor-memory engine (TMA descriptors: async, pipelined num_stages deep, zero
     fill past the edges), C stored by TMA. B_KMAJOR: b_ptr holds B_op^T (N, K), i.e. W itself in the forward.
-    SUBTILE stores C in two halves, which frees shared memory for one more pipeline stage. DTYPE: autotune key.
+    SUBTILE stores C in two halves, which frees shared memory for one more pipeline stage. FLATTEN / WARP_SPEC:
+    Triton's loop flattening (next tile's loads during this one's epilogue) and warp specialization, per config.
+    DTYPE: autotune key only.
     The descriptors are built on the device (needs triton.set_allocator): host-built ones cost tens of
     microseconds of host time per launch."""
     dt = c_ptr.dtype.element_ty
