@@ -146,7 +146,8 @@ def run(fn, grid, args, meta, opts):
     if INTERPRET or not FAST_LAUNCH:
         fn[grid](*args, **meta, **opts)
         return
-    key = (fn, tuple(map(_spec, args)), tuple(meta.items()), tuple(opts.items()))
+    # compiled kernels are loaded per GPU: the device is part of the key (one process may drive several GPUs)
+    key = (fn, args[0].device, tuple(map(_spec, args)), tuple(meta.items()), tuple(opts.items()))
     hit = _compiled.get(key)
     if hit is None:
         if len(_compiled) > 10_000:  # keys hold sizes by value: bound the cache over many batch shapes
