@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load_model, load_tokenizer, save_model
+from kernels.lora_linear import GEMM_CHOICES
 from phi3 import distributed
 from phi3.checkpoint import EMBEDDED_MODEL, default_dtype, parse_dtype, write_hf_files
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
@@ -125,6 +127,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         parse_targets(cfg.targets)
     except ValueError as e:
         problems.append(str(e))
+    if os.environ.get("LORA_GEMM", "auto") not in GEMM_CHOICES:
+        problems.append(f"environment LORA_GEMM={os.environ['LORA_GEMM']!r} must be one of {', '.join(GEMM_CHOICES)}"
+                        " (or unset)")
     if problems:
         raise FlagError("; ".join(problems))
     return cfg

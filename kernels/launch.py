@@ -110,8 +110,7 @@ def launch(name, grid, args, meta, dtype):
         triton.set_allocator(_scratch)
     if tuned:
         tuner = _tuned[name]
-        named = {**dict(zip(fn.arg_names, args)), **meta}
-        key = (name, dtype) + tuple(named[k] for k in tuner.keys)
+        key = (name, dtype) + tuple(meta[k] if k in meta else args[fn.arg_names.index(k)] for k in tuner.keys)
         cfg = _best.get(key)
         if cfg is None:
             tuner[grid](*args, **meta)

@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from kernels import launch
 from kernels.lowrank import _dropout_mask_kernel
 
-GEMM = os.environ.get("LORA_GEMM", "auto")  # "auto" (TMA where possible) | "triton" (pointer loads) | "cublas"
-if GEMM not in ("auto", "triton", "cublas"):
-    raise ValueError(f"LORA_GEMM={GEMM!r}: use auto, triton or cublas")
+GEMM_CHOICES = ("auto", "triton", "cublas")  # auto: TMA where possible; triton: pointer loads; cublas: hybrid
+GEMM = os.environ.get("LORA_GEMM", "auto")  # train.py rejects other values before loading anything
 POISON_OUTPUTS = False  # tests set True: kernel-written buffers are filled with NaN before launch
 SKINNY_WAVES = 2  # persistent skinny kernels: programs = this many waves of the GPU's SMs
 # rows per dy-pass work item: sets the dB partial count, so not autotuned; 256 beat 64 and 128 at out = 3072, 9216
@@ -85,6 +84,8 @@ def _use_tma(*tensors):
 def _gemm_kind(a, b_op, c):
     """GEMM="auto": the TMA kernel wherever the hardware (Hopper or newer) and the strides allow it, else cuBLAS
     plus the low-rank pass on the GPU (faster there than the pointer kernel), the pointer kernel in the interpreter."""
+    if GEMM not in GEMM_CHOICES:
+        raise ValueError(f"LORA_GEMM={GEMM!r}: use one of {', '.join(GEMM_CHOICES)}")
     if GEMM != "auto":
         return GEMM
     w = b_op.t() if b_op.stride(0) == 1 else b_op  # W itself in the forward (K-major), as is in the backward

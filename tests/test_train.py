@@ -138,6 +138,15 @@ def test_bad_input_exits_2_with_file_line_and_reason(base, tmp_path, content, li
     assert not (tmp_path / "out").exists()  # nothing written for a run that never started
 
 
+def test_bad_kernel_setting_is_one_clear_line(small_chat, tmp_path):
+    env = {**os.environ, "LORA_GEMM": "fastest"}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--data", str(small_chat), "--out", str(tmp_path / "o")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "LORA_GEMM='fastest'" in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_model_folder_is_one_clear_line(small_chat, tmp_path, capsys):
     assert run("--data", small_chat, "--model", tmp_path / "nope", "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
