@@ -76,20 +76,18 @@ def _tma_ready(*tensors):
                for t in tensors)
 
 
-def _use_tma(*tensors):
-    """TMA loads: Hopper or newer (the interpreter emulates them), and strides TMA accepts."""
-    return (launch.INTERPRET or launch.capability(tensors[0].device)[0] >= 9) and _tma_ready(*tensors)
-
-
 def _gemm_kind(a, b_op, c):
-    """GEMM="auto": the TMA kernel wherever the hardware (Hopper or newer) and the strides allow it, else cuBLAS
-    plus the low-rank pass on the GPU (faster there than the pointer kernel), the pointer kernel in the interpreter."""
+    """GEMM="auto": the TMA kernel for 16-bit inputs wherever the hardware (Hopper or newer; the interpreter
+    emulates TMA) and the strides allow it, else cuBLAS plus the low-rank pass on the GPU (faster there than the
+    pointer kernel), the pointer kernel in the interpreter. fp32 (ieee FMA dot) overflows the TMA kernel's
+    shared memory."""
     if GEMM not in GEMM_CHOICES:
         raise ValueError(f"LORA_GEMM={GEMM!r}: use one of {', '.join(GEMM_CHOICES)}")
     if GEMM != "auto":
         return GEMM
     w = b_op.t() if b_op.stride(0) == 1 else b_op  # W itself in the forward (K-major), as is in the backward
-    if a.element_size() <= 2 and _use_tma(a, w, c):  # fp32 (ieee FMA dot) runs out of shared memory there
+    hopper = launch.INTERPRET or launch.capability(a.device)[0] >= 9
+    if a.element_size() <= 2 and hopper and _tma_ready(a, w, c):
         return "tma"
     return "triton" if launch.INTERPRET else "cublas"
 
@@ -113,8 +111,8 @@ def _launch_gemm(a, b_op, lo, ro, scale, c, K, r_pad, block_r, seed, p):
     grid = lambda m: (launch.cdiv(M, m["BLOCK_M"]) * launch.cdiv(N, m["BLOCK_N"]),)
     args = (a, b_op, lo, ro, c, M, N, K, R, float(scale), seed, p, 1.0 / (1.0 - p), a.stride(0), a.stride(1),
             b_op.stride(0), b_op.stride(1), lo.stride(0), lo.stride(1), ro.stride(0), ro.stride(1), c.stride(0), c.stride(1))
-    launch.launch("gemm", grid, args, dict(M_BUCKET=launch.m_bucket(M), DOT_PREC=_prec(a.dtype), R_PAD=r_pad, BLOCK_R=block_r,
-                                     DROPOUT=p > 0), a.dtype)
+    meta = dict(M_BUCKET=launch.m_bucket(M), DOT_PREC=_prec(a.dtype), R_PAD=r_pad, BLOCK_R=block_r, DROPOUT=p > 0)
+    launch.launch("gemm", grid, args, meta, a.dtype)
 
 
 def _split(n, parts, block=_SPLIT):
@@ -137,8 +135,8 @@ def _lora_down(x2, A, seed, p):
     progs = lambda m: _programs(launch.cdiv(M, m["BLOCK_M"]), x2.device)
     grid = lambda m: (progs(m), launch.cdiv(R, block_r))
     args = (x2, A, s, M, K, R, seed, p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1), A.stride(0), A.stride(1))
-    launch.launch("down", grid, args, dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r),
-            x2.dtype)
+    meta = dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
+    launch.launch("down", grid, args, meta, x2.dtype)
     return s
 
 
@@ -155,8 +153,8 @@ def _lora_dy(dy2, B, s, scale):
     progs = _programs(gm * gn, dy2.device)
     grid = lambda m: (progs, launch.cdiv(R, block_r))
     args = (dy2, B, s, gp, dbp, M, N, R, float(scale), gn, cols, dy2.stride(0), dy2.stride(1), B.stride(0), B.stride(1))
-    launch.launch("dy", grid, args, dict(M_BUCKET=launch.m_bucket(M), DOT_PREC=_prec(dy2.dtype), BLOCK_R=block_r, BLOCK_M=bm),
-            dy2.dtype)
+    meta = dict(M_BUCKET=launch.m_bucket(M), DOT_PREC=_prec(dy2.dtype), BLOCK_R=block_r, BLOCK_M=bm)
+    launch.launch("dy", grid, args, meta, dy2.dtype)
     return gp.sum(0) if gn > 1 else gp[0], dbp.sum(0) if gm > 1 else dbp[0]
 
 
@@ -171,8 +169,8 @@ def _lora_da(x2, g, seed, p):
     progs = lambda m: _programs(launch.cdiv(K, m["BLOCK_K"]) * gm, x2.device)
     grid = lambda m: (progs(m), launch.cdiv(R, block_r))
     args = (x2, g, dap, M, K, R, seed, p, 1.0 / (1.0 - p), gm, rows, x2.stride(0), x2.stride(1))
-    launch.launch("da", grid, args, dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r),
-            x2.dtype)
+    meta = dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
+    launch.launch("da", grid, args, meta, x2.dtype)
     return dap.sum(0) if gm > 1 else dap[0]
 
 
