@@ -98,17 +98,20 @@ def parts(m, k, n, r):
     a = torch.randn(r, k, device=dev) / k**0.5
     b = torch.randn(n, r, device=dev) / r**0.5
     dy = torch.randn(m, n, device=dev, dtype=dt)
-    s_ = ll._lora_down(x, a, 0, 0.0)
-    g, _ = ll._lora_dy(dy, b, s_, 2.0)
+    plan = {}
+    s_ = ll._lora_down(plan, x, a, 0, 0.0)
+    g, _, _ = ll._lora_skinny_backward(plan, x, dy, a, b, s_, 2.0, 0, 0.0)
     t = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
-    out = {"mm x W^T": t(lambda: x @ w.t()), "mm dy W": t(lambda: dy @ w), "S=xA^T": t(lambda: ll._lora_down(x, a, 0, 0.0)),
-           "dy pass": t(lambda: ll._lora_dy(dy, b, s_, 2.0)), "dA": t(lambda: ll._lora_da(x, g, 0, 0.0))}
+    out = {"mm x W^T": t(lambda: x @ w.t()), "mm dy W": t(lambda: dy @ w),
+           "S=xA^T": t(lambda: ll._lora_down(plan, x, a, 0, 0.0)),
+           "dy+dA passes": t(lambda: ll._lora_skinny_backward(plan, x, dy, a, b, s_, 2.0, 0, 0.0))}
     for gemm in ("auto", "cublas"):
         ll.GEMM = gemm
-        out[f"fwd gemm {gemm}"] = t(lambda: ll._gemm(x, w.t(), s_, b.t(), 2.0, dt))
-        out[f"dx gemm {gemm}"] = t(lambda: ll._gemm(dy, w, g, a, 1.0, dt))
-    out["bytes x (GB/s of S)"] = x.numel() * 2 / out["S=xA^T"] / 1e6
-    out["bytes dy (GB/s of dy pass)"] = dy.numel() * 2 / out["dy pass"] / 1e6
+        gplan = {}
+        out[f"fwd gemm {gemm}"] = t(lambda: ll._gemm(gplan, "fwd", x, w.t(), s_, b.t(), 2.0, dt))
+        out[f"dx gemm {gemm}"] = t(lambda: ll._gemm(gplan, "dx", dy, w, g, a, 1.0, dt))
+    out["GB/s of S (x read)"] = x.numel() * 2 / out["S=xA^T"] / 1e6
+    out["GB/s of dy+dA (dy, x read)"] = (dy.numel() + x.numel()) * 2 / out["dy+dA passes"] / 1e6
     print(f"parts M={m} {k}->{n} r={r}: " + "  ".join(f"{kk}={v:.3f}" for kk, v in out.items()), flush=True)
 
 
@@ -153,6 +156,7 @@ def main():
         rows.append((name, res))
         del sets
         torch.cuda.empty_cache()
+    print("GEMM kinds chosen by auto (shape key -> kind):", {k[:6]: v for k, v in ll._chosen_kinds.items()})
     print("\n| shape | a ms | b ms | b' ms | c ms | c_cub ms | c/a | c_cub/a | b/c | graph a / c / c_cub ms | graph c/a | "
           "peak MiB a / b / b' / c |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -1,14 +1,16 @@
 """Launching the LoRA kernels: autotune tables, the fixed configs used untuned, and a launch cache.
 
 Host time matters here: one LoRA linear is 5 kernel launches forward + backward, and for the smaller Phi-3
-projections the Python around them takes as long as the GPU work. So the autotuner is consulted once per key
-and later launches call the compiled kernel directly (`run`).
+projections the Python around them took longer than the GPU work. So the autotuner is consulted once per key,
+and each launch site keeps its kernel compiled for the problem at hand (`cached`, `Prepared`): a repeat call
+allocates its outputs and goes straight to Triton's launcher.
 """
 import functools
 import os
 
 import torch
 import triton
+from triton import knobs
 
 from kernels.gemm import _lora_gemm_kernel, _lora_gemm_tma_kernel
 from kernels.lowrank import _lora_da_kernel, _lora_down_kernel, _lora_dy_kernel
@@ -42,10 +44,12 @@ def _tma_cfg(num_warps, num_stages, bm, bn, bk, subtile=True, flatten=False, gro
                               WARP_SPEC=warp_spec), num_warps=num_warps, num_stages=num_stages)
 
 
-# 128 x 256 x 64 tiles, two consumer warpgroups: the shape cuBLAS-class Hopper GEMMs use for bf16. The warp-
-# specialized one measured 0.59 ms against cuBLAS's 0.66 on the qkv dx GEMM but slower on o (NOTES-lora.md, v4).
+# 128 x 256 x 64 tiles, two consumer warpgroups: the shape cuBLAS-class Hopper GEMMs use for bf16. Each config
+# here was the fastest on at least one Phi-3-mini GEMM in a sweep (bench/NOTES-lora.md, v5); the warp-specialized
+# ones (a producer warp feeding the tensor cores while the consumers run the epilogue) won on qkv, down and o.
 _TMA_CONFIGS = [_tma_cfg(8, 3, 128, 256, 64), _tma_cfg(8, 4, 128, 256, 64), _tma_cfg(8, 3, 128, 256, 64, subtile=False),
-                _tma_cfg(8, 3, 128, 256, 64, warp_spec=True), _tma_cfg(8, 4, 256, 128, 64), _tma_cfg(8, 4, 128, 128, 64)]
+                _tma_cfg(8, 4, 128, 256, 64, warp_spec=True), _tma_cfg(8, 3, 128, 256, 64, subtile=False, warp_spec=True),
+                _tma_cfg(8, 4, 128, 256, 64, group=4, warp_spec=True), _tma_cfg(8, 5, 128, 128, 64, warp_spec=True)]
 _TMA_PLAIN = _TMA_CONFIGS[0]
 _TMA_SMALL = _tma_cfg(1, 1, 32, 32, 32, subtile=True, flatten=True)  # interpreter
 
@@ -67,6 +71,19 @@ _KERNELS = {"gemm": _lora_gemm_kernel, "tma": _lora_gemm_tma_kernel, "down": _lo
             "dy": _lora_dy_kernel, "da": _lora_da_kernel}
 _SMALL = dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=4, BLOCK_M=32)  # interpreter: small blocks, no autotune
 _best = {}  # autotune key -> chosen config, read once per key so later launches skip the autotuner
+_raw_stream = torch._C._cuda_getCurrentRawStream if torch.cuda.is_available() else None
+
+
+def time_ms(fn, reps=7):
+    """Median GPU time of fn() over reps runs after a warm-up run (which also compiles and autotunes)."""
+    fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(start.elapsed_time(end) for start, end in events)[reps // 2]
 
 
 def cdiv(a, b):
@@ -97,17 +114,15 @@ def _plain_config(name, dtype):
 
 
 def launch(name, grid, args, meta, dtype):
-    """Launch kernel `name`: autotuned on the GPU (keys: shapes only, M bucketed), a fixed config under the
-    interpreter, with AUTOTUNE off, for small M and for fp32 (a correctness path: see _plain_config). The first
-    launch per autotune key goes through the autotuner; later ones reuse its choice directly (the autotuner's
-    per-call bookkeeping costs host time)."""
+    """Launch kernel `name` and return it prepared for this problem (`Prepared`; None after an autotuning run).
+    Autotuned on the GPU (keys: shapes only, M bucketed); a fixed config under the interpreter, with AUTOTUNE off,
+    for small M and for fp32 (a correctness path: see _plain_config). Each autotune key is tuned once; later
+    launches reuse its choice without the autotuner's per-call bookkeeping."""
     fn = _KERNELS[name]
     cfg = None
     tuned = AUTOTUNE and not INTERPRET and meta["M_BUCKET"] >= AUTOTUNE_MIN_M and dtype != torch.float32
     if name == "tma" and not INTERPRET:
-        # device-built TMA descriptors live in per-launch scratch memory from this allocator; Triton keeps it
-        # per thread (a context variable) and autograd runs the backward on its own thread, so set it every time
-        triton.set_allocator(_scratch)
+        triton.set_allocator(_scratch)  # see Prepared.__call__
     if tuned:
         tuner = _tuned[name]
         key = (name, dtype) + tuple(meta[k] if k in meta else args[fn.arg_names.index(k)] for k in tuner.keys)
@@ -115,47 +130,88 @@ def launch(name, grid, args, meta, dtype):
         if cfg is None:
             tuner[grid](*args, **meta)
             _best[key] = tuner.best_config
-            return
+            return None
     cfg = cfg or _plain_config(name, dtype)
     full = {**meta, **cfg.kwargs}
-    opts = {} if INTERPRET else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    run(fn, grid(full), args, full, opts)
+    grid = tuple(grid(full)) + (1, 1)
+    if INTERPRET or not FAST_LAUNCH:
+        return Slow(fn, grid[:3], full, {} if INTERPRET else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))(args)
+    kernel = fn[grid[:3]](*args, **full, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    tail = tuple(full[n] for n in fn.arg_names[len(args):])  # the constexprs follow the runtime arguments
+    return Prepared(kernel, grid[:3], tail, args[0].device.index, name == "tma")
+
+
+class Prepared:
+    """A kernel compiled for one problem shape, config and grid fixed: a call launches it on new tensors and
+    scalars through Triton's launcher alone, the way Triton's own runner does, minus its argument binding and
+    device lookups (tens of microseconds of Python per launch, as long as the GPU work of a small projection)."""
+    __slots__ = ("kernel", "grid", "tail", "device", "scratch")
+
+    def __init__(self, kernel, grid, tail, device, scratch):
+        self.kernel, self.grid, self.tail, self.device, self.scratch = kernel, grid, tail, device, scratch
+
+    def __call__(self, args):
+        if self.scratch:
+            # device-built TMA descriptors live in scratch memory from this allocator; Triton keeps it per thread
+            # (a context variable) and autograd runs the backward on its own thread, so set it every time
+            triton.set_allocator(_scratch)
+        k = self.kernel
+        full = args + self.tail
+        stream = _raw_stream(self.device)
+        rt = knobs.runtime
+        k.run(*self.grid, stream, k.function, k.packed_metadata, k.launch_metadata(self.grid, stream, *full),
+              rt.launch_enter_hook, rt.launch_exit_hook, *full)
+
+
+class Slow:
+    """Prepared's stand-in where every launch goes through Triton's binder: the interpreter, LORA_FAST_LAUNCH=0."""
+    __slots__ = ("fn", "grid", "meta", "opts")
+
+    def __init__(self, fn, grid, meta, opts):
+        self.fn, self.grid, self.meta, self.opts = fn, grid, meta, opts
+
+    def __call__(self, args):
+        self.fn[self.grid](*args, **self.meta, **self.opts)
+        return self
+
+
+def cached(plan, site, name, args, setup, dtype):
+    """Launch kernel `name` for launch site `site` of a problem whose shapes, strides, dtypes and alignments are
+    fixed by `plan` (a dict the caller keeps per problem): the first call runs setup() -> (grid, meta) and goes
+    through `launch`, later ones call the prepared kernel."""
+    prepared = plan.get(site)
+    if prepared is None:
+        grid, meta = setup()
+        prepared = launch(name, grid, args, meta, dtype)
+        if prepared is not None:
+            plan[site] = prepared
+    else:
+        prepared(args)
+
+
+_scratch_buffers = {}  # (stream, size) -> buffer: launches on one stream run one after another, so they share it
 
 
 def _scratch(size, alignment, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")  # the current device: callers set it (x's GPU)
+    buf = _scratch_buffers.get((stream, size))
+    if buf is None:  # the current device: callers set it (x's GPU)
+        buf = _scratch_buffers[stream, size] = torch.empty(size, dtype=torch.int8, device="cuda")
+    return buf
 
 
-_compiled = {}  # (kernel, argument specialization, constexprs) -> compiled kernel
+_counters = {}  # (device, stream) -> int32 counters of the last-to-arrive sums, kept zeroed by the kernels
 
 
-def _spec(v):
-    """Launch-cache key of one argument: tensors by dtype and 16-byte alignment (what Triton specializes them on),
-    everything else by value (a superset of Triton's integer specializations: a new value costs one pass through
-    Triton's own launcher, which finds its compiled kernel)."""
-    if isinstance(v, torch.Tensor):
-        return v.dtype, v.data_ptr() % 16 == 0
-    return v
-
-
-def run(fn, grid, args, meta, opts):
-    """fn[grid](*args, **meta, **opts); after the first launch of a specialization the compiled kernel is called
-    directly, skipping Triton's per-launch argument binding (tens of microseconds of Python per launch, which
-    for the smaller projections is as long as the GPU work). FAST_LAUNCH = False: always through Triton."""
-    if INTERPRET or not FAST_LAUNCH:
-        fn[grid](*args, **meta, **opts)
-        return
-    # compiled kernels are loaded per GPU: the device is part of the key (one process may drive several GPUs)
-    key = (fn, args[0].device, tuple(map(_spec, args)), tuple(meta.items()), tuple(opts.items()))
-    hit = _compiled.get(key)
-    if hit is None:
-        if len(_compiled) > 10_000:  # keys hold sizes by value: bound the cache over many batch shapes
-            _compiled.clear()
-        kernel = fn[grid](*args, **meta, **opts)
-        _compiled[key] = kernel, [meta[n] for n in fn.arg_names[len(args):]]  # constexprs follow the runtime args
-        return
-    kernel, tail = hit
-    kernel[tuple(grid) + (1,) * (3 - len(grid))](*args, *tail)
+def counters(device, n):
+    """At least n zeroed int32 counters for kernels on the current stream of `device`. The kernels that take a
+    ticket reset it, so one buffer serves every launch on that stream (launches on one stream never overlap)."""
+    if device.type != "cuda":
+        return torch.zeros(max(n, 1), dtype=torch.int32, device=device)  # interpreter: fresh each time
+    key = (device, _raw_stream(device.index))
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _counters[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
 
 
 @functools.lru_cache(maxsize=None)

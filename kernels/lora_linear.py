@@ -7,17 +7,21 @@ Design (LoRAFusion-style; numbers in bench/NOTES-lora.md):
             y  = x W^T + S (s B)^T                 (M, out)      one GEMM; LoRA term added to the fp32
                                                                  accumulator after the K loop, y stored once
   backward  G  = s dy B,  dB = s dy^T S            one pass over dy (both skinny products)
-            dx = dy W + G A                        one GEMM, same kernel as the forward (other strides)
             dA = G^T dropout(x)                    skinny kernel, one pass over x, mask regenerated from the seed
+            dx = dy W + G A                        one GEMM, same kernel as the forward (other strides)
+Sums split across programs (G, dA, dB) finish inside those launches: no torch ops between the kernels.
 Saved for backward: x, S (M x r fp32) and the seed; never a W gradient, never an (out x in) temporary.
 
 Files: kernels/gemm.py (the GEMMs), kernels/lowrank.py (the skinny kernels, dropout), kernels/launch.py (autotune
-tables, launch cache); this file: the host side, the autograd Function and the pure-torch reference.
+tables, prepared launches); this file: the host side, the autograd Function and the pure-torch reference.
+Host side: each problem (shapes, strides, dtypes, alignment) gets a plan the first time it is seen; later calls
+allocate their outputs and launch the kernels prepared for it (kernels/launch.py: cached).
 
 GEMM choice (module switch GEMM, env LORA_GEMM): "auto" = the TMA kernel on Hopper and newer wherever strides
-allow it (16-bit inputs), otherwise "cublas"; "triton" = the pointer-load Triton GEMM; "cublas" = the low-rank
-term written into the output by the pointer kernel with K = 0, then cuBLAS accumulates x W^T into it in place
-(addmm_ with beta = 1): one extra write + read of y, but cuBLAS's main loop.
+allow it (16-bit inputs), otherwise "cublas"; where both apply to a tuned problem, whichever of the two measured
+faster for that shape; "triton" = the pointer-load Triton GEMM; "cublas" = the low-rank term written into the
+output by the pointer kernel with K = 0, then cuBLAS accumulates x W^T into it in place (addmm_ with beta = 1):
+one extra write + read of y, but cuBLAS's main loop.
 """
 import contextlib
 import os
@@ -53,21 +57,41 @@ def _r_blocks(r):
     return r_pad, min(r_pad, 64)
 
 
-def _gemm(a, b_op, lo, ro, scale, out_dtype, seed=0, p=0.0):
+_plans = {}  # problem key -> plan: a dict of what never changes for that problem (launch sites, work splits)
+
+
+def _plan(key):
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > 10_000:  # keys hold sizes: bound the cache over many batch shapes
+            _plans.clear()
+        plan = _plans[key] = {}
+    return plan
+
+
+def _layout(t):
+    """What a compiled kernel is specialized on, per tensor: sizes and strides (ints), dtype, 16-byte alignment."""
+    return t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0
+
+
+def _gemm(plan, site, a, b_op, lo, ro, scale, out_dtype, seed=0, p=0.0):
     """C (M, N) = a (M, K) @ b_op (K, N) + scale * lo (M, R) @ ro (R, N); b_op/ro may be transposed views."""
-    M, K = a.shape
-    N, R = b_op.shape[1], lo.shape[1]
-    c = _empty(M, N, dtype=out_dtype, device=a.device)
-    r_pad, block_r = _r_blocks(R)
-    gemm = _gemm_kind(a, b_op, c)
-    if gemm == "tma":
-        _launch_gemm_tma(a, b_op, lo, ro, scale, c, r_pad, block_r, seed, p)
-    elif gemm == "cublas":  # low-rank term first (K = 0 loop), then cuBLAS accumulates into it (beta = 1)
-        _launch_gemm(a, b_op, lo, ro, scale, c, 0, r_pad, block_r, seed, p)
+    c = _empty(a.shape[0], b_op.shape[1], dtype=out_dtype, device=a.device)
+    kind = plan.get(site + " kind")
+    if kind is None:
+        kind = plan[site + " kind"] = _gemm_kind(plan, site, a, b_op, lo, ro, scale, c, seed, p)
+    _launch_kind(kind, plan, site, a, b_op, lo, ro, scale, c, seed, p)
+    return c
+
+
+def _launch_kind(kind, plan, site, a, b_op, lo, ro, scale, c, seed, p):
+    if kind == "tma":
+        _launch_gemm_tma(plan, site + " tma", a, b_op, lo, ro, scale, c, seed, p)
+    elif kind == "cublas":  # low-rank term first (K = 0 loop), then cuBLAS accumulates into it (beta = 1)
+        _launch_gemm(plan, site + " low-rank", a, b_op, lo, ro, scale, c, 0, seed, p)
         c.addmm_(a, b_op)
     else:
-        _launch_gemm(a, b_op, lo, ro, scale, c, K, r_pad, block_r, seed, p)
-    return c
+        _launch_gemm(plan, site + " triton", a, b_op, lo, ro, scale, c, a.shape[1], seed, p)
 
 
 def _tma_ready(*tensors):
@@ -76,11 +100,14 @@ def _tma_ready(*tensors):
                for t in tensors)
 
 
-def _gemm_kind(a, b_op, c):
-    """GEMM="auto": the TMA kernel for 16-bit inputs wherever the hardware (Hopper or newer; the interpreter
-    emulates TMA) and the strides allow it, else cuBLAS plus the low-rank pass on the GPU (faster there than the
-    pointer kernel), the pointer kernel in the interpreter. fp32 (ieee FMA dot) overflows the TMA kernel's
-    shared memory."""
+_chosen_kinds = {}  # (shape key as the autotuner's) -> the GEMM kind measured fastest for it
+
+
+def _static_kind(a, b_op, c):
+    """GEMM="auto" by rule: the TMA kernel for 16-bit inputs wherever the hardware (Hopper or newer; the
+    interpreter emulates TMA) and the strides allow it, else cuBLAS plus the low-rank pass on the GPU (faster there
+    than the pointer kernel), the pointer kernel in the interpreter. fp32 (ieee FMA dot) overflows the TMA
+    kernel's shared memory."""
     if GEMM not in GEMM_CHOICES:
         raise ValueError(f"LORA_GEMM={GEMM!r}: use one of {', '.join(GEMM_CHOICES)}")
     if GEMM != "auto":
@@ -92,27 +119,50 @@ def _gemm_kind(a, b_op, c):
     return "triton" if launch.INTERPRET else "cublas"
 
 
-def _launch_gemm_tma(a, b_op, lo, ro, scale, c, r_pad, block_r, seed, p):
+def _gemm_kind(plan, site, a, b_op, lo, ro, scale, c, seed, p):
+    """The rule's kind; where that is TMA on a tuned problem, cuBLAS (hybrid) is timed against it once per shape,
+    as the autotuner times configs, and the faster is kept: on some H200s cuBLAS's main loop outruns Triton's by
+    more than the hybrid's extra pass over C costs (bench/NOTES-lora.md, v5)."""
+    kind = _static_kind(a, b_op, c)
+    M, K = a.shape
+    if (kind != "tma" or GEMM != "auto" or launch.INTERPRET or not launch.AUTOTUNE or M < launch.AUTOTUNE_MIN_M
+            or torch.cuda.is_current_stream_capturing()):
+        return kind
+    key = (launch.m_bucket(M), b_op.shape[1], K, lo.shape[1], p > 0, b_op.stride(0) == 1, a.dtype, a.device)
+    if key not in _chosen_kinds:
+        times = {k: launch.time_ms(lambda: _launch_kind(k, plan, site, a, b_op, lo, ro, scale, c, seed, p))
+                 for k in ("tma", "cublas")}
+        _chosen_kinds[key] = min(times, key=times.get)
+    return _chosen_kinds[key]
+
+
+def _launch_gemm_tma(plan, site, a, b_op, lo, ro, scale, c, seed, p):
     M, K = a.shape
     N, R = c.shape[1], lo.shape[1]
     b_kmajor = b_op.stride(0) == 1
     w = b_op.t() if b_kmajor else b_op
-    num_sms = launch.num_sms(a.device)
-    grid = lambda m: (min(num_sms, launch.cdiv(M, m["BLOCK_M"]) * launch.cdiv(N, m["BLOCK_N"])),)
     args = (a, w, c, lo, ro, M, N, K, R, float(scale), seed, p, 1.0 / (1.0 - p), a.stride(0), w.stride(0), c.stride(0),
             lo.stride(0), lo.stride(1), ro.stride(0), ro.stride(1))
-    meta = dict(M_BUCKET=launch.m_bucket(M), B_KMAJOR=b_kmajor, DTYPE=str(a.dtype), DOT_PREC=_prec(a.dtype), R_PAD=r_pad,
-                BLOCK_R=block_r, DROPOUT=p > 0, NUM_SMS=num_sms)
-    launch.launch("tma", grid, args, meta, a.dtype)
+
+    def setup():
+        r_pad, block_r = _r_blocks(R)
+        num_sms = launch.num_sms(a.device)
+        grid = lambda m: (min(num_sms, launch.cdiv(M, m["BLOCK_M"]) * launch.cdiv(N, m["BLOCK_N"])),)
+        return grid, dict(M_BUCKET=launch.m_bucket(M), B_KMAJOR=b_kmajor, DTYPE=str(a.dtype), DOT_PREC=_prec(a.dtype),
+                          R_PAD=r_pad, BLOCK_R=block_r, DROPOUT=p > 0, NUM_SMS=num_sms)
+    launch.cached(plan, site, "tma", args, setup, a.dtype)
 
 
-def _launch_gemm(a, b_op, lo, ro, scale, c, K, r_pad, block_r, seed, p):
+def _launch_gemm(plan, site, a, b_op, lo, ro, scale, c, K, seed, p):
     M, N, R = c.shape[0], c.shape[1], lo.shape[1]
-    grid = lambda m: (launch.cdiv(M, m["BLOCK_M"]) * launch.cdiv(N, m["BLOCK_N"]),)
     args = (a, b_op, lo, ro, c, M, N, K, R, float(scale), seed, p, 1.0 / (1.0 - p), a.stride(0), a.stride(1),
             b_op.stride(0), b_op.stride(1), lo.stride(0), lo.stride(1), ro.stride(0), ro.stride(1), c.stride(0), c.stride(1))
-    meta = dict(M_BUCKET=launch.m_bucket(M), DOT_PREC=_prec(a.dtype), R_PAD=r_pad, BLOCK_R=block_r, DROPOUT=p > 0)
-    launch.launch("gemm", grid, args, meta, a.dtype)
+
+    def setup():
+        r_pad, block_r = _r_blocks(R)
+        grid = lambda m: (launch.cdiv(M, m["BLOCK_M"]) * launch.cdiv(N, m["BLOCK_N"]),)
+        return grid, dict(M_BUCKET=launch.m_bucket(M), DOT_PREC=_prec(a.dtype), R_PAD=r_pad, BLOCK_R=block_r, DROPOUT=p > 0)
+    launch.cached(plan, site, "gemm", args, setup, a.dtype)
 
 
 def _split(n, parts, block=_SPLIT):
@@ -126,52 +176,68 @@ def _programs(items, device):
     return max(1, min(items, SKINNY_WAVES * launch.num_sms(device)))
 
 
-def _lora_down(x2, A, seed, p):
+def _lora_down(plan, x2, A, seed, p):
     """S = dropout(x) A^T, (M, r) fp32."""
     M, K = x2.shape
     R = A.shape[0]
-    _, block_r = _r_blocks(R)
     s = _empty(M, R, dtype=torch.float32, device=x2.device)
-    progs = lambda m: _programs(launch.cdiv(M, m["BLOCK_M"]), x2.device)
-    grid = lambda m: (progs(m), launch.cdiv(R, block_r))
     args = (x2, A, s, M, K, R, seed, p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1), A.stride(0), A.stride(1))
-    meta = dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
-    launch.launch("down", grid, args, meta, x2.dtype)
+
+    def setup():
+        block_r = _r_blocks(R)[1]
+        grid = lambda m: (_programs(launch.cdiv(M, m["BLOCK_M"]), x2.device), launch.cdiv(R, block_r))
+        return grid, dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
+    launch.cached(plan, "down", "down", args, setup, x2.dtype)
     return s
 
 
-def _lora_dy(dy2, B, s, scale):
-    """(G, dB) = (scale dy B, scale dy^T S), fp32, from one pass over dy."""
+def _backward_splits(M, N, K, R, device):
+    """How the backward's skinny passes split their sums (fixed per problem; partial buffers are sized by it):
+    dy pass: gm row blocks of `rows_dy` x gn column ranges of `cols`; dA: gm_da row ranges of `rows_da`."""
+    interp = launch.INTERPRET
+    rows_dy = 32 if interp else _DY_ROWS
+    gm = launch.cdiv(M, rows_dy)
+    cols, gn = _split(N, launch.cdiv(SKINNY_WAVES * launch.num_sms(device), gm), 32 if interp else _SPLIT)
+    rows_da, gm_da = _split(M, launch.cdiv(SKINNY_WAVES * launch.num_sms(device), launch.cdiv(K, 128)),
+                            32 if interp else _SPLIT)
+    r_chunks = launch.cdiv(R, _r_blocks(R)[1])
+    n_counters = r_chunks * max(gm, launch.cdiv(K, 16))  # per (row block | dA column block of >= 16, rank chunk)
+    return rows_dy, gm, cols, gn, rows_da, gm_da, n_counters
+
+
+def _lora_skinny_backward(plan, x2, dy2, A, B, s, scale, seed, p):
+    """(G, dA, dB) = (scale dy B, G^T dropout(x), scale dy^T S), fp32, in two launches: the dy pass (G, dB
+    partials), then the dA pass (which also sums the dB partials). Sums split over programs finish in-kernel."""
     M, N = dy2.shape
-    R = B.shape[1]
-    _, block_r = _r_blocks(R)
-    bm = 32 if launch.INTERPRET else _DY_ROWS
-    gm = launch.cdiv(M, bm)
-    cols, gn = _split(N, launch.cdiv(SKINNY_WAVES * launch.num_sms(dy2.device), gm), 32 if launch.INTERPRET else _SPLIT)
-    gp = torch.empty(gn, M, R, dtype=torch.float32, device=dy2.device)  # every element written by the kernel
-    dbp = torch.empty(gm, N, R, dtype=torch.float32, device=dy2.device)
-    progs = _programs(gm * gn, dy2.device)
-    grid = lambda m: (progs, launch.cdiv(R, block_r))
-    args = (dy2, B, s, gp, dbp, M, N, R, float(scale), gn, cols, dy2.stride(0), dy2.stride(1), B.stride(0), B.stride(1))
-    meta = dict(M_BUCKET=launch.m_bucket(M), DOT_PREC=_prec(dy2.dtype), BLOCK_R=block_r, BLOCK_M=bm)
-    launch.launch("dy", grid, args, meta, dy2.dtype)
-    return gp.sum(0) if gn > 1 else gp[0], dbp.sum(0) if gm > 1 else dbp[0]
+    K, R = x2.shape[1], B.shape[1]
+    dev = dy2.device
+    splits = plan.get("splits")
+    if splits is None:
+        splits = plan["splits"] = _backward_splits(M, N, K, R, dev)
+    rows_dy, gm, cols, gn, rows_da, gm_da, n_counters = splits
+    count = launch.counters(dev, n_counters)
+    g = _empty(M, R, dtype=torch.float32, device=dev)
+    db = _empty(N, R, dtype=torch.float32, device=dev)
+    da = _empty(R, K, dtype=torch.float32, device=dev)
+    gp = torch.empty(gn, M, R, dtype=torch.float32, device=dev) if gn > 1 else g  # every element written
+    dbp = torch.empty(gm, N, R, dtype=torch.float32, device=dev) if gm > 1 else db
+    dap = torch.empty(gm_da, R, K, dtype=torch.float32, device=dev) if gm_da > 1 else da
+    block_r = _r_blocks(R)[1]
 
+    args = (dy2, B, s, gp, g, dbp, count, M, N, R, float(scale), gn, cols, dy2.stride(0), dy2.stride(1), B.stride(0),
+            B.stride(1))
+    launch.cached(plan, "dy", "dy", args, lambda: (lambda m: (_programs(gm * gn, dev), launch.cdiv(R, block_r)), dict(
+        M_BUCKET=launch.m_bucket(M), DOT_PREC=_prec(dy2.dtype), BLOCK_R=block_r, BLOCK_M=rows_dy)), dy2.dtype)
 
-def _lora_da(x2, g, seed, p):
-    """dA = G^T dropout(x), (r, in) fp32, mask regenerated from the seed."""
-    M, K = x2.shape
-    R = g.shape[1]
-    _, block_r = _r_blocks(R)
-    blk = 32 if launch.INTERPRET else _SPLIT
-    rows, gm = _split(M, launch.cdiv(SKINNY_WAVES * launch.num_sms(x2.device), launch.cdiv(K, 128)), blk)
-    dap = torch.empty(gm, R, K, dtype=torch.float32, device=x2.device)
-    progs = lambda m: _programs(launch.cdiv(K, m["BLOCK_K"]) * gm, x2.device)
-    grid = lambda m: (progs(m), launch.cdiv(R, block_r))
-    args = (x2, g, dap, M, K, R, seed, p, 1.0 / (1.0 - p), gm, rows, x2.stride(0), x2.stride(1))
-    meta = dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
-    launch.launch("da", grid, args, meta, x2.dtype)
-    return dap.sum(0) if gm > 1 else dap[0]
+    block_db = 64 if launch.INTERPRET else 2048
+    db_items = launch.cdiv(N * R, block_db) if gm > 1 else 0
+    args = (x2, g, dap, da, count, dbp, db, M, K, R, seed, p, 1.0 / (1.0 - p), gm_da, rows_da, db_items, gm, N * R,
+            x2.stride(0), x2.stride(1))
+    launch.cached(plan, "da", "da", args, lambda: (
+        lambda m: (_programs(db_items + launch.cdiv(K, m["BLOCK_K"]) * gm_da, dev), launch.cdiv(R, block_r)),
+        dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r, BLOCK_DB=block_db)),
+        x2.dtype)
+    return g, da, db
 
 
 def dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:
@@ -187,8 +253,14 @@ def dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:
     return out.view(*shape)
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
 def _on(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on t's GPU: a device switch only when it is not the current one (the switch costs microseconds)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _SAME_DEVICE
 
 
 # ----------------------------------------------------------------------------------------------- autograd
@@ -205,11 +277,15 @@ class LoRALinearFunction(torch.autograd.Function):
         assert weight.dtype == x.dtype, f"x {x.dtype} and W {weight.dtype} must share a dtype (W is never cast)"
         assert x.shape[-1] == weight.shape[1] == lora_A.shape[1] and lora_B.shape == (weight.shape[0], lora_A.shape[0])
         x2 = x.reshape(-1, x.shape[-1])  # a view when possible; strides go to the kernels
+        # the problem's key: everything the kernels are compiled and split for, and the module switches
+        key = (x.device, dropout_p > 0, GEMM, launch.AUTOTUNE, launch.FAST_LAUNCH, _layout(x2), _layout(weight),
+               _layout(lora_A), _layout(lora_B))
+        plan = _plan(key)
         with _on(x):
-            s = _lora_down(x2, lora_A, seed, dropout_p)
-            y = _gemm(x2, weight.t(), s, lora_B.t(), scale, x.dtype)
+            s = _lora_down(plan, x2, lora_A, seed, dropout_p)
+            y = _gemm(plan, "fwd", x2, weight.t(), s, lora_B.t(), scale, x.dtype)
         ctx.save_for_backward(x, weight, lora_A, lora_B, s)
-        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+        ctx.scale, ctx.dropout_p, ctx.seed, ctx.key = scale, dropout_p, seed, key
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -218,12 +294,12 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
         p = ctx.dropout_p
+        plan = _plan(ctx.key + (_layout(dy2), ctx.needs_input_grad[0]))
         with _on(dy):
-            g, db = _lora_dy(dy2, lora_B, s, ctx.scale)  # (M, r), (out, r) fp32
-            da = _lora_da(x2, g, ctx.seed, p)  # (r, in) fp32
+            g, da, db = _lora_skinny_backward(plan, x2, dy2, lora_A, lora_B, s, ctx.scale, ctx.seed, p)
             dx = None
             if ctx.needs_input_grad[0]:  # dx = dy W + (G A) * mask, mask regenerated in the GEMM epilogue
-                dx = _gemm(dy2, weight, g, lora_A, 1.0, x.dtype, ctx.seed, p).view(x.shape)
+                dx = _gemm(plan, "dx", dy2, weight, g, lora_A, 1.0, x.dtype, ctx.seed, p).view(x.shape)
         return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None
 
 
@@ -245,4 +321,5 @@ def lora_linear(x, weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0,
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, mask)
     if p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, 0 if seed is None else int(seed))
+    # the kernels take the seed as a 32-bit int: a compiled kernel's argument types never change between calls
+    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, 0 if seed is None else int(seed) & 0x7FFFFFFF)

@@ -1,12 +1,16 @@
 """Memory-bound low-rank kernels of the LoRA linear (kernels/lora_linear.py), all reading x or dy once:
 
     S  = dropout(x) A^T                 _lora_down_kernel   forward, (M, r) fp32
-    G  = s dy B,  dB = s dy^T S         _lora_dy_kernel     backward, one pass over dy, partial sums per program
-    dA = G^T dropout(x)                 _lora_da_kernel     backward, mask regenerated from the seed
+    G  = s dy B,  dB = s dy^T S         _lora_dy_kernel     backward, one pass over dy (dB as partials)
+    dA = G^T dropout(x)                 _lora_da_kernel     backward, mask regenerated from the seed; sums dB
 
 Dropout is Philox (tl.rand) keyed by (seed, row * in + col): the mask is never stored, and `_dropout_mask_kernel`
 materializes the same multiplier for tests. Each kernel is persistent: its programs (a wave or two of the GPU)
 walk the work items, so no partly filled last wave idles the GPU.
+
+Sums split over several programs need no extra launch: each program stores its partial, and the last of a group
+to finish (an atomic ticket per group, `_last_to_arrive`) adds the group's partials in a fixed order, so the
+result is deterministic. The counters live in a buffer the launcher keeps zeroed per CUDA stream.
 """
 import triton
 import triton.language as tl
@@ -60,13 +64,27 @@ def _lora_down_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed, p, inv_keep,
 
 
 @triton.jit
-def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, dbp_ptr, M, N, R, scale, gn, cols_per_item,
+def _last_to_arrive(count_ptr, expected):
+    """True in the last of `expected` programs that call this on one counter, each after storing its partial.
+    The barrier and the release half of the atomic publish this program's stores GPU-wide; the acquire half makes
+    the other programs' stores visible to the last one, which resets the counter for the next launch."""
+    tl.debug_barrier()
+    last = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == expected - 1
+    if last:
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, g_ptr, dbp_ptr, count_ptr, M, N, R, scale, gn, cols_per_item,
                     stride_dym, stride_dyn, stride_bn, stride_br, M_BUCKET,
                     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """One pass over dy for both skinny products. Work item (pm, pn) = row block pm, column range pn:
         Gp[pn]      = s dy[rows, cols] B[cols]      G accumulates in registers over the column loop
         dBp[pm][c]  = s dy[rows, c]^T S[rows]       one partial per (row block, column block), no read-modify-write
-    The launcher sums Gp over pn (G = s dy B) and dBp over pm (dB = s dy^T S); the programs walk the items.
+    G (gn > 1): the last of a row block's gn items to finish sums their partials in order into G (deterministic,
+    no extra launch). dB: the dA kernel sums the dBp (the launcher passes dB itself as dBp when there is one row
+    block). The programs walk the items.
     """
     dt = dy_ptr.dtype.element_ty
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -88,33 +106,64 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, dbp_ptr, M, N, R, scale, gn, c
             g = tl.dot(dy, (b * scale).to(dt), g, input_precision=DOT_PREC)
             db = tl.dot(tl.trans(dy), s, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_R)
             tl.store(dbp_ptr + pm * N * R + offs_n[:, None] * R + offs_r[None, :], db * scale, mask=nr)
-        tl.store(gp_ptr + pn * M * R + offs_m[:, None] * R + offs_r[None, :], g, mask=mr)
+        g_tile = offs_m[:, None] * R + offs_r[None, :]
+        if gn == 1:
+            tl.store(g_ptr + g_tile, g, mask=mr)
+        else:
+            tl.store(gp_ptr + pn * M * R + g_tile, g, mask=mr)
+            if _last_to_arrive(count_ptr + pm * tl.num_programs(1) + tl.program_id(1), gn):
+                g = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+                for j in range(gn):  # .cg: read the other programs' partials from L2, never a stale L1 line
+                    g += tl.load(gp_ptr + j * M * R + g_tile, mask=mr, other=0.0, cache_modifier=".cg")
+                tl.store(g_ptr + g_tile, g, mask=mr)
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _lora_da_kernel(x_ptr, g_ptr, dap_ptr, M, K, R, seed, p, inv_keep, gm, rows_per_item,
-                    stride_xm, stride_xk, M_BUCKET,
+def _lora_da_kernel(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, dbp_ptr, db_ptr, M, K, R, seed, p, inv_keep,
+                    gm, rows_per_item, db_items, db_parts, db_numel, stride_xm, stride_xk, M_BUCKET,
                     DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """dAp[pm, j, k] = sum_{m in rows(pm)} G[m, j] dropout(x)[m, k]; the mask is regenerated from the seed.
-    Work item (column block, pm); computed as dA^T tiles = dropout(x)^T G (BLOCK_K x BLOCK_R) so the tensor-core
-    M dimension is BLOCK_K. The programs walk the items."""
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DB: tl.constexpr):
+    """dA = G^T dropout(x)  (R, K) fp32, the mask regenerated from the seed; also finishes dB.
+
+    dA work item (column block kb, row range pm): dAp[pm] tile = dropout(x)[rows, cols]^T G[rows] (BLOCK_K x
+    BLOCK_R, so the tensor-core M dimension is BLOCK_K); the last of a column block's gm items to finish sums the
+    gm partials in order into dA (the launcher passes dA itself as dAp when gm = 1).
+    The first db_items items sum the dy pass's db_parts dB partials (db_numel floats each) in BLOCK_DB chunks:
+    done here, on programs that would otherwise wait for the dy pass to end, instead of in a launch of its own.
+    """
     dt = x_ptr.dtype.element_ty
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    for item in tl.range(tl.program_id(0), tl.cdiv(K, BLOCK_K) * gm, tl.num_programs(0)):
-        pm = item % gm
-        offs_k = (item // gm) * BLOCK_K + tl.arange(0, BLOCK_K)
-        m_start = pm * rows_per_item
-        m_end = min(m_start + rows_per_item, M)
-        acc = tl.zeros((BLOCK_K, BLOCK_R), tl.float32)
-        for m0 in range(m_start, m_end, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=(offs_m[:, None] < m_end) & (offs_k[None, :] < K), other=0.0)
-            x = _dropout(x, seed, offs_m, offs_k, K, p, inv_keep, DROPOUT)
-            g = tl.load(g_ptr + offs_m[:, None] * R + offs_r[None, :],
-                        mask=(offs_m[:, None] < m_end) & (offs_r[None, :] < R), other=0.0)  # (BLOCK_M, BLOCK_R)
-            acc = tl.dot(tl.trans(x), g.to(dt), acc, input_precision=DOT_PREC)
-        tl.store(dap_ptr + pm * R * K + offs_r[None, :] * K + offs_k[:, None], acc,
-                 mask=(offs_r[None, :] < R) & (offs_k[:, None] < K))
-
+    for item in tl.range(tl.program_id(0), db_items + tl.cdiv(K, BLOCK_K) * gm, tl.num_programs(0)):
+        if item < db_items:
+            if tl.program_id(1) == 0:  # dB is summed once, not per rank chunk
+                offs = item * BLOCK_DB + tl.arange(0, BLOCK_DB)
+                db = tl.zeros((BLOCK_DB,), tl.float32)
+                for j in range(db_parts):
+                    db += tl.load(dbp_ptr + j * db_numel + offs, mask=offs < db_numel, other=0.0)
+                tl.store(db_ptr + offs, db, mask=offs < db_numel)
+        else:
+            pm = (item - db_items) % gm
+            kb = (item - db_items) // gm
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            m_start = pm * rows_per_item
+            m_end = min(m_start + rows_per_item, M)
+            acc = tl.zeros((BLOCK_K, BLOCK_R), tl.float32)
+            for m0 in range(m_start, m_end, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=(offs_m[:, None] < m_end) & (offs_k[None, :] < K), other=0.0)
+                x = _dropout(x, seed, offs_m, offs_k, K, p, inv_keep, DROPOUT)
+                g = tl.load(g_ptr + offs_m[:, None] * R + offs_r[None, :],
+                            mask=(offs_m[:, None] < m_end) & (offs_r[None, :] < R), other=0.0)  # (BLOCK_M, BLOCK_R)
+                acc = tl.dot(tl.trans(x), g.to(dt), acc, input_precision=DOT_PREC)
+            da_tile = offs_r[None, :] * K + offs_k[:, None]
+            kr = (offs_r[None, :] < R) & (offs_k[:, None] < K)
+            if gm == 1:
+                tl.store(da_ptr + da_tile, acc, mask=kr)
+            else:
+                tl.store(dap_ptr + pm * R * K + da_tile, acc, mask=kr)
+                if _last_to_arrive(count_ptr + kb * tl.num_programs(1) + tl.program_id(1), gm):
+                    acc = tl.zeros((BLOCK_K, BLOCK_R), tl.float32)
+                    for j in range(gm):
+                        acc += tl.load(dap_ptr + j * R * K + da_tile, mask=kr, other=0.0, cache_modifier=".cg")
+                    tl.store(da_ptr + da_tile, acc, mask=kr)

@@ -93,8 +93,8 @@ def test_tma_gemm_odd_shapes(r, p):
     """Sizes off the block grid but with 16-byte aligned rows: the TMA GEMM (edges zero-filled / clipped by TMA).
     16-bit only: fp32 takes the pointer GEMM (its FMA dot does not fit the TMA kernel's shared memory)."""
     x, w, _, _, dy = _inputs((37, 48), 56, r, torch.float16)
-    assert ll._gemm_kind(x, w.t(), dy) == ll._gemm_kind(dy, w, x) == "tma"
-    assert ll._gemm_kind(x.float(), w.float().t(), dy.float()) == "triton"
+    assert ll._static_kind(x, w.t(), dy) == ll._static_kind(dy, w, x) == "tma"
+    assert ll._static_kind(x.float(), w.float().t(), dy.float()) == "triton"
     _check((37, 48), 56, r, torch.float16, scale=1.3, p=p, seed=r)
 
 
@@ -115,6 +115,18 @@ def test_many_tiles_per_program():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dropout_matches_mask(dtype):
     _check((2, 21, 47), 35, 16, dtype, scale=2.0, p=0.25, seed=3)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,n_out", [((20, 45), 40), ((70, 30), 24), ((37, 45), 53)])
+def test_split_sums(shape, n_out):
+    """The backward's sums split over programs finish in-kernel (last program of a group adds the partials): one
+    row block (dB written directly), one column range (G written directly), and both split, dA split too."""
+    x, *_ = _inputs(shape, n_out, 8, torch.float32)
+    _, gm, _, gn, _, gm_da, _ = ll._backward_splits(shape[0], n_out, shape[1], 8, x.device)
+    expected = {(20, 45): (1, 2, 1), (70, 30): (3, 1, 3), (37, 45): (2, 2, 2)}[shape] if not CUDA else None
+    assert CUDA or (gm, gn, gm_da) == expected
+    _check(shape, n_out, 8, torch.float32, scale=1.1, seed=11)
 
 
 @needs_triton
@@ -213,6 +225,18 @@ def test_cuda_other_dtypes(dtype):
 def test_cuda_dropout_bf16(monkeypatch, gemm):
     monkeypatch.setattr(ll, "GEMM", gemm)
     _check((4096, 3072), 3072, 16, torch.bfloat16, scale=2.0, p=0.1)
+
+
+@cuda
+@needs_cuda
+def test_cuda_backward_deterministic_and_counters_reset():
+    """The in-kernel sums add partials in a fixed order: two backward passes agree bit for bit; and every
+    last-to-arrive counter is back at zero afterwards (the next launch on this stream relies on it)."""
+    x, w, a, b, dy = _inputs((4096, 3072), 3072, 16, torch.bfloat16)
+    grads = [_run(lambda *t: lora_linear(*t, 2.0, 0.1, seed=3), x, w, a, b, dy) for _ in range(2)]
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+    assert all(int(c.abs().sum()) == 0 for c in launch._counters.values())
 
 
 @cuda
