@@ -63,7 +63,7 @@ _tuned = {
                             prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel),
     "tma": triton.autotune(_TMA_CONFIGS, key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT", "B_KMAJOR", "DTYPE"],
                            prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_tma_kernel),
-    "down": triton.autotune(_DOWN_CONFIGS, key=["M_BUCKET", "K", "R"])(_lora_down_kernel),
+    "down": triton.autotune(_DOWN_CONFIGS, key=["M_BUCKET", "K", "R", "COPY"])(_lora_down_kernel),
     "dy": triton.autotune(_DY_CONFIGS, key=["M_BUCKET", "N", "R"])(_lora_dy_kernel),
     "da": triton.autotune(_DA_CONFIGS, key=["M_BUCKET", "K", "R"])(_lora_da_kernel),
 }

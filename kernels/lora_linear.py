@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from kernels import launch
 from kernels.lowrank import _dropout_mask_kernel
 
-GEMM_CHOICES = ("auto", "triton", "cublas")  # auto: TMA where possible; triton: pointer loads; cublas: hybrid
+GEMM_CHOICES = ("auto", "triton", "cublas", "concat")  # auto: timed choice; triton: pointer loads; cublas: hybrid;
+# concat: forward as one cuBLAS GEMM [x | S] [W | sB]^T where W has spare columns (else cublas), backward cublas
 GEMM = os.environ.get("LORA_GEMM", "auto")  # train.py rejects other values before loading anything
 POISON_OUTPUTS = False  # tests set True: kernel-written buffers are filled with NaN before launch
 SKINNY_WAVES = 2  # persistent skinny kernels: programs = this many waves of the GPU's SMs
@@ -74,12 +75,33 @@ def _layout(t):
     return t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0
 
 
+def _forward(plan, x2, weight, A, B, scale, seed, p, spare):
+    """(S, y) of the forward, by the kind the plan fixed for this problem (chosen the first time it is seen)."""
+    kind = plan.get("fwd kind")
+    if kind is None:
+        kind = plan["fwd kind"] = _forward_kind(plan, x2, weight, A, B, scale, seed, p, spare)
+    return _run_forward(kind, plan, x2, weight, A, B, scale, seed, p, spare)
+
+
+def _run_forward(kind, plan, x2, weight, A, B, scale, seed, p, spare):
+    if kind == "concat":
+        return _forward_concat(plan, x2, weight, A, B, scale, seed, p, spare)
+    s = _lora_down(plan, x2, A, seed, p)
+    y = _empty(x2.shape[0], weight.shape[0], dtype=x2.dtype, device=x2.device)
+    _launch_kind(kind, plan, "fwd", x2, weight.t(), s, B.t(), scale, y, 0, 0.0)
+    return s, y
+
+
 def _gemm(plan, site, a, b_op, lo, ro, scale, out_dtype, seed=0, p=0.0):
     """C (M, N) = a (M, K) @ b_op (K, N) + scale * lo (M, R) @ ro (R, N); b_op/ro may be transposed views."""
     c = _empty(a.shape[0], b_op.shape[1], dtype=out_dtype, device=a.device)
     kind = plan.get(site + " kind")
     if kind is None:
-        kind = plan[site + " kind"] = _gemm_kind(plan, site, a, b_op, lo, ro, scale, c, seed, p)
+        kind = _static_kind(a, b_op)
+        if kind == "tma" and _timed(a):  # cuBLAS's main loop may outrun Triton's by more than the extra pass
+            kind = _fastest((site,) + _shape_key(a, b_op, lo, p), {
+                k: lambda k=k: _launch_kind(k, plan, site, a, b_op, lo, ro, scale, c, seed, p) for k in ("tma", "cublas")})
+        plan[site + " kind"] = kind
     _launch_kind(kind, plan, site, a, b_op, lo, ro, scale, c, seed, p)
     return c
 
@@ -100,38 +122,56 @@ def _tma_ready(*tensors):
                for t in tensors)
 
 
-_chosen_kinds = {}  # (shape key as the autotuner's) -> the GEMM kind measured fastest for it
-
-
-def _static_kind(a, b_op, c):
-    """GEMM="auto" by rule: the TMA kernel for 16-bit inputs wherever the hardware (Hopper or newer; the
-    interpreter emulates TMA) and the strides allow it, else cuBLAS plus the low-rank pass on the GPU (faster there
-    than the pointer kernel), the pointer kernel in the interpreter. fp32 (ieee FMA dot) overflows the TMA
-    kernel's shared memory."""
+def _static_kind(a, b_op):
+    """The GEMM kind by rule. GEMM="auto": the TMA kernel for 16-bit inputs wherever the hardware (Hopper or newer;
+    the interpreter emulates TMA) and the strides allow it (C, fresh, is aligned if its rows are), else cuBLAS plus
+    the low-rank pass on the GPU (faster there than the pointer kernel), the pointer kernel in the interpreter.
+    fp32 (ieee FMA dot) overflows the TMA kernel's shared memory. "concat" is a forward-only kind: "cublas" here."""
     if GEMM not in GEMM_CHOICES:
         raise ValueError(f"LORA_GEMM={GEMM!r}: use one of {', '.join(GEMM_CHOICES)}")
     if GEMM != "auto":
-        return GEMM
+        return "cublas" if GEMM == "concat" else GEMM
     w = b_op.t() if b_op.stride(0) == 1 else b_op  # W itself in the forward (K-major), as is in the backward
     hopper = launch.INTERPRET or launch.capability(a.device)[0] >= 9
-    if a.element_size() <= 2 and hopper and _tma_ready(a, w, c):
+    if a.element_size() <= 2 and hopper and _tma_ready(a, w) and b_op.shape[1] * a.element_size() % 16 == 0:
         return "tma"
     return "triton" if launch.INTERPRET else "cublas"
 
 
-def _gemm_kind(plan, site, a, b_op, lo, ro, scale, c, seed, p):
-    """The rule's kind; where that is TMA on a tuned problem, cuBLAS (hybrid) is timed against it once per shape,
-    as the autotuner times configs, and the faster is kept: on some H200s cuBLAS's main loop outruns Triton's by
-    more than the hybrid's extra pass over C costs (bench/NOTES-lora.md, v5)."""
-    kind = _static_kind(a, b_op, c)
-    M, K = a.shape
-    if (kind != "tma" or GEMM != "auto" or launch.INTERPRET or not launch.AUTOTUNE or M < launch.AUTOTUNE_MIN_M
-            or torch.cuda.is_current_stream_capturing()):
+def _forward_kind(plan, x2, weight, A, B, scale, seed, p, spare):
+    """The rule's kind, or "concat" when forced and W has spare columns. Where more than one kind applies to a
+    tuned problem (the rule's TMA kernel, the cuBLAS hybrid, the concat GEMM when W has spare columns), each is
+    timed once per shape, as the autotuner times configs, and the fastest is kept: which one wins differs between
+    shapes and between H200s (bench/NOTES-lora.md, v5)."""
+    if GEMM == "concat" and spare:
+        return "concat"
+    kind = _static_kind(x2, weight.t())
+    if not _timed(x2):
         return kind
-    key = (launch.m_bucket(M), b_op.shape[1], K, lo.shape[1], p > 0, b_op.stride(0) == 1, a.dtype, a.device)
+    kinds = [kind] + (["cublas"] if kind == "tma" else []) + (["concat"] if spare else [])
+    if len(kinds) == 1:
+        return kind
+    return _fastest(("fwd", spare > 0) + _shape_key(x2, weight.t(), A.t(), p), {
+        k: lambda k=k: _run_forward(k, plan, x2, weight, A, B, scale, seed, p, spare) for k in kinds})
+
+
+_chosen_kinds = {}  # (site, shape key as the autotuner's) -> the kind measured fastest for it
+
+
+def _timed(a):
+    """Whether kinds are chosen by timing: GEMM="auto" on a problem the autotuner would tune."""
+    return (GEMM == "auto" and not launch.INTERPRET and launch.AUTOTUNE and a.shape[0] >= launch.AUTOTUNE_MIN_M
+            and a.element_size() <= 2 and not torch.cuda.is_current_stream_capturing())
+
+
+def _shape_key(a, b_op, lo, p):
+    return launch.m_bucket(a.shape[0]), b_op.shape[1], a.shape[1], lo.shape[1], p > 0, a.dtype, a.device
+
+
+def _fastest(key, runs):
+    """The name of the fastest of `runs` (name -> callable), timed once per key."""
     if key not in _chosen_kinds:
-        times = {k: launch.time_ms(lambda: _launch_kind(k, plan, site, a, b_op, lo, ro, scale, c, seed, p))
-                 for k in ("tma", "cublas")}
+        times = {name: launch.time_ms(run) for name, run in runs.items()}
         _chosen_kinds[key] = min(times, key=times.get)
     return _chosen_kinds[key]
 
@@ -178,17 +218,46 @@ def _programs(items, device):
 
 def _lora_down(plan, x2, A, seed, p):
     """S = dropout(x) A^T, (M, r) fp32."""
+    s = _empty(x2.shape[0], A.shape[0], dtype=torch.float32, device=x2.device)
+    _launch_down(plan, "down", x2, A, s, x2, x2, A, 1.0, seed, p, 0)
+    return s
+
+
+def _forward_concat(plan, x2, weight, A, B, scale, seed, p, spare):
+    """The forward as one cuBLAS GEMM, y = [x | S] [W | sB]^T: the skinny kernel streams x once, computing S and
+    writing both operands' extra columns (XS = [x | S], a copy of x; sB into W's spare columns). y is written
+    once, by cuBLAS's main loop; the price is one extra write of x (the hybrid's is a write + read of y)."""
     M, K = x2.shape
-    R = A.shape[0]
+    N, R = weight.shape[0], A.shape[0]
+    w_ext = torch.as_strided(weight, (N, K + spare), (weight.stride(0), 1))
+    xs = _empty(M, K + spare, dtype=x2.dtype, device=x2.device)
     s = _empty(M, R, dtype=torch.float32, device=x2.device)
-    args = (x2, A, s, M, K, R, seed, p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1), A.stride(0), A.stride(1))
+    _launch_down(plan, "down concat", x2, A, s, xs, w_ext, B, scale, seed, p, spare)
+    return s, torch.mm(xs, w_ext.t())
+
+
+def _launch_down(plan, site, x2, A, s, xs, w_ext, B, scale, seed, p, spare):
+    M, K = x2.shape
+    R, N = A.shape[0], w_ext.shape[0]
+    args = (x2, A, s, xs, w_ext, B, M, K, R, N, float(scale), seed, p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1),
+            A.stride(0), A.stride(1), xs.stride(0), w_ext.stride(0), B.stride(0), B.stride(1))
 
     def setup():
         block_r = _r_blocks(R)[1]
-        grid = lambda m: (_programs(launch.cdiv(M, m["BLOCK_M"]), x2.device), launch.cdiv(R, block_r))
-        return grid, dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
-    launch.cached(plan, "down", "down", args, setup, x2.dtype)
-    return s
+        grid = lambda m: (_programs(launch.cdiv(M, m["BLOCK_M"]), x2.device), launch.cdiv(max(R, spare), block_r))
+        return grid, dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), COPY=spare > 0,
+                          PAD=spare, BLOCK_R=block_r)
+    launch.cached(plan, site, "down", args, setup, x2.dtype)
+
+
+def _spare_columns(weight, R, spare):
+    """`spare` if the caller's promise holds: at least R (and 16-byte aligned rows of in + spare) columns right of
+    each row of W, inside W's storage; else 0 (e.g. after .to() made W contiguous again)."""
+    N, K = weight.shape
+    if spare < R or weight.stride(1) != 1 or weight.stride(0) < K + spare or (K + spare) * weight.element_size() % 16:
+        return 0
+    end = (weight.storage_offset() + (N - 1) * weight.stride(0) + K + spare) * weight.element_size()
+    return spare if weight.untyped_storage().nbytes() >= end else 0
 
 
 def _backward_splits(M, N, K, R, device):
@@ -273,17 +342,17 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, scale, dropout_p, seed):
+    def forward(ctx, x, weight, lora_A, lora_B, scale, dropout_p, seed, spare_cols):
         assert weight.dtype == x.dtype, f"x {x.dtype} and W {weight.dtype} must share a dtype (W is never cast)"
         assert x.shape[-1] == weight.shape[1] == lora_A.shape[1] and lora_B.shape == (weight.shape[0], lora_A.shape[0])
         x2 = x.reshape(-1, x.shape[-1])  # a view when possible; strides go to the kernels
         # the problem's key: everything the kernels are compiled and split for, and the module switches
-        key = (x.device, dropout_p > 0, GEMM, launch.AUTOTUNE, launch.FAST_LAUNCH, _layout(x2), _layout(weight),
+        spare = _spare_columns(weight, lora_A.shape[0], spare_cols) if spare_cols else 0
+        key = (x.device, dropout_p > 0, spare, GEMM, launch.AUTOTUNE, launch.FAST_LAUNCH, _layout(x2), _layout(weight),
                _layout(lora_A), _layout(lora_B))
         plan = _plan(key)
         with _on(x):
-            s = _lora_down(plan, x2, lora_A, seed, dropout_p)
-            y = _gemm(plan, "fwd", x2, weight.t(), s, lora_B.t(), scale, x.dtype)
+            s, y = _forward(plan, x2, weight, lora_A, lora_B, scale, seed, dropout_p, spare)
         ctx.save_for_backward(x, weight, lora_A, lora_B, s)
         ctx.scale, ctx.dropout_p, ctx.seed, ctx.key = scale, dropout_p, seed, key
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -300,7 +369,7 @@ class LoRALinearFunction(torch.autograd.Function):
             dx = None
             if ctx.needs_input_grad[0]:  # dx = dy W + (G A) * mask, mask regenerated in the GEMM epilogue
                 dx = _gemm(plan, "dx", dy2, weight, g, lora_A, 1.0, x.dtype, ctx.seed, p).view(x.shape)
-        return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None
+        return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None, None
 
 
 def lora_linear_reference(x, weight, lora_A, lora_B, scale, dropout_mask=None):
@@ -310,9 +379,12 @@ def lora_linear_reference(x, weight, lora_A, lora_B, scale, dropout_mask=None):
 
 
 def lora_linear(x, weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, training: bool = True,
-                *, backend=None, seed=None) -> torch.Tensor:
+                *, backend=None, seed=None, spare_cols: int = 0) -> torch.Tensor:
     """Autograd-aware LoRA linear. backend: "triton", "torch" or None (= triton iff x.is_cuda).
-    seed: dropout seed (None: drawn from torch's CPU generator, so checkpoint recompute replays it)."""
+    seed: dropout seed (None: drawn from torch's CPU generator, so checkpoint recompute replays it).
+    spare_cols: the caller owns this many columns right of each row of `weight` (weight.stride(0) >= in +
+    spare_cols, e.g. a view of a wider buffer: `with_spare_columns`); the forward may write s*B there and run as
+    one cuBLAS GEMM [x | S] [W | sB]^T. Ignored (0) when the layout does not hold it."""
     p = float(dropout_p) if training else 0.0
     if backend is None:
         backend = "triton" if x.is_cuda else "torch"
@@ -322,4 +394,16 @@ def lora_linear(x, weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0,
     if p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     # the kernels take the seed as a 32-bit int: a compiled kernel's argument types never change between calls
-    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, 0 if seed is None else int(seed) & 0x7FFFFFFF)
+    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p,
+                                    0 if seed is None else int(seed) & 0x7FFFFFFF, int(spare_cols))
+
+
+def with_spare_columns(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
+    """(W', spare): a copy of the frozen weight (out, in) whose rows are `spare` >= rank columns longer (zeros),
+    returned as the (out, in) view W' for `lora_linear(..., spare_cols=spare)`. Costs out * spare elements."""
+    N, K = weight.shape
+    step = max(1, 16 // weight.element_size())  # rows of in + spare elements stay 16-byte aligned
+    spare = -(-(K + rank) // step) * step - K
+    wide = weight.new_zeros(N, K + spare)
+    wide[:, :K] = weight
+    return wide[:, :K], spare

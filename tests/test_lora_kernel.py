@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import importlib  # noqa: E402
 
-from kernels import dropout_mask, lora_linear, lora_linear_reference  # noqa: E402
+from kernels import dropout_mask, lora_linear, lora_linear_reference, with_spare_columns  # noqa: E402
 
 ll = importlib.import_module("kernels.lora_linear")  # the module (kernels.lora_linear is the function)
 launch = importlib.import_module("kernels.launch")
@@ -61,10 +61,13 @@ def _run(fn, x, w, a, b, dy):
     return [y.detach(), x.grad, a.grad, b.grad]
 
 
-def _check(shape, n_out, r, dtype, scale=2.0, p=0.0, noncontig=False, seed=0):
+def _check(shape, n_out, r, dtype, scale=2.0, p=0.0, noncontig=False, seed=0, spare=False):
     x, w, a, b, dy = _inputs(shape, n_out, r, dtype, noncontig, seed)
+    spare_cols = 0
+    if spare:  # W as LoRALinear lays it out: a view of a wider buffer whose spare columns the kernel may use
+        w, spare_cols = with_spare_columns(w, r)
     mask = dropout_mask(1234, x.shape, p, DEV) if p > 0 else None
-    got = _run(lambda *t: lora_linear(*t, scale, p, backend="triton", seed=1234), x, w, a, b, dy)
+    got = _run(lambda *t: lora_linear(*t, scale, p, backend="triton", seed=1234, spare_cols=spare_cols), x, w, a, b, dy)
     ref = _run(lambda *t: lora_linear_reference(*t, scale, mask), x, w, a, b, dy)
     f64 = lambda t: t.double()
     exact = _run(lambda x_, w_, a_, b_: lora_linear_reference(x_, w_, a_, b_, scale, None if mask is None else mask.double()),
@@ -93,8 +96,8 @@ def test_tma_gemm_odd_shapes(r, p):
     """Sizes off the block grid but with 16-byte aligned rows: the TMA GEMM (edges zero-filled / clipped by TMA).
     16-bit only: fp32 takes the pointer GEMM (its FMA dot does not fit the TMA kernel's shared memory)."""
     x, w, _, _, dy = _inputs((37, 48), 56, r, torch.float16)
-    assert ll._static_kind(x, w.t(), dy) == ll._static_kind(dy, w, x) == "tma"
-    assert ll._static_kind(x.float(), w.float().t(), dy.float()) == "triton"
+    assert ll._static_kind(x, w.t()) == ll._static_kind(dy, w) == "tma"
+    assert ll._static_kind(x.float(), w.float().t()) == "triton"
     _check((37, 48), 56, r, torch.float16, scale=1.3, p=p, seed=r)
 
 
@@ -115,6 +118,36 @@ def test_many_tiles_per_program():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dropout_matches_mask(dtype):
     _check((2, 21, 47), 35, 16, dtype, scale=2.0, p=0.25, seed=3)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("r,p", [(1, 0.0), (16, 0.3), (24, 0.0)])
+def test_concat_forward(monkeypatch, dtype, r, p):
+    """GEMM="concat": the forward as one GEMM [x | S] [W | sB]^T through W's spare columns (the S kernel writes
+    both extra column blocks); W's own columns are untouched, its spare ones hold s*B then zeros."""
+    monkeypatch.setattr(ll, "GEMM", "concat")
+    _check((37, 48), 56, r, dtype, scale=1.3, p=p, seed=r)
+    x, w, a, b, _ = _inputs((37, 48), 56, r, dtype, seed=r)
+    wide, spare = with_spare_columns(w, r)
+    assert spare >= r and (48 + spare) * w.element_size() % 16 == 0 and torch.equal(wide, w)
+    lora_linear(x, wide, a, b, 1.3, backend="triton", spare_cols=spare)
+    full = torch.as_strided(wide, (56, 48 + spare), (wide.stride(0), 1))
+    assert torch.equal(wide, w)
+    assert torch.equal(full[:, 48:48 + r], (1.3 * b).to(dtype)) and not full[:, 48 + r:].any()
+
+
+@needs_triton
+def test_spare_columns_ignored_unless_the_layout_has_them(monkeypatch):
+    """A contiguous W (e.g. after .to() copied the weight) never has its neighbours overwritten."""
+    monkeypatch.setattr(ll, "GEMM", "concat")
+    x, w, a, b, _ = _inputs((10, 32), 24, 4, torch.float16)
+    pair = torch.cat([w, w])  # w's rows followed by other data: spare_cols is a promise the layout cannot keep
+    first = pair[:24]
+    assert ll._spare_columns(first, 4, 8) == 0 and ll._spare_columns(pair[24:], 4, 8) == 0
+    assert torch.equal(lora_linear(x, first, a, b, 2.0, backend="triton", spare_cols=8),
+                       lora_linear(x, first, a, b, 2.0, backend="triton"))  # the same path as without the promise
+    assert torch.equal(pair[24:], w)
 
 
 @needs_triton
@@ -196,11 +229,11 @@ PHI3 = [(3072, 9216), (3072, 3072), (3072, 16384), (8192, 3072)]  # qkv, o, gate
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("gemm", ["auto", "triton", "cublas"])
+@pytest.mark.parametrize("gemm", ["auto", "triton", "cublas", "concat"])
 @pytest.mark.parametrize("k,n", PHI3)
 def test_cuda_phi3_bf16(monkeypatch, k, n, gemm):
     monkeypatch.setattr(ll, "GEMM", gemm)
-    _check((2, 2048, k), n, 16, torch.bfloat16, scale=2.0)
+    _check((2, 2048, k), n, 16, torch.bfloat16, scale=2.0, spare=gemm in ("auto", "concat"))
 
 
 @cuda
@@ -221,10 +254,18 @@ def test_cuda_other_dtypes(dtype):
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("gemm", ["auto", "triton", "cublas"])
+@pytest.mark.parametrize("gemm", ["auto", "triton", "cublas", "concat"])
 def test_cuda_dropout_bf16(monkeypatch, gemm):
     monkeypatch.setattr(ll, "GEMM", gemm)
-    _check((4096, 3072), 3072, 16, torch.bfloat16, scale=2.0, p=0.1)
+    _check((4096, 3072), 3072, 16, torch.bfloat16, scale=2.0, p=0.1, spare=gemm == "concat")
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("r", [1, 256])
+def test_cuda_concat_ranks_bf16(monkeypatch, r):
+    monkeypatch.setattr(ll, "GEMM", "concat")
+    _check((1000, 3000), 2500, r, torch.bfloat16, scale=0.5, spare=True)
 
 
 @cuda
