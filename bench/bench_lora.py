@@ -3,11 +3,13 @@
     python bench/bench_lora.py                 # M=8192 tokens, r=16, bf16, all four projections
     python bench/bench_lora.py --m 4096 --r 64
 
-Columns (median ms, triton.testing.do_bench, L2 flushed between calls, 3 rotating input sets):
+Columns (ms; each variant timed with triton.testing.do_bench, L2 flushed between calls, 3 rotating input sets,
+in 5 interleaved rounds (--rounds); the median round is reported):
   a   frozen linear alone: cuBLAS forward + dx (the floor)
   b   peft-style: base in bf16, adapter path in fp32 (x cast up), result added in fp32 and cast back
   b'  all-bf16 torch LoRA (kernels.lora_linear_reference with autograd)
-  c   kernels.lora_linear as shipped (GEMM="auto": the TMA Triton GEMM on Hopper)
+  c   kernels.lora_linear as shipped (GEMM="auto": per shape, the fastest of the TMA Triton GEMM, the cuBLAS
+      hybrid and the concat forward, timed once; "GEMM kinds chosen" lists them)
   c_ptr  GEMM="triton" (pointer-load Triton GEMM)      c_cub  GEMM="cublas" (cuBLAS + low-rank term)
   c_cat  GEMM="concat" (forward as one cuBLAS GEMM [x | S] [W | sB]^T; backward as c_cub)
 c runs on W laid out as phi3/lora.py keeps it (spare columns per row), a on the contiguous W.
@@ -19,7 +21,6 @@ import argparse
 import importlib
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,9 @@ def fused(gemm):
     return f
 
 
-def bench_one(fn, sets, s, with_lora):
+def prepare(fn, sets, s, with_lora):
+    """One variant's fwd+bwd step (rotating input sets), its extra peak memory (MiB) and the same step captured
+    in a CUDA graph (GPU time alone: no Python, no launch gaps)."""
     i = [0]
 
     def step():
@@ -64,34 +67,34 @@ def bench_one(fn, sets, s, with_lora):
         y = fn(x, w, wide, spare, a, b, s)
         torch.autograd.grad(y, [x, a, b] if with_lora else [x], dy)
 
-    step()
+    step()  # compiles, autotunes and picks kinds
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / 20 * 1e3
-    graph = float("nan")
-    try:  # GPU time alone: the same step replayed from a CUDA graph (no Python / launch gaps)
-        g = torch.cuda.CUDAGraph()
-        s_ = torch.cuda.Stream()
-        s_.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s_):
-            step()
-        torch.cuda.current_stream().wait_stream(s_)
-        with torch.cuda.graph(g):
-            step()
-        graph = triton.testing.do_bench(g.replay, warmup=20, rep=100, return_mode="median")
-    except Exception as e:  # noqa: BLE001
-        print("graph capture failed:", repr(e)[:200])
-    return ms, peak, wall, graph
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        step()
+    return step, peak, graph
+
+
+def measure(prepared, rounds):
+    """Median ms per variant over `rounds` interleaved rounds (each round times every variant once, called from
+    Python and replayed from its graph): clock and power drift over the run then hits all variants alike."""
+    times = {v: ([], []) for v in prepared}
+    for _ in range(rounds):
+        for v, (step, _, graph) in prepared.items():
+            times[v][0].append(triton.testing.do_bench(step, warmup=10, rep=60, return_mode="median"))
+            times[v][1].append(triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median"))
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    return {v: (med(called), prepared[v][1], med(replayed)) for v, (called, replayed) in times.items()}
 
 
 def parts(m, k, n, r):
@@ -128,6 +131,7 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--variants", default="a,b,b',c,c_cub,c_cat")
     ap.add_argument("--parts", action="store_true", help="also time each kernel for every shape")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
     args = ap.parse_args()
     dev, dt, s = "cuda", torch.bfloat16, 2.0
     fns = {"a": frozen, "b": peft_style, "b'": bf16_torch, "c": fused("auto"), "c_ptr": fused("triton"),
@@ -147,9 +151,9 @@ def main():
             a = (torch.randn(args.r, k, device=dev) / k**0.5).requires_grad_()
             b = (torch.randn(n, args.r, device=dev) / args.r**0.5).requires_grad_()
             sets.append((x, w, *with_spare_columns(w, args.r), a, b, torch.randn(args.m, n, device=dev, dtype=dt)))
-        res = {v: bench_one(fns[v], sets, s, v != "a") for v in variants}
+        res = measure({v: prepare(fns[v], sets, s, v != "a") for v in variants}, args.rounds)
         flop = 4 * args.m * k * n  # fwd + dx of the frozen GEMM
-        cells = "  ".join(f"{v}={ms:.3f}ms/{pk:.0f}MiB(wall {w:.3f}, graph {gr:.3f})" for v, (ms, pk, w, gr) in res.items())
+        cells = "  ".join(f"{v}={ms:.3f}ms/{pk:.0f}MiB(graph {gr:.3f})" for v, (ms, pk, gr) in res.items())
         x, w, wide, spare, a, b, _ = sets[0]
         with torch.no_grad():  # the tuned kernels compute the right thing (tests run one fixed config)
             ref = lora_linear_reference(x.double(), w.double(), a.double(), b.double(), s)
@@ -169,7 +173,7 @@ def main():
     for name, r in rows:
         g = lambda v: r[v][0] if v in r else float("nan")
         pk = lambda v: f"{r[v][1]:.0f}" if v in r else "-"
-        gr = lambda v: r[v][3] if v in r else float("nan")
+        gr = lambda v: r[v][2] if v in r else float("nan")
         bp = "b'"
         print(f"| {name} | {g('a'):.3f} | {g('b'):.3f} | {g(bp):.3f} | {g('c'):.3f} | {g('c_cub'):.3f} | {g('c_cat'):.3f} | "
               f"{g('c') / g('a'):.3f} | {g('b') / g('c'):.2f} | {gr('a'):.3f} / {gr('c'):.3f} | {gr('c') / gr('a'):.3f} | "

@@ -2,8 +2,9 @@
 
     C = A_op B_op + scale * L R     forward: x W^T + S (s B)^T      backward: dy W + G A (times the dropout mask)
 
-Two kernels, same math: `_lora_gemm_tma_kernel` (Hopper and newer: persistent grid, TMA loads and stores, the
-default) and `_lora_gemm_kernel` (pointer loads: any strides, any GPU, fp32).
+Two kernels, same math: `_lora_gemm_tma_kernel` (Hopper and newer: persistent grid, TMA loads and stores: the
+"tma" kind) and `_lora_gemm_kernel` (pointer loads: any strides, any GPU, fp32; with K = 0 it writes the low-rank
+term alone for the "cublas" kind). kernels/lora_linear.py picks the kind per shape.
 """
 import triton
 import triton.language as tl

@@ -2,14 +2,18 @@
 
 Shapes: x (..., in), W (out, in) frozen, A (r, in), B (out, r) (A, B usually fp32 master weights), s float.
 
-Design (LoRAFusion-style; numbers in bench/NOTES-lora.md):
+Design (numbers in bench/NOTES-lora.md):
   forward   S  = dropout(x) A^T                    (M, r) fp32   skinny kernel, one pass over x
-            y  = x W^T + S (s B)^T                 (M, out)      one GEMM; LoRA term added to the fp32
-                                                                 accumulator after the K loop, y stored once
+            y  = x W^T + S (s B)^T                 (M, out)      one of three GEMM kinds (below)
   backward  G  = s dy B,  dB = s dy^T S            one pass over dy (both skinny products)
             dA = G^T dropout(x)                    skinny kernel, one pass over x, mask regenerated from the seed
-            dx = dy W + G A                        one GEMM, same kernel as the forward (other strides)
+            dx = dy W + G A                        one GEMM, same kinds as the forward (other strides)
 Sums split across programs (G, dA, dB) finish inside those launches: no torch ops between the kernels.
+GEMM kinds: "tma" = a Triton GEMM that adds the low-rank term to its fp32 accumulator after the K loop
+(LoRAFusion's approach; TMA loads, Hopper and newer); "cublas" = the low-rank term written first, then cuBLAS
+accumulates x W^T into it (beta = 1: one extra write + read of y); "concat" (forward, when the caller gave W spare
+columns) = the S kernel also writes [x | S] and s*B into W's spare columns, and y = [x | S] [W | sB]^T is one
+cuBLAS GEMM (one extra write of x). Which one runs is chosen per shape (GEMM, below).
 Saved for backward: x, S (M x r fp32) and the seed; never a W gradient, never an (out x in) temporary.
 
 Files: kernels/gemm.py (the GEMMs), kernels/lowrank.py (the skinny kernels, dropout), kernels/launch.py (autotune
@@ -17,11 +21,10 @@ tables, prepared launches); this file: the host side, the autograd Function and 
 Host side: each problem (shapes, strides, dtypes, alignment) gets a plan the first time it is seen; later calls
 allocate their outputs and launch the kernels prepared for it (kernels/launch.py: cached).
 
-GEMM choice (module switch GEMM, env LORA_GEMM): "auto" = the TMA kernel on Hopper and newer wherever strides
-allow it (16-bit inputs), otherwise "cublas"; where both apply to a tuned problem, whichever of the two measured
-faster for that shape; "triton" = the pointer-load Triton GEMM; "cublas" = the low-rank term written into the
-output by the pointer kernel with K = 0, then cuBLAS accumulates x W^T into it in place (addmm_ with beta = 1):
-one extra write + read of y, but cuBLAS's main loop.
+GEMM choice (module switch GEMM, env LORA_GEMM): "auto" = on tuned problems (16-bit, >= 2048 tokens) every kind
+that applies is timed once per shape and the fastest kept, which differs between shapes and between GPUs of one
+model; otherwise "tma" where it applies (16-bit, Hopper, 16-byte aligned rows), else "cublas" (the pointer-load
+Triton GEMM, "triton", in the interpreter). "triton", "cublas", "concat" force a kind ("concat": forward only).
 """
 import contextlib
 import os
