@@ -189,13 +189,15 @@ def cached(plan, site, name, args, setup, dtype):
         prepared(args)
 
 
-_scratch_buffers = {}  # (stream, size) -> buffer: launches on one stream run one after another, so they share it
+_scratch_buffers = {}  # (device, stream, size) -> buffer: launches on one stream run one after another
 
 
 def _scratch(size, alignment, stream):
-    buf = _scratch_buffers.get((stream, size))
-    if buf is None:  # the current device: callers set it (x's GPU)
-        buf = _scratch_buffers[stream, size] = torch.empty(size, dtype=torch.int8, device="cuda")
+    # the current device (callers set it to x's GPU) belongs in the key: every GPU's default stream is handle 0
+    key = (torch.cuda.current_device(), stream, size)
+    buf = _scratch_buffers.get(key)
+    if buf is None:
+        buf = _scratch_buffers[key] = torch.empty(size, dtype=torch.int8, device="cuda")
     return buf
 
 

@@ -289,3 +289,18 @@ def test_cuda_no_out_by_in_tensor():
         lora_linear(x, w, a, b, 2.0, 0.1).backward(dy)
     w_ptr = w.untyped_storage().data_ptr()
     assert w.grad is None and [r for r in rec.shapes if r[1] in [(8192, 3072), (3072, 8192)] and r[2] != w_ptr] == []
+
+
+@cuda
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("gemm", ["auto", "concat"])
+def test_cuda_second_gpu_while_first_is_current(monkeypatch, gemm):
+    """Launch plans, last-to-arrive counters and TMA descriptor scratch are per device (every GPU's default
+    stream has the same handle): a layer on cuda:1 while cuda:0 is the current device, then one on cuda:0."""
+    monkeypatch.setattr(ll, "GEMM", gemm)
+    torch.cuda.set_device(0)
+    for device in ("cuda:1", "cuda:0"):
+        monkeypatch.setitem(globals(), "DEV", device)
+        _check((2048, 3072), 3072, 16, torch.bfloat16, scale=2.0, p=0.1, spare=True)
+        assert torch.cuda.current_device() == 0
