@@ -38,6 +38,29 @@ def test_zero_init_lora_leaves_logits_unchanged(tmp_path):
         torch.testing.assert_close(model(IDS), base(IDS), rtol=0, atol=0)
 
 
+def test_lora_weight_has_spare_columns_and_saves_plainly(tmp_path):
+    """LoRALinear keeps W as an (out, in) view of a buffer with spare columns (the kernel's concat forward writes
+    s*B there): same values as the base weight, saved contiguous under the checkpoint's names, merged in place."""
+    from phi3.checkpoint import base_state_dict
+    save_hf("gqa", tmp_path / "base")
+    base = load_model(tmp_path / "base")
+    model = lora_model(tmp_path, targets=("q", "v", "o"))
+    for name, m in lora_modules(model).items():
+        out, inp = m.weight.shape
+        assert m.spare_cols >= m.lora_A.shape[0] and m.weight.stride() == (inp + m.spare_cols, 1)
+        assert (inp + m.spare_cols) * m.weight.element_size() % 16 == 0
+        assert torch.equal(m.weight, base.get_submodule(name).weight) and not m.weight.requires_grad
+    state = base_state_dict(model)
+    assert all(t.is_contiguous() for t in state.values())
+    assert state.keys() == base_state_dict(base).keys()
+    randomize_lora(model)
+    m = lora_modules(model)["model.layers.0.self_attn.o_proj"]
+    expected = m.weight + m.delta()
+    m.merge()
+    torch.testing.assert_close(m.weight, expected, rtol=1e-6, atol=1e-6)
+    assert m.weight.stride(0) == m.in_features + m.spare_cols  # merged in place, layout kept
+
+
 @pytest.mark.parametrize("targets", [("qkv", "o", "gate_up", "down"), ("q", "v"), ("k", "up", "o")])
 def test_merge_and_unmerge_agree(tmp_path, targets):
     model = lora_model(tmp_path, targets=targets)
