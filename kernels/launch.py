@@ -1,4 +1,4 @@
-"""Launching the LoRA kernels: autotune tables, the fixed configs used untuned, and a launch cache.
+"""Launching the LoRA kernels: autotune tables, the fixed configs used untuned, and prepared launches.
 
 Host time matters here: one LoRA linear is 5 kernel launches forward + backward, and for the smaller Phi-3
 projections the Python around them took longer than the GPU work. So the autotuner is consulted once per key,
@@ -133,12 +133,14 @@ def launch(name, grid, args, meta, dtype):
             return None
     cfg = cfg or _plain_config(name, dtype)
     full = {**meta, **cfg.kwargs}
-    grid = tuple(grid(full)) + (1, 1)
+    grid = (tuple(grid(full)) + (1, 1))[:3]
     if INTERPRET or not FAST_LAUNCH:
-        return Slow(fn, grid[:3], full, {} if INTERPRET else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))(args)
-    kernel = fn[grid[:3]](*args, **full, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        slow = Slow(fn, grid, full, {} if INTERPRET else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        slow(args)
+        return slow
+    kernel = fn[grid](*args, **full, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     tail = tuple(full[n] for n in fn.arg_names[len(args):])  # the constexprs follow the runtime arguments
-    return Prepared(kernel, grid[:3], tail, args[0].device.index, name == "tma")
+    return Prepared(kernel, grid, tail, args[0].device.index, name == "tma")
 
 
 class Prepared:
@@ -172,7 +174,6 @@ class Slow:
 
     def __call__(self, args):
         self.fn[self.grid](*args, **self.meta, **self.opts)
-        return self
 
 
 def cached(plan, site, name, args, setup, dtype):

@@ -296,19 +296,24 @@ def _lora_skinny_backward(plan, x2, dy2, A, B, s, scale, seed, p):
     dap = torch.empty(gm_da, R, K, dtype=torch.float32, device=dev) if gm_da > 1 else da
     block_r = _r_blocks(R)[1]
 
+    block_db = 64 if launch.INTERPRET else 2048  # dB partials summed per chunk of this many floats
+    db_items = launch.cdiv(N * R, block_db) if gm > 1 else 0
+
+    def dy_setup():
+        grid = lambda m: (_programs(gm * gn, dev), launch.cdiv(R, block_r))
+        return grid, dict(M_BUCKET=launch.m_bucket(M), DOT_PREC=_prec(dy2.dtype), BLOCK_R=block_r, BLOCK_M=rows_dy)
+
+    def da_setup():
+        grid = lambda m: (_programs(db_items + launch.cdiv(K, m["BLOCK_K"]) * gm_da, dev), launch.cdiv(R, block_r))
+        return grid, dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r,
+                          BLOCK_DB=block_db)
+
     args = (dy2, B, s, gp, g, dbp, count, M, N, R, float(scale), gn, cols, dy2.stride(0), dy2.stride(1), B.stride(0),
             B.stride(1))
-    launch.cached(plan, "dy", "dy", args, lambda: (lambda m: (_programs(gm * gn, dev), launch.cdiv(R, block_r)), dict(
-        M_BUCKET=launch.m_bucket(M), DOT_PREC=_prec(dy2.dtype), BLOCK_R=block_r, BLOCK_M=rows_dy)), dy2.dtype)
-
-    block_db = 64 if launch.INTERPRET else 2048
-    db_items = launch.cdiv(N * R, block_db) if gm > 1 else 0
+    launch.cached(plan, "dy", "dy", args, dy_setup, dy2.dtype)
     args = (x2, g, dap, da, count, dbp, db, M, K, R, seed, p, 1.0 / (1.0 - p), gm_da, rows_da, db_items, gm, N * R,
             x2.stride(0), x2.stride(1))
-    launch.cached(plan, "da", "da", args, lambda: (
-        lambda m: (_programs(db_items + launch.cdiv(K, m["BLOCK_K"]) * gm_da, dev), launch.cdiv(R, block_r)),
-        dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r, BLOCK_DB=block_db)),
-        x2.dtype)
+    launch.cached(plan, "da", "da", args, da_setup, x2.dtype)
     return g, da, db
 
 
