@@ -93,14 +93,31 @@ def _last_to_arrive(count_ptr, expected):
 
 
 @triton.jit
+def _summed(part, parts_ptr, part_stride, tile, mask, count_ptr, n_parts, index):
+    """(last, total) for a sum split over n_parts programs: this program stores its partial (number `index`, the
+    partials `part_stride` floats apart) and takes a ticket; in the last program to arrive, total = the n_parts
+    partials added in order (deterministic). n_parts = 1: nothing stored, (True, part)."""
+    last = n_parts == 1
+    total = part
+    if n_parts > 1:
+        tl.store(parts_ptr + index * part_stride + tile, part, mask=mask)
+        last = _last_to_arrive(count_ptr, n_parts)
+        total = tl.zeros_like(part)
+        if last:
+            for j in range(n_parts):  # .cg: read the other programs' partials from L2, never a stale L1 line
+                total += tl.load(parts_ptr + j * part_stride + tile, mask=mask, other=0.0, cache_modifier=".cg")
+    return last, total
+
+
+@triton.jit
 def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, g_ptr, dbp_ptr, count_ptr, M, N, R, scale, gn, cols_per_item,
                     stride_dym, stride_dyn, stride_bn, stride_br, M_BUCKET,
                     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """One pass over dy for both skinny products. Work item (pm, pn) = row block pm, column range pn:
         Gp[pn]      = s dy[rows, cols] B[cols]      G accumulates in registers over the column loop
         dBp[pm][c]  = s dy[rows, c]^T S[rows]       one partial per (row block, column block), no read-modify-write
-    G (gn > 1): the last of a row block's gn items to finish sums their partials in order into G (deterministic,
-    no extra launch). dB: the dA kernel sums the dBp (the launcher passes dB itself as dBp when there is one row
+    G: the last of a row block's gn items to finish sums their partials in order (`_summed`: deterministic, no
+    extra launch). dB: the dA kernel sums the dBp (the launcher passes dB itself as dBp when there is one row
     block). The programs walk the items.
     """
     dt = dy_ptr.dtype.element_ty
@@ -124,15 +141,9 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, g_ptr, dbp_ptr, count_ptr, M, 
             db = tl.dot(tl.trans(dy), s, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_R)
             tl.store(dbp_ptr + pm * N * R + offs_n[:, None] * R + offs_r[None, :], db * scale, mask=nr)
         g_tile = offs_m[:, None] * R + offs_r[None, :]
-        if gn == 1:
+        last, g = _summed(g, gp_ptr, M * R, g_tile, mr, count_ptr + pm * tl.num_programs(1) + tl.program_id(1), gn, pn)
+        if last:
             tl.store(g_ptr + g_tile, g, mask=mr)
-        else:
-            tl.store(gp_ptr + pn * M * R + g_tile, g, mask=mr)
-            if _last_to_arrive(count_ptr + pm * tl.num_programs(1) + tl.program_id(1), gn):
-                g = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-                for j in range(gn):  # .cg: read the other programs' partials from L2, never a stale L1 line
-                    g += tl.load(gp_ptr + j * M * R + g_tile, mask=mr, other=0.0, cache_modifier=".cg")
-                tl.store(g_ptr + g_tile, g, mask=mr)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -144,7 +155,7 @@ def _lora_da_kernel(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, dbp_ptr, db_ptr, M
 
     dA work item (column block kb, row range pm): dAp[pm] tile = dropout(x)[rows, cols]^T G[rows] (BLOCK_K x
     BLOCK_R, so the tensor-core M dimension is BLOCK_K); the last of a column block's gm items to finish sums the
-    gm partials in order into dA (the launcher passes dA itself as dAp when gm = 1).
+    gm partials in order into dA (`_summed`).
     The first db_items items sum the dy pass's db_parts dB partials (db_numel floats each) in BLOCK_DB chunks:
     done here, on programs that would otherwise wait for the dy pass to end, instead of in a launch of its own.
     """
@@ -175,12 +186,7 @@ def _lora_da_kernel(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, dbp_ptr, db_ptr, M
                 acc = tl.dot(tl.trans(x), g.to(dt), acc, input_precision=DOT_PREC)
             da_tile = offs_r[None, :] * K + offs_k[:, None]
             kr = (offs_r[None, :] < R) & (offs_k[:, None] < K)
-            if gm == 1:
+            last, acc = _summed(acc, dap_ptr, R * K, da_tile, kr, count_ptr + kb * tl.num_programs(1) + tl.program_id(1),
+                                gm, pm)
+            if last:
                 tl.store(da_ptr + da_tile, acc, mask=kr)
-            else:
-                tl.store(dap_ptr + pm * R * K + da_tile, acc, mask=kr)
-                if _last_to_arrive(count_ptr + kb * tl.num_programs(1) + tl.program_id(1), gm):
-                    acc = tl.zeros((BLOCK_K, BLOCK_R), tl.float32)
-                    for j in range(gm):
-                        acc += tl.load(dap_ptr + j * R * K + da_tile, mask=kr, other=0.0, cache_modifier=".cg")
-                    tl.store(da_ptr + da_tile, acc, mask=kr)
