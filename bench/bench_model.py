@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from side_by_side import run_each  # noqa: E402
 
 from phi3 import Phi3Config, Phi3ForCausalLM, save_model  # noqa: E402
 
@@ -82,14 +82,8 @@ def main() -> None:
         make_checkpoint(args.ckpt)
         print(f"wrote random Phi-3-mini checkpoint to {args.ckpt} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     size = sum(f.stat().st_size for f in args.ckpt.glob("*.safetensors")) / 2**30
-    results = {}
-    for system in ("ours", "transformers"):
-        cmd = [sys.executable, __file__, "--system", system, "--ckpt", str(args.ckpt),
-               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"{system} failed:\n{out.stderr[-3000:]}")
-        results[system] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = run_each(__file__, ("ours", "transformers"), ["--ckpt", str(args.ckpt), "--prompt-len",
+                       str(args.prompt_len), "--new-tokens", str(args.new_tokens)])
     ours, ref = results["ours"], results["transformers"]
     print(f"\nPhi-3-mini-shaped random checkpoint, bf16, {size:.2f} GiB of safetensors; greedy, batch 1, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens; {torch.cuda.get_device_name()}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from side_by_side import run_each  # noqa: E402
 
 CONFIG = REPO / "assets" / "configs" / "phi3-mini-4k-instruct" / "config.json"
 
@@ -102,14 +102,8 @@ def main() -> None:
     if args.system:
         print(json.dumps(measure(args.system, args.batch, args.seq, args.steps, args.checkpointing)))
         return
-    results = {}
-    for system in ("ours", "reference"):
-        cmd = [sys.executable, __file__, "--system", system, "--batch", str(args.batch), "--seq", str(args.seq),
-               "--steps", str(args.steps), "--checkpointing" if args.checkpointing else "--no-checkpointing"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"{system} failed:\n{out.stderr[-3000:]}")
-        results[system] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = run_each(__file__, ("ours", "reference"), ["--batch", str(args.batch), "--seq", str(args.seq),
+                       "--steps", str(args.steps), "--checkpointing" if args.checkpointing else "--no-checkpointing"])
     ours, ref = results["ours"], results["reference"]
     print(f"\nLoRA training step, Phi-3-mini shapes, batch {args.batch} x {args.seq}, r=16, checkpointing "
           f"{'on' if args.checkpointing else 'off'}, {torch.cuda.get_device_name()}, median of {args.steps} steps")
