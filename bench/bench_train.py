@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import torch
+from side_by_side import run_each  # bench/ itself: the script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from side_by_side import run_each  # noqa: E402
 
 CONFIG = REPO / "assets" / "configs" / "phi3-mini-4k-instruct" / "config.json"
 

@@ -296,7 +296,9 @@ def _lora_skinny_backward(plan, x2, dy2, A, B, s, scale, seed, p):
     g = _empty(M, R, dtype=torch.float32, device=dev)
     db = _empty(N, R, dtype=torch.float32, device=dev)
     da = _empty(R, K, dtype=torch.float32, device=dev)
-    gp = torch.empty(gn, M, R, dtype=torch.float32, device=dev) if gn > 1 else g  # every element written
+    # partials (every element written before it is read); with one part `_summed` stores none, so G / dA stand in,
+    # and one row block's dB partial is dB itself
+    gp = torch.empty(gn, M, R, dtype=torch.float32, device=dev) if gn > 1 else g
     dbp = torch.empty(gm, N, R, dtype=torch.float32, device=dev) if gm > 1 else db
     dap = torch.empty(gm_da, R, K, dtype=torch.float32, device=dev) if gm_da > 1 else da
     block_r = _r_blocks(R)[1]
