@@ -265,12 +265,12 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
         else:
             save_adapter(model, folder, base_model=Path(cfg.model).resolve())
 
+    def save_now() -> Path:
+        return save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(position), write_model_files, cfg.keep)
+
     def checkpoint_now() -> Path:
         """Written by the main process only; the others wait so that no process runs ahead of a save."""
-        folder = run_dir / f"checkpoint-{step}"
-        if world.is_main:
-            folder = save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(position), write_model_files,
-                                     cfg.keep)
+        folder = save_now() if world.is_main else run_dir / f"checkpoint-{step}"
         distributed.barrier(world)
         return folder
 
@@ -329,8 +329,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
 
     if interrupted:  # no collectives here: the other processes may be stopping at another point
         if world.is_main:
-            final = save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(position), write_model_files,
-                                    cfg.keep)
+            final = save_now()
             progress.say(f"interrupted: saved {final}; continue with: python train.py --resume {run_dir}")
         return 130
     final = checkpoint_now()
