@@ -11,11 +11,16 @@ are ignored, so {"prompt", "prompt_id", "messages"} rows of ultrachat read as me
   {"conversations": [{"from": "system"|"human"|"user"|"gpt"|"assistant", "value": str}, ...]}   (ShareGPT)
   {"prompt": str, "completion": str}                     (a one-turn chat: the completion is trained)
   {"text": str}                                          (plain language modelling: every token trained)
+Every line is checked, then rendered; bad lines (any wrong JSON type, NaN, a lone surrogate, a line over
+MAX_LINE_BYTES, nothing to train, ...) raise one DataError naming the first and counting the others.
 Labels are shifted here: Batch.labels[:, t] is the target for position t (ids[t+1] if mask[t+1], else -100).
 """
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 from bisect import bisect_left, insort
 from dataclasses import dataclass
 
@@ -51,7 +56,7 @@ class DataStats:
     tokens: int = 0          # their tokens, after truncation
     trained_tokens: int = 0  # their target tokens (mask[1:]), after truncation
     truncated: int = 0       # records cut to max_seq_len (including the dropped ones)
-    dropped: int = 0         # truncated records left with no target token at all: not returned
+    dropped: int = 0         # truncated records left with no target token at all: not returned (all: DataError)
     system_dropped: int = 0  # system messages the checkpoint's template leaves out (older mini / medium)
     max_seq_len: int | None = None
 
@@ -72,104 +77,225 @@ class DataStats:
 
 # --- reading + validation -----------------------------------------------------------------------------------
 
-def _messages(rec: dict) -> tuple[str, object]:
-    """(kind, payload) for one record, or raise ValueError("what is wrong", "what to do")."""
-    if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list):
-            raise ValueError(f'"messages" is a {type(msgs).__name__}, not a list',
-                             'Write "messages": [{"role": "user", "content": "..."}, ...]')
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"messages[{i}] is {json.dumps(m)[:80]}, not an object with role and content",
-                                 'Write each message as {"role": "user", "content": "..."}')
-            if m["role"] not in ("system", "user", "assistant"):
-                raise ValueError(f"messages[{i}] has unknown role {m['role']!r}",
-                                 'Use "system", "user" or "assistant"')
-            out.append({"role": m["role"], "content": m["content"]})
-        return "chat", _check_chat(out, "messages", "content")
-    if "conversations" in rec:
-        conv = rec["conversations"]
-        if not isinstance(conv, list):
-            raise ValueError(f'"conversations" is a {type(conv).__name__}, not a list',
-                             'Write "conversations": [{"from": "human", "value": "..."}, ...]')
-        out = []
-        for i, m in enumerate(conv):
-            if not isinstance(m, dict) or "from" not in m or "value" not in m:
-                raise ValueError(f"conversations[{i}] is {json.dumps(m)[:80]}, not an object with from and value",
-                                 'Write each turn as {"from": "human", "value": "..."}')
-            if m["from"] not in _SHAREGPT_ROLES:
-                raise ValueError(f"conversations[{i}] has unknown role (from) {m['from']!r}",
-                                 f"Use one of {', '.join(repr(r) for r in _SHAREGPT_ROLES)}")
-            out.append({"role": _SHAREGPT_ROLES[m["from"]], "content": m["value"]})
-        return "chat", _check_chat(out, "conversations", "value")
+# Longer lines are refused: tokenizing costs ~1 s per MB, and all but max_seq_len tokens of it would be cut anyway.
+MAX_LINE_BYTES = 16 << 20
+_CHAT_FIELDS = {  # list field -> (role key, text key, its role names -> ours, one turn as written)
+    "messages": ("role", "content", {r: r for r in ("system", "user", "assistant")},
+                 '{"role": "user", "content": "..."}'),
+    "conversations": ("from", "value", _SHAREGPT_ROLES, '{"from": "human", "value": "..."}'),
+}
+_NOT_TEXT = {  # how files that are not UTF-8 text start -> what they are (UTF-32 first: it starts like UTF-16)
+    b"\xff\xfe\x00\x00": "UTF-32 text", b"\x00\x00\xfe\xff": "UTF-32 text", b"\xff\xfe": "UTF-16 text",
+    b"\xfe\xff": "UTF-16 text", b"\x1f\x8b": "gzip-compressed", b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed", b"\x28\xb5\x2f\xfd": "zstd-compressed", b"PK\x03\x04": "a zip archive",
+    b"PAR1": "a Parquet file",
+}
+
+
+class _Bad(Exception):
+    """One bad line: args = (what is wrong, what to do)."""
+
+
+class _Errors:
+    """The first bad line of a file, in full, and how many others (the first few by number)."""
+
+    def __init__(self):
+        self.first, self.others, self.count = None, [], 0
+
+    def add(self, n: int, what: str, todo: str):
+        if self.first is None:
+            self.first = (n, what, todo)
+            return
+        self.count += 1
+        if len(self.others) < 5:
+            self.others.append(n)
+
+    def raise_first(self, path: str):
+        if self.first is None:
+            return
+        n, what, todo = self.first
+        if self.count:
+            more = ", ".join(map(str, self.others)) + (", ..." if self.count > len(self.others) else "")
+            todo += f" ({self.count} more bad lines: {more})"
+        raise DataError(path, n, what, todo)
+
+
+def _kind(v) -> str:
+    """The JSON name of a parsed value's type (None, the only other one json.loads makes, is null)."""
+    if isinstance(v, bool):
+        return "true/false"
+    return {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(type(v), "null")
+
+
+def _quote(s: str, n: int = 40) -> str:
+    """s for a one-line message: cut to n characters; repr escapes newlines, control characters, lone surrogates."""
+    r = repr(s[:n])
+    return r if len(s) <= n else r[:-1] + "..." + r[-1]
+
+
+def _keys(d: dict) -> str:
+    names = [k if k.isprintable() and len(k) <= 40 else _quote(k) for k in sorted(d)[:10]]
+    return ", ".join(names) + (f", ... ({len(d):,} keys)" if len(d) > 10 else "")
+
+
+def _show(v) -> str:
+    """A short description of any parsed value (never its whole text: it may be huge or deeply nested)."""
+    if isinstance(v, str):
+        return _quote(v)
+    if isinstance(v, dict):
+        return f"an object with keys {_keys(v)}" if v else "an empty object"
+    return _kind(v)
+
+
+# json.loads hooks: Python reads NaN/Infinity (not JSON) and 1e999 (as inf), and raises a bare ValueError on an
+# integer of more than sys.get_int_max_str_digits() digits. No format uses a number, so these only name the line.
+def _int(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise _Bad(f"a number with {len(s.lstrip('-')):,} digits, more than Python reads",
+                   "Write it as a string, or leave it out") from None
+
+
+def _float(s: str) -> float:
+    x = float(s)
+    if math.isinf(x):
+        raise _Bad(f"the number {_quote(s)} is too large for a float", "Write it as a string, or leave it out")
+    return x
+
+
+def _constant(s: str):
+    raise _Bad(f"{s} is not JSON (only JavaScript and Python write it)", f'Write null or the string "{s}" instead')
+
+
+def _text(v, where: str) -> str:
+    """v if it is a string the tokenizer can take, else _Bad."""
+    if not isinstance(v, str):
+        raise _Bad(f"{where} is {_kind(v)}, not a string", f"Make {where} a string")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:  # "\ud800" without its other half: valid JSON, but not a character
+        raise _Bad(f"{where} has a lone surrogate \\u{ord(v[e.start]):04x} (character {e.start + 1}), half of a "
+                   "UTF-16 pair", "Write the character itself, or both \\uXXXX halves of its pair") from None
+    return v
+
+
+def _chat(turns, field: str, train_on: str) -> list[dict]:
+    role_key, text_key, roles, turn = _CHAT_FIELDS[field]
+    if not isinstance(turns, list):
+        raise _Bad(f'"{field}" is {_kind(turns)}, not a list', f'Write "{field}": [{turn}, ...]')
+    if not turns:
+        raise _Bad(f'"{field}" is empty', "Give at least one user and one assistant turn")
+    names = ", ".join(repr(r) for r in roles)
+    out = []
+    for i, m in enumerate(turns):
+        where = f"{field}[{i}]"
+        if not isinstance(m, dict) or role_key not in m or text_key not in m:
+            raise _Bad(f"{where} is {_show(m)}, not an object with {role_key} and {text_key}",
+                       f"Write each turn as {turn}")
+        role = m[role_key]
+        if not isinstance(role, str):  # also keeps a list/object from being looked up in `roles` (unhashable)
+            raise _Bad(f"{where}.{role_key} is {_kind(role)}, not a string", f"Use one of {names}")
+        if role not in roles:
+            label = "role" if role_key == "role" else f"role ({role_key})"
+            raise _Bad(f"{where} has unknown {label} {_quote(role)}", f"Use one of {names}")
+        out.append({"role": roles[role], "content": _text(m[text_key], f"{where}.{text_key}")})
+    if train_on == "assistant" and not any(m["role"] == "assistant" for m in out):
+        raise _Bad(f'"{field}" has no assistant turn, so nothing would be trained',
+                   "Add the assistant's reply, or use {\"text\": ...} to train on the whole text")
+    return out
+
+
+def _record(rec: dict, train_on: str) -> tuple[str, object]:
+    """(kind, payload) for one record, or _Bad."""
+    for field in _CHAT_FIELDS:
+        if field in rec:
+            return "chat", _chat(rec[field], field, train_on)
     if "prompt" in rec and "completion" in rec:
-        for k in ("prompt", "completion"):
-            if not isinstance(rec[k], str):
-                raise ValueError(f'"{k}" is a {type(rec[k]).__name__}, not a string', f'Make "{k}" a string')
-        return "completion", (rec["prompt"], rec["completion"])
+        return "completion", (_text(rec["prompt"], '"prompt"'), _text(rec["completion"], '"completion"'))
     if "text" in rec:
-        if not isinstance(rec["text"], str):
-            raise ValueError(f'"text" is a {type(rec["text"]).__name__}, not a string', 'Make "text" a string')
-        if not rec["text"].strip():
-            raise ValueError('"text" is empty', "Remove the record or give it some text")
-        return "text", rec["text"]
-    keys = ", ".join(sorted(rec)) or "none"
-    raise ValueError(f"unknown record format (keys found: {keys})", f"Expected one of {_FORMATS}")
+        text = _text(rec["text"], '"text"')
+        if not text.strip():
+            raise _Bad('"text" is empty', "Remove the record or give it some text")
+        return "text", text
+    raise _Bad(f"unknown record format (keys found: {_keys(rec) or 'none'})", f"Expected one of {_FORMATS}")
 
 
-def _check_chat(msgs: list[dict], field: str, content_key: str) -> list[dict]:
-    if not msgs:
-        raise ValueError(f'"{field}" is empty', "Give at least one user and one assistant turn")
-    for i, m in enumerate(msgs):
-        if not isinstance(m["content"], str):
-            raise ValueError(f"{field}[{i}].{content_key} is a {type(m['content']).__name__}, not a string",
-                             f"Make every {content_key} a string")
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise ValueError(f'"{field}" has no assistant turn, so nothing would be trained',
-                         "Add the assistant's reply, or use {\"text\": ...} to train on the whole text")
-    return msgs
+def _decode(line: bytes) -> dict | None:
+    """The JSON object on one line (without its newline), None for a blank line, or _Bad."""
+    if b"\x00" in line:  # never in JSON text, even inside a string
+        raise _Bad("the line holds NUL bytes (binary data, or UTF-16/32 text)", "Re-save the file as UTF-8 JSONL")
+    if line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark: file start, or where files were concatenated
+        line = line[3:]
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Bad(f"bytes are not UTF-8 (byte {e.start + 1} of the line: {line[e.start:e.start + 1]!r})",
+                   "Re-save the file as UTF-8") from None
+    if not text.strip():
+        return None
+    try:
+        rec = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except json.JSONDecodeError as e:
+        raise _Bad(f"invalid JSON ({e.msg} at column {e.colno})",
+                   "Write exactly one JSON object per line (JSONL)") from None
+    except RecursionError:  # '[' * 100000: json's C parser stops at Python's recursion limit
+        raise _Bad("the JSON is nested too deeply to read", f"Write one of {_FORMATS}") from None
+    if not isinstance(rec, dict):
+        raise _Bad(f"the line is {_kind(rec)}, not a JSON object", f"Write one of {_FORMATS}")
+    return rec
 
 
-def _parse(path: str) -> list[tuple[int, str, object]]:
-    """Validate every line; return (line number, kind, payload) or raise one DataError naming the first bad line."""
+def _lines(path: str):
+    """(line number, its bytes without the newline or None when over MAX_LINE_BYTES, its length), read a line at a
+    time so a huge file or one without newlines is never held whole. Problems with the file itself raise DataError."""
+    todo = "Check the path and the file's permissions"
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        raise DataError(path, None, f"cannot read the file ({getattr(e, 'strerror', None) or e})", todo) from None
+    if stat.S_ISDIR(mode):
+        raise DataError(path, None, "is a directory, not a JSONL file", "Pass the path of the .jsonl file")
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # a device may never end (/dev/zero)
+        raise DataError(path, None, "is not a regular file", "Pass the path of a .jsonl file")
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            n = 0
+            while line := f.readline(MAX_LINE_BYTES + 1):
+                n += 1
+                if n == 1:
+                    kind = next((k for magic, k in _NOT_TEXT.items() if line.startswith(magic)), None)
+                    if kind:
+                        fix = "Re-save it as UTF-8" if kind.endswith("text") else "Decompress or convert it first"
+                        raise DataError(path, None, f"the file is {kind}, not UTF-8 JSONL", fix)
+                if line.endswith(b"\n"):
+                    line = line[:-1]
+                elif len(line) > MAX_LINE_BYTES:
+                    size = len(line)
+                    while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        size += len(rest)
+                    yield n, None, size + len(rest.rstrip(b"\n"))
+                    continue
+                yield n, line, len(line)
     except OSError as e:
-        raise DataError(path, None, f"cannot read the file ({e.strerror})", "Check the --data path") from None
-    records, errors = [], []
-    for n, line in enumerate(raw.split(b"\n"), start=1):
-        if n == 1 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
-            line = line[3:]
+        raise DataError(path, None, f"cannot read the file ({e.strerror or e})", todo) from None
+
+
+def _parse(path: str, train_on: str) -> list[tuple[int, str, object]]:
+    """Validate every line; return (line number, kind, payload) or raise one DataError naming the first bad line."""
+    records, errors = [], _Errors()
+    for n, line, size in _lines(path):
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            errors.append((n, f"bytes are not UTF-8 (byte {e.start + 1} of the line: {line[e.start:e.start + 1]!r})",
-                           "Re-save the file as UTF-8"))
-            continue
-        if not text.strip():
-            continue
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            errors.append((n, f"invalid JSON ({e.msg} at column {e.colno})",
-                           "Write exactly one JSON object per line (JSONL)"))
-            continue
-        if not isinstance(rec, dict):
-            errors.append((n, f"the line is a JSON {type(rec).__name__}, not an object", f"Write one of {_FORMATS}"))
-            continue
-        try:
-            records.append((n, *_messages(rec)))
-        except ValueError as e:
-            errors.append((n, *e.args))
-    if errors:
-        n, what, todo = errors[0]
-        if len(errors) > 1:
-            more = ", ".join(str(e[0]) for e in errors[1:6]) + (", ..." if len(errors) > 6 else "")
-            todo += f" ({len(errors) - 1} more bad lines: {more})"
-        raise DataError(path, n, what, todo)
+            if line is None:
+                raise _Bad(f"the line is {size:,} bytes long; the limit is {MAX_LINE_BYTES:,}",
+                           "Split it into several records (each is cut to max_seq_len tokens, so the rest of this "
+                           "one would be lost anyway)")
+            rec = _decode(line)
+            if rec is not None:
+                records.append((n, *_record(rec, train_on)))
+        except _Bad as e:
+            errors.add(n, *e.args)
+    errors.raise_first(path)
     if not records:
         raise DataError(path, None, "no records (the file is empty or has only blank lines)",
                         f"Write one JSON object per line: {_FORMATS}")
@@ -179,14 +305,18 @@ def _parse(path: str) -> list[tuple[int, str, object]]:
 def read_jsonl(path, tokenizer, train_on: str = "assistant", max_seq_len: int | None = None
                ) -> tuple[list[Example], DataStats]:
     """Read, validate and tokenize a JSONL file. train_on="assistant": chats train the assistant turns (+ <|end|>),
-    "all": every token. Examples longer than max_seq_len are cut (counted); one left without any target is dropped
-    (counted, named in the summary)."""
+    "all": every token. A record that renders with no target at all is a bad line. Examples longer than
+    max_seq_len are cut (counted); one left without any target is dropped (counted, named in the summary), and
+    DataError is raised when that leaves no example."""
     if train_on not in ("assistant", "all"):
         raise ValueError(f'train_on must be "assistant" or "all", got {train_on!r}')
+    if max_seq_len is not None and max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
     path = str(path)
     stats = DataStats(max_seq_len=max_seq_len)
-    examples = []
-    for n, kind, payload in _parse(path):
+    examples, errors = [], _Errors()
+    need = None  # the smallest max_seq_len that would keep one of the dropped records
+    for n, kind, payload in _parse(path, train_on):
         if kind == "chat":
             ids, mask = tokenizer.render(payload)
             if not getattr(tokenizer, "supports_system", True):
@@ -197,16 +327,32 @@ def read_jsonl(path, tokenizer, train_on: str = "assistant", max_seq_len: int | 
             ids, mask = tokenizer.render_text(payload)
         if train_on == "all":
             mask = [True] * len(ids)
+        # mask[0] is never a target: nothing before the first token predicts it (e.g. a chat that opens with an
+        # empty assistant turn under the medium template renders to the single token <|end|>)
+        if not any(mask[1:]):
+            errors.add(n, f"nothing to train: the record renders to {len(ids)} token(s) and none after the first "
+                          "is trained", "Remove the record, or give it more text to train on")
+            continue
         if max_seq_len is not None and len(ids) > max_seq_len:
-            ids, mask = ids[:max_seq_len], mask[:max_seq_len]
             stats.truncated += 1
-            if not any(mask[1:]):
+            first = mask.index(True, 1)
+            ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+            if first >= max_seq_len:
                 stats.dropped += 1
+                need = first + 1 if need is None else min(need, first + 1)
                 continue
         examples.append(Example(ids, mask))
         stats.examples += 1
         stats.tokens += len(ids)
         stats.trained_tokens += sum(mask[1:])
+    errors.raise_first(path)
+    if not examples:
+        todo = f"Raise --max-seq-len to at least {need} to keep one"
+        if train_on == "assistant" and max_seq_len >= 2:
+            todo += ", or train on every token with --train-on all"
+        who = ("the only record was dropped: it has no" if stats.dropped == 1
+               else f"all {stats.dropped:,} records were dropped: none has a")
+        raise DataError(path, None, f"{who} trained token within max_seq_len ({max_seq_len}) tokens", todo)
     return examples, stats
 
 

@@ -2,13 +2,18 @@
 
     python -m pytest tests/test_data.py
 """
+import errno
+import gzip
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from phi3 import data
 from phi3.data import (Batch, DataError, DataStats, Example, make_batches, pad_token_for, read_jsonl,
                        split_eval)
 from phi3.tokenizer import load_tokenizer
@@ -66,24 +71,82 @@ def test_train_on_all(tmp_path, tok):
 
 # --- bad input: every case names the file, the line, and what is wrong ---------------------------------------
 
+U = {"role": "user", "content": "q"}
+DEEP = 100_000  # far past Python's recursion limit
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
 BAD = [
     ("invalid_json", [CHAT, '{"messages": [}'], 2, "invalid JSON"),
     ("unknown_format", [CHAT, CHAT, {"question": "q", "answer": "a"}], 3, "keys found: answer, question"),
+    ("empty_object", [{}], 1, "unknown record format (keys found: none)"),
+    ("odd_keys", [{"a\nb": 1, "\ud800": 2, "k" * 500: 3}], 1, "keys found: 'a\\nb', "),
     ("prompt_without_completion", [{"prompt": "q"}], 1, "Expected one of"),
-    ("unknown_role", [{"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}]}], 1,
-     "messages[1] has unknown role 'tool'"),
+    ("unknown_role", [{"messages": [U, {"role": "tool", "content": "a"}]}], 1, "messages[1] has unknown role 'tool'"),
     ("unknown_sharegpt_role", [{"conversations": [{"from": "bot", "value": "a"}]}], 1, "unknown role (from) 'bot'"),
-    ("no_assistant", [{"messages": [{"role": "user", "content": "q"}]}], 1, "no assistant turn"),
-    ("non_string_content", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]}],
-     1, "messages[1].content is a int, not a string"),
-    ("null_content", [{"conversations": [{"from": "gpt", "value": None}]}], 1, "conversations[0].value is a NoneType"),
-    ("messages_not_list", [{"messages": "hello"}], 1, '"messages" is a str, not a list'),
-    ("message_not_object", [{"messages": ["hello"]}], 1, "messages[0] is \"hello\", not an object"),
+    ("no_assistant", [{"messages": [U]}], 1, "no assistant turn"),
+    ("non_string_content", [{"messages": [U, {"role": "assistant", "content": 5}]}], 1,
+     "messages[1].content is a number, not a string"),
+    ("null_content", [{"conversations": [{"from": "gpt", "value": None}]}], 1, "conversations[0].value is null"),
+    ("messages_not_list", [{"messages": "hello"}], 1, '"messages" is a string, not a list'),
+    ("conversations_not_list", [{"conversations": {"from": "gpt"}}], 1, '"conversations" is an object, not a list'),
+    ("message_not_object", [{"messages": ["hello"]}], 1, "messages[0] is 'hello', not an object"),
+    ("message_is_number", [{"messages": [U, 3]}], 1, "messages[1] is a number, not an object"),
+    ("message_is_null", [{"messages": [None]}], 1, "messages[0] is null, not an object"),
+    ("message_is_list", [{"messages": [[U]]}], 1, "messages[0] is a list, not an object"),
+    ("message_nested_500", ['{"messages": [' + _nested(500) + "]}"], 1, "messages[0] is a list, not an object"),
+    ("message_without_content", [{"messages": [{"role": "user"}]}], 1,
+     "messages[0] is an object with keys role, not an object with role and content"),
+    ("turn_without_value", [{"conversations": [{"from": "gpt", "content": "a"}]}], 1, "not an object with from and"),
     ("empty_messages", [{"messages": []}], 1, '"messages" is empty'),
-    ("top_level_array", [[1, 2]], 1, "JSON list, not an object"),
+    ("role_is_list", [{"messages": [{"role": ["user"], "content": "q"}]}], 1,
+     "messages[0].role is a list, not a string"),
+    ("role_is_null", [{"messages": [{"role": None, "content": "q"}]}], 1, "messages[0].role is null, not a string"),
+    ("from_is_list", [{"conversations": [{"from": ["human"], "value": "q"}]}], 1,
+     "conversations[0].from is a list, not a string"),
+    ("from_is_object", [{"conversations": [{"from": {"a": 1}, "value": "q"}]}], 1,
+     "conversations[0].from is an object, not a string"),
+    ("from_is_bool", [{"conversations": [{"from": True, "value": "q"}]}], 1, "from is true/false, not a string"),
+    ("value_is_list", [{"conversations": [{"from": "gpt", "value": ["a"]}]}], 1,
+     "conversations[0].value is a list, not a string"),
+    ("top_level_array", [[1, 2]], 1, "the line is a list, not a JSON object"),
+    ("top_level_string", ['"text"'], 1, "the line is a string, not a JSON object"),
+    ("top_level_null", ["null"], 1, "the line is null, not a JSON object"),
+    ("top_level_number", ["12"], 1, "the line is a number, not a JSON object"),
     ("text_not_string", [{"text": ["a"]}], 1, '"text" is a list, not a string'),
+    ("text_is_object", [{"text": {"a": "b"}}], 1, '"text" is an object, not a string'),
+    ("text_is_null", [{"text": None}], 1, '"text" is null, not a string'),
     ("empty_text", ["", "", {"text": "  "}], 3, '"text" is empty'),
-    ("completion_not_string", [{"prompt": "q", "completion": 3}], 1, '"completion" is a int'),
+    ("completion_not_string", [{"prompt": "q", "completion": 3}], 1, '"completion" is a number'),
+    ("prompt_is_list", [{"prompt": ["q"], "completion": "a"}], 1, '"prompt" is a list, not a string'),
+    # inputs that made Python's json (or what follows it) raise something other than a clean error
+    ("deep_array", [CHAT, "[" * DEEP], 2, "nested too deeply"),
+    ("deep_messages", ['{"messages": ' + _nested(DEEP) + "}"], 1, "nested too deeply"),
+    ("deep_ignored_key", ['{"text": "a", "x": ' + _nested(DEEP) + "}"], 1, "nested too deeply"),
+    ("huge_int", ['{"text": 1' + "0" * 5000 + "}"], 1, "a number with 5,001 digits"),
+    ("huge_negative_int_ignored_key", ['{"text": "a", "id": -' + "7" * 5000 + "}"], 1, "a number with 5,000 digits"),
+    ("float_overflow", ['{"text": "a", "score": 1e999}'], 1, "the number '1e999' is too large for a float"),
+    ("nan", ['{"text": NaN}'], 1, "NaN is not JSON"),
+    ("infinity_in_turn", ['{"messages": [{"role": "user", "content": Infinity}]}'], 1, "Infinity is not JSON"),
+    ("minus_infinity", ['{"text": "a", "w": -Infinity}'], 1, "-Infinity is not JSON"),
+    ("lone_surrogate_text", ['{"text": "ab\\ud800c"}'], 1, '"text" has a lone surrogate \\ud800 (character 3)'),
+    ("lone_low_surrogate", ['{"text": "\\udc00"}'], 1, '"text" has a lone surrogate \\udc00 (character 1)'),
+    ("lone_surrogate_content", ['{"messages": [{"role": "assistant", "content": "x\\ud83d"}]}'], 1,
+     "messages[0].content has a lone surrogate \\ud83d"),
+    ("lone_surrogate_value", ['{"conversations": [{"from": "gpt", "value": "\\ude00"}]}'], 1,
+     "conversations[0].value has a lone surrogate"),
+    ("lone_surrogate_prompt", ['{"prompt": "\\ud800", "completion": "a"}'], 1, '"prompt" has a lone surrogate'),
+    ("lone_surrogate_completion", ['{"prompt": "q", "completion": "\\udfff"}'], 1, '"completion" has a lone'),
+    ("lone_surrogate_role", ['{"messages": [{"role": "\\ud800", "content": "a"}]}'], 1, "unknown role '\\ud800'"),
+    ("long_role", [{"messages": [{"role": "r" * 10_000, "content": "a"}]}], 1, "unknown role 'rrrr"),
+    ("nul_bytes", [CHAT, '{"text": "a\x00"}'], 2, "NUL bytes"),
+    ("binary", bytes(range(256)) * 4, 1, "NUL bytes"),
+    ("png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", 1, "bytes are not UTF-8 (byte 1 of the line: b'\\x89')"),
+    ("utf16_without_bom", json.dumps(CHAT).encode("utf-16-le") + b"\n\x00", 1, "NUL bytes"),
+    ("latin1", b'{"text": "caf\xe9"}\n', 1, "bytes are not UTF-8"),
 ]
 
 
@@ -97,6 +160,8 @@ def test_bad_input_messages(tmp_path, tok, name, lines, line, what):
     assert what in msg, msg
     assert e.value.line == line and e.value.path == str(p)
     assert msg.count(". ") >= 1  # "what is wrong. what to do"
+    assert "\n" not in msg and len(msg) < len(str(p)) + 400, msg  # one short line, whatever the record holds
+    msg.encode("utf-8")  # printable as it is: data echoed into it is escaped (no lone surrogate)
 
 
 def test_non_utf8_line(tmp_path, tok):
@@ -131,6 +196,100 @@ def test_bom_and_crlf(tmp_path, tok):
     assert len(ex) == 2
 
 
+def test_surrogate_pair_bom_mid_file_and_big_ignored_numbers_are_fine(tmp_path, tok):
+    bom = b"\xef\xbb\xbf"  # as `cat a.jsonl b.jsonl` leaves it when both were saved with one
+    p = _write(tmp_path, bom + b'{"text": "\\ud83d\\ude00", "id": 123456789012345678901234567890, "w": -1.5e300}\r\n'
+               + bom + json.dumps(CHAT).encode() + b"\r\n\r\n")
+    ex, _ = read_jsonl(p, tok, max_seq_len=64)
+    assert (ex[0].ids, ex[0].mask) == tok.render_text("\U0001F600")
+    assert (ex[1].ids, ex[1].mask) == tok.render(CHAT["messages"])
+
+
+def test_missing_assistant_is_fine_when_every_token_is_trained(tmp_path, tok):
+    user_only = [{"role": "user", "content": "Tell me a story."}]
+    (e,), stats = read_jsonl(_write(tmp_path, [{"messages": user_only}]), tok, train_on="all", max_seq_len=64)
+    assert e.ids == tok.render(user_only)[0] and stats.trained_tokens == len(e.ids) - 1
+
+
+# --- bad files: the message names the file and what it is -----------------------------------------------------
+
+BAD_FILES = [
+    ("directory", lambda d: d, "is a directory, not a JSONL file"),
+    ("missing", lambda d: d / "nope.jsonl", "cannot read the file (No such file or directory)"),
+    ("device", lambda d: Path("/dev/zero"), "is not a regular file"),  # would never end
+    ("utf16", lambda d: _write(d, json.dumps(CHAT).encode("utf-16")), "the file is UTF-16 text, not UTF-8"),
+    ("utf16_be", lambda d: _write(d, b"\xfe\xff" + json.dumps(CHAT).encode("utf-16-be")), "the file is UTF-16"),
+    ("utf32", lambda d: _write(d, json.dumps(CHAT).encode("utf-32")), "the file is UTF-32 text, not UTF-8"),
+    ("gzip", lambda d: _write(d, gzip.compress(json.dumps(CHAT).encode())), "the file is gzip-compressed"),
+]
+
+
+@pytest.mark.parametrize("make,what", [b[1:] for b in BAD_FILES], ids=[b[0] for b in BAD_FILES])
+def test_bad_files(tmp_path, tok, make, what):
+    p = make(tmp_path)
+    with pytest.raises(DataError) as e:
+        read_jsonl(p, tok, max_seq_len=64)
+    assert str(e.value).startswith(f"{p}: {what}"), str(e.value)
+    assert e.value.line is None and str(e.value).count(". ") >= 1
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file whatever its mode")
+def test_unreadable_file(tmp_path, tok):
+    p = _write(tmp_path, [CHAT])
+    p.chmod(0)
+    with pytest.raises(DataError, match=rf"^{p}: cannot read the file \(Permission denied\)\. "):
+        read_jsonl(p, tok, max_seq_len=64)
+
+
+def test_read_error_half_way(tmp_path, tok, monkeypatch):
+    p = _write(tmp_path, [CHAT, CHAT])
+    real_open = open
+
+    class Failing:  # a disk that fails on the second line
+        def __init__(self, *args):
+            self.f, self.calls = real_open(*args), 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def readline(self, size):
+            self.calls += 1
+            if self.calls == 2:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return self.f.readline(size)
+
+    monkeypatch.setattr(data, "open", Failing, raising=False)
+    with pytest.raises(DataError, match=rf"^{p}: cannot read the file \(Input/output error\)"):
+        read_jsonl(p, tok, max_seq_len=64)
+
+
+def test_line_over_the_limit_is_named_and_later_lines_keep_their_numbers(tmp_path, tok):
+    big = '{"text": "' + "x" * data.MAX_LINE_BYTES + '"}'
+    p = _write(tmp_path, [CHAT, big, CHAT, "{bad"])
+    with pytest.raises(DataError) as e:
+        read_jsonl(p, tok, max_seq_len=64)
+    size = len(big.encode())
+    assert str(e.value).startswith(f"{p}:2: the line is {size:,} bytes long; the limit is {data.MAX_LINE_BYTES:,}. ")
+    assert str(e.value).endswith("(1 more bad lines: 4)")
+
+
+@pytest.mark.parametrize("over", [0, 1])
+@pytest.mark.parametrize("newline", [b"\n", b""])
+def test_line_limit_is_exact(tmp_path, tok, monkeypatch, over, newline):
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 100)
+    line = b'{"text": "' + b"x" * (100 - 12 + over) + b'"}'
+    assert len(line) == 100 + over
+    p = _write(tmp_path, b'{"text": "a"}\n' + line + newline + (b'{"text": "b"}' if newline else b""))
+    if over:
+        with pytest.raises(DataError, match=rf"^{p}:2: the line is 101 bytes long; the limit is 100\. "):
+            read_jsonl(p, tok, max_seq_len=64)
+    else:
+        assert len(read_jsonl(p, tok, max_seq_len=64)[0]) == (3 if newline else 2)
+
+
 # --- truncation ---------------------------------------------------------------------------------------------
 
 def test_truncation_counted_and_dropped_named(tmp_path, tok):
@@ -144,6 +303,84 @@ def test_truncation_counted_and_dropped_named(tmp_path, tok):
     s = stats.summary()
     assert "2 truncated to 20 tokens" in s and "1 dropped" in s and "raise max_seq_len" in s
     assert stats.tokens == sum(len(e.ids) for e in ex)
+
+
+# --- examples with nothing to train -------------------------------------------------------------------------
+
+def _first_target(tok, messages) -> int:
+    """Index of the first trained token of a chat: max_seq_len must be at least this + 1 to keep it."""
+    return tok.render(messages)[1].index(True, 1)
+
+
+@pytest.mark.parametrize("cut", ["one_token", "just_short"])
+def test_every_record_dropped_is_an_error(tmp_path, tok, cut):
+    need = _first_target(tok, CHAT["messages"]) + 1
+    max_len = 1 if cut == "one_token" else need - 1
+    p = _write(tmp_path, [CHAT, "", CHAT])
+    with pytest.raises(DataError) as e:
+        read_jsonl(p, tok, max_seq_len=max_len)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: all 2 records were dropped: none has a trained token within max_seq_len ({max_len})")
+    assert f"Raise --max-seq-len to at least {need} to keep one" in msg
+    assert ("--train-on all" in msg) == (max_len >= 2)  # with 1 token nothing is predicted, whatever is trained
+    ex, stats = read_jsonl(p, tok, max_seq_len=need)  # the suggestion is exact: one target each is left
+    assert len(ex) == 2 and stats.trained_tokens == 2 and stats.dropped == 0
+
+
+def test_every_token_trained_needs_two_tokens(tmp_path, tok):
+    p = _write(tmp_path, [CHAT])
+    with pytest.raises(DataError, match="at least 2 to keep one$"):
+        read_jsonl(p, tok, train_on="all", max_seq_len=1)
+    (e,), stats = read_jsonl(p, tok, train_on="all", max_seq_len=2)
+    assert len(e.ids) == 2 and stats.trained_tokens == 1
+
+
+def test_held_out_file_all_dropped_is_an_error_too(tmp_path, tok):
+    # train.py reads --eval-data with the same call; a held-out split always leaves training one example
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "ok"}]}
+    with pytest.raises(DataError, match="the only record was dropped: it has no trained token within max_seq_len"):
+        read_jsonl(_write(tmp_path, [long_prompt], "eval.jsonl"), tok, max_seq_len=20)
+    ex, _ = read_jsonl(_write(tmp_path, [CHAT]), tok, max_seq_len=64)
+    assert split_eval(ex, 0.5, seed=0) == (ex, [])
+
+
+class OneToken:
+    """A tokenizer whose texts render to one token: nothing to predict it from."""
+    supports_system = True
+
+    def render_text(self, text):
+        return [7], [True]
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """The real tokenizer with the medium chat template (system messages left out, no leading <s>)."""
+    d = tmp_path_factory.mktemp("medium")
+    shutil.copy(TOK_DIR / "tokenizer.json", d / "tokenizer.json")
+    shutil.copy(TOK_DIR.parent / "configs/phi3-medium-4k-instruct/tokenizer_config.json", d / "tokenizer_config.json")
+    return load_tokenizer(d)
+
+
+NOTHING_TO_TRAIN = [  # (tokenizer, train_on, a good record or None, the record with nothing to train)
+    ("medium", "assistant", CHAT, {"messages": [{"role": "assistant", "content": ""}]}),  # renders to <|end|>
+    ("medium", "all", CHAT, {"messages": [{"role": "system", "content": "Be brief."}]}),  # renders to nothing
+    ("one_token", "all", None, {"text": "a"}),
+]
+
+
+@pytest.mark.parametrize("which,train_on,good,record", NOTHING_TO_TRAIN,
+                         ids=["empty_reply_first", "system_only", "one_token_text"])
+def test_record_with_nothing_to_train_is_a_bad_line(tmp_path, request, which, train_on, good, record):
+    tok = OneToken() if which == "one_token" else request.getfixturevalue(which)
+    if "messages" in record:  # the premise, from the tokenizer itself
+        ids, mask = tok.render(record["messages"])
+        assert len(ids) <= 1 and not any(mask[1:])
+    p = _write(tmp_path, ([good] if good else []) + [record, record])
+    first = 2 if good else 1
+    with pytest.raises(DataError) as e:
+        read_jsonl(p, tok, train_on=train_on, max_seq_len=64)
+    assert str(e.value).startswith(f"{p}:{first}: nothing to train: the record renders to ")
+    assert str(e.value).endswith(f"(1 more bad lines: {first + 1})")
 
 
 # --- batching -----------------------------------------------------------------------------------------------
@@ -267,13 +504,7 @@ def test_stats_summary_format():
     assert s == "3 examples, 200 tokens, 50 trained (25.0%), 0 truncated to 128 tokens"
 
 
-def test_system_messages_dropped_by_template_are_counted(tmp_path, tok):
-    import shutil
-    d = tmp_path / "medium"
-    d.mkdir()
-    shutil.copy(TOK_DIR / "tokenizer.json", d / "tokenizer.json")
-    shutil.copy(TOK_DIR.parent / "configs/phi3-medium-4k-instruct/tokenizer_config.json", d / "tokenizer_config.json")
-    medium = load_tokenizer(d)
+def test_system_messages_dropped_by_template_are_counted(tmp_path, tok, medium):
     _, stats = read_jsonl(_write(tmp_path, [CHAT, CHAT]), medium, max_seq_len=64)
     assert stats.system_dropped == 2 and "2 system messages left out" in stats.summary()
     _, stats = read_jsonl(_write(tmp_path, [CHAT]), tok, max_seq_len=64)
