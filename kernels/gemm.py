@@ -57,7 +57,7 @@ def _lora_gemm_kernel(a_ptr, b_ptr, l_ptr, r_ptr, c_ptr, M, N, K, R, scale, seed
     """
     dt = c_ptr.dtype.element_ty
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows x stride passes 2^31 (gate_up)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m % M
     cols = offs_n % N
@@ -119,7 +119,7 @@ def _lora_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, M, N, K, R, scale, 
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         tile_c += NUM_SMS
         pid_m, pid_n = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _add_low_rank(acc, l_ptr, r_ptr, offs_m, offs_n, M, N, R, scale, seed, p, inv_keep,
                             stride_lm, stride_lr, stride_rr, stride_rn, dt, DOT_PREC, R_PAD, BLOCK_R, DROPOUT)

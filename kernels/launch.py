@@ -4,9 +4,14 @@ Host time matters here: one LoRA linear is 5 kernel launches forward + backward,
 projections the Python around them took longer than the GPU work. So the autotuner is consulted once per key,
 and each launch site keeps its kernel compiled for the problem at hand (`cached`, `Prepared`): a repeat call
 allocates its outputs and goes straight to Triton's launcher.
+
+Prepared calls Triton internals (requirements leave Triton's version open), so the first fast launch of each
+kernel + config + device is checked against Triton's own launcher, bit for bit; if they ever disagree, a warning
+says so and every later launch goes through Triton's launcher (`Slow`): slower on the host, never wrong.
 """
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -70,7 +75,11 @@ _tuned = {
 _KERNELS = {"gemm": _lora_gemm_kernel, "tma": _lora_gemm_tma_kernel, "down": _lora_down_kernel,
             "dy": _lora_dy_kernel, "da": _lora_da_kernel}
 _SMALL = dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=4, BLOCK_M=32)  # interpreter: small blocks, no autotune
-_best = {}  # autotune key -> chosen config, read once per key so later launches skip the autotuner
+_best = {}  # autotune key (`choice_key`) -> chosen config, read once per key so later launches skip the autotuner
+# the arguments each kernel writes: what the fast-launch check compares (the counters reset themselves)
+_WRITES = {"gemm": ("c_ptr",), "tma": ("c_ptr",), "down": ("s_ptr", "xs_ptr", "w_ptr"),
+           "dy": ("gp_ptr", "g_ptr", "dbp_ptr", "count_ptr"), "da": ("dap_ptr", "da_ptr", "count_ptr", "db_ptr")}
+_fast_checked = set()  # (kernel, config, device) whose fast launch wrote what Triton's launcher wrote
 _raw_stream = torch._C._cuda_getCurrentRawStream if torch.cuda.is_available() else None
 
 
@@ -92,6 +101,11 @@ def cdiv(a, b):
 
 def next_pow2(n):
     return 1 << (n - 1).bit_length()
+
+
+def choice_key(head, fields):
+    """Key of a timed choice, as tuning records hold it (kernels/tuning.py): "head NAME=value ...", no device."""
+    return " ".join([head] + [f"{name}={value}" for name, value in fields])
 
 
 def m_bucket(m: int) -> int:
@@ -125,7 +139,8 @@ def launch(name, grid, args, meta, dtype):
         triton.set_allocator(_scratch)  # see Prepared.__call__
     if tuned:
         tuner = _tuned[name]
-        key = (name, dtype) + tuple(meta[k] if k in meta else args[fn.arg_names.index(k)] for k in tuner.keys)
+        key = choice_key(name, [("dtype", dtype)] + [(k, meta[k] if k in meta else args[fn.arg_names.index(k)])
+                                                     for k in tuner.keys])
         cfg = _best.get(key)
         if cfg is None:
             tuner[grid](*args, **meta)
@@ -134,13 +149,53 @@ def launch(name, grid, args, meta, dtype):
     cfg = cfg or _plain_config(name, dtype)
     full = {**meta, **cfg.kwargs}
     grid = (tuple(grid(full)) + (1, 1))[:3]
-    if INTERPRET or not FAST_LAUNCH:
-        slow = Slow(fn, grid, full, {} if INTERPRET else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        slow(args)
+    opts = {} if INTERPRET else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    slow = Slow(fn, grid, full, opts, name == "tma" and not INTERPRET)
+    check = (name, str(cfg), args[0].device.index)
+    if INTERPRET or not FAST_LAUNCH or (check not in _fast_checked and torch.cuda.is_current_stream_capturing()):
+        slow(args)  # (no check inside a CUDA graph capture: it compares on the host)
         return slow
-    kernel = fn[grid](*args, **full, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    writes = list({id(t): t for t in (args[fn.arg_names.index(n)] for n in _WRITES[name])}.values())
+    before = [t.clone() for t in writes] if check not in _fast_checked else None
+    kernel = fn[grid](*args, **full, **opts)
     tail = tuple(full[n] for n in fn.arg_names[len(args):])  # the constexprs follow the runtime arguments
-    return Prepared(kernel, grid, tail, args[0].device.index, name == "tma")
+    prepared = Prepared(kernel, grid, tail, args[0].device.index, name == "tma")
+    if before is None or _fast_launch_agrees(prepared, args, writes, before, check):
+        return prepared
+    return slow
+
+
+def _fast_launch_agrees(prepared, args, writes, before, check):
+    """Run `prepared` on the inputs Triton's launcher just ran on (`writes` restored to `before`, which also
+    covers outputs that are accumulated into) and compare what it writes bit for bit. On a difference or an
+    error: Triton's results back in place, one warning, and Triton's launcher for every launch from now on."""
+    global FAST_LAUNCH
+    expected = [t.clone() for t in writes]
+    for t, b in zip(writes, before):
+        t.copy_(b)
+    try:
+        prepared(args)
+        agrees = all(torch.equal(_bits(t), _bits(e)) for t, e in zip(writes, expected))
+        why = "its outputs differ"
+    except Exception as e:  # noqa: BLE001 - any failure of the fast path means: use Triton's own
+        agrees, why = False, f"{type(e).__name__}: {e}"
+    if agrees:
+        _fast_checked.add(check)
+        return True
+    for t, e in zip(writes, expected):
+        t.copy_(e)
+    FAST_LAUNCH = False
+    warnings.warn(f"kernels/launch.py: the fast kernel launch disagrees with Triton {triton.__version__}'s own "
+                  f"launcher for kernel {check[0]!r} ({check[1]}) on cuda:{check[2]} ({why}); every launch now goes "
+                  "through Triton's launcher (results are right, the host side is slower). Please report this "
+                  f"message with torch {torch.__version__} to the project's maintainers (kernels/launch.py, "
+                  "Prepared); LORA_FAST_LAUNCH=0 skips the fast path.", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def _bits(t):
+    """t's bits as integers: equal means identical (NaN == NaN, -0.0 != 0.0)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 class Prepared:
@@ -166,13 +221,16 @@ class Prepared:
 
 
 class Slow:
-    """Prepared's stand-in where every launch goes through Triton's binder: the interpreter, LORA_FAST_LAUNCH=0."""
-    __slots__ = ("fn", "grid", "meta", "opts")
+    """Prepared's stand-in where every launch goes through Triton's binder: the interpreter, LORA_FAST_LAUNCH=0,
+    and after a failed fast-launch check."""
+    __slots__ = ("fn", "grid", "meta", "opts", "scratch")
 
-    def __init__(self, fn, grid, meta, opts):
-        self.fn, self.grid, self.meta, self.opts = fn, grid, meta, opts
+    def __init__(self, fn, grid, meta, opts, scratch):
+        self.fn, self.grid, self.meta, self.opts, self.scratch = fn, grid, meta, opts, scratch
 
     def __call__(self, args):
+        if self.scratch:
+            triton.set_allocator(_scratch)  # as in Prepared: autograd's backward thread has its own
         self.fn[self.grid](*args, **self.meta, **self.opts)
 
 

@@ -102,7 +102,7 @@ def _gemm(plan, site, a, b_op, lo, ro, scale, out_dtype, seed=0, p=0.0):
     if kind is None:
         kind = _static_kind(a, b_op)
         if kind == "tma" and _timed(a):  # cuBLAS's main loop may outrun Triton's by more than the extra pass
-            kind = _fastest((site,) + _shape_key(a, b_op, lo, p), {
+            kind = _fastest(_kind_key(site, a, b_op, lo, p), {
                 k: lambda k=k: _launch_kind(k, plan, site, a, b_op, lo, ro, scale, c, seed, p) for k in ("tma", "cublas")})
         plan[site + " kind"] = kind
     _launch_kind(kind, plan, site, a, b_op, lo, ro, scale, c, seed, p)
@@ -154,11 +154,11 @@ def _forward_kind(plan, x2, weight, A, B, scale, seed, p, spare):
     kinds = [kind] + (["cublas"] if kind == "tma" else []) + (["concat"] if spare else [])
     if len(kinds) == 1:
         return kind
-    return _fastest(("fwd", spare > 0) + _shape_key(x2, weight.t(), A.t(), p), {
+    return _fastest(_kind_key(f"fwd SPARE={spare > 0}", x2, weight.t(), A.t(), p), {
         k: lambda k=k: _run_forward(k, plan, x2, weight, A, B, scale, seed, p, spare) for k in kinds})
 
 
-_chosen_kinds = {}  # (site, shape key as the autotuner's) -> the kind measured fastest for it
+_chosen_kinds = {}  # `_kind_key` -> the kind measured fastest for it (or taken from a tuning record)
 
 
 def _timed(a):
@@ -167,15 +167,18 @@ def _timed(a):
             and a.element_size() <= 2 and not torch.cuda.is_current_stream_capturing())
 
 
-def _shape_key(a, b_op, lo, p):
-    return launch.m_bucket(a.shape[0]), b_op.shape[1], a.shape[1], lo.shape[1], p > 0, a.dtype, a.device
+def _kind_key(site, a, b_op, lo, p):
+    """Shapes as the autotuner keys them, no device: one choice per process, and torchrun ranks share a record."""
+    return launch.choice_key(site, [("M_BUCKET", launch.m_bucket(a.shape[0])), ("N", b_op.shape[1]),
+                                    ("K", a.shape[1]), ("R", lo.shape[1]), ("DROPOUT", p > 0), ("dtype", a.dtype)])
 
 
 def _fastest(key, runs, rounds=3):
     """The name of the fastest of `runs` (name -> callable), timed once per key: every candidate in each of
     `rounds` interleaved rounds (clock and power drift then hit all alike), the median round compared: one
-    timing per kind is at the mercy of a single noisy run (the same matmul varies by up to 17 % between rounds)."""
-    if key not in _chosen_kinds:
+    timing per kind is at the mercy of a single noisy run (the same matmul varies by up to 17 % between rounds).
+    A kind already chosen for the key (kernels/tuning.py: a record) is kept unless it cannot run here."""
+    if _chosen_kinds.get(key) not in runs:
         times = {name: [] for name in runs}
         for _ in range(rounds):
             for name, run in runs.items():
@@ -227,7 +230,7 @@ def _programs(items, device):
 def _lora_down(plan, x2, A, seed, p):
     """S = dropout(x) A^T, (M, r) fp32."""
     s = _empty(x2.shape[0], A.shape[0], dtype=torch.float32, device=x2.device)
-    _launch_down(plan, "down", x2, A, s, x2, x2, A, 1.0, seed, p, 0)
+    _launch_down(plan, "down", x2, A, s, s, s, A, 1.0, seed, p, 0)  # XS, W, B: unused without COPY
     return s
 
 

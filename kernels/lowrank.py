@@ -8,6 +8,11 @@ Dropout is Philox (tl.rand) keyed by (seed, row * in + col): the mask is never s
 materializes the same multiplier for tests. Each kernel is persistent: its programs (a wave or two of the GPU)
 walk the work items, so no partly filled last wave idles the GPU.
 
+Offsets into tensors of M rows are int64 (the row index is cast before it meets a stride, as in Liger and
+flash-attention; also the column index where the stride is the caller's): past 131,072 tokens gate_up's dy has
+2^31 elements, and int32 products would wrap silently. tl.cast, not .to: under the interpreter loop counters are
+Python ints.
+
 Sums split over several programs need no extra launch: each program stores its partial, and the last of a group
 to finish (an atomic ticket per group, `_last_to_arrive`) adds the group's partials in a fixed order, so the
 result is deterministic. The counters live in a buffer the launcher keeps zeroed per CUDA stream.
@@ -18,9 +23,10 @@ import triton.language as tl
 
 @triton.jit
 def _dropout(x, seed, offs_m, offs_k, n_cols, p, inv_keep, DROPOUT: tl.constexpr):
-    """keep with probability 1-p, scale kept values by 1/(1-p); Philox counter = row * n_cols + col (int32)."""
+    """keep with probability 1-p, scale kept values by 1/(1-p); Philox counter = row * n_cols + col, int64: tl.rand
+    puts its high word in Philox's second counter, which is 0 below 2^32, so smaller counters draw what int32 did."""
     if DROPOUT:
-        rnd = tl.rand(seed, offs_m[:, None] * n_cols + offs_k[None, :])
+        rnd = tl.rand(seed, tl.cast(offs_m, tl.int64)[:, None] * n_cols + offs_k[None, :])
         x = tl.where(rnd >= p, x.to(tl.float32) * inv_keep, 0.0).to(x.dtype)
     return x
 
@@ -28,7 +34,7 @@ def _dropout(x, seed, offs_m, offs_k, n_cols, p, inv_keep, DROPOUT: tl.constexpr
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(out_ptr, M, K, seed, p, inv_keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[m, k] = keep(seed, m, k) / (1 - p), the exact multiplier the other kernels apply to x."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.cast(tl.program_id(0), tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ones = tl.full((BLOCK_M, BLOCK_K), 1.0, tl.float32)
     mask = _dropout(ones, seed, offs_m, offs_k, K, p, inv_keep, True)
@@ -53,12 +59,13 @@ def _lora_down_kernel(x_ptr, a_ptr, s_ptr, xs_ptr, w_ptr, b_ptr, M, K, R, N, sca
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = tl.cast(tile, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k
             mk = (offs_m[:, None] < M) & (ks[None, :] < K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk, mask=mk, other=0.0)
+            x_offs = offs_m[:, None] * stride_xm + tl.cast(ks, tl.int64)[None, :] * stride_xk  # any x strides
+            x = tl.load(x_ptr + x_offs, mask=mk, other=0.0)
             if COPY:
                 if tl.program_id(1) == 0:  # one rank chunk copies x
                     tl.store(xs_ptr + offs_m[:, None] * stride_xs + ks[None, :], x, mask=mk)
@@ -100,12 +107,13 @@ def _summed(part, parts_ptr, part_stride, tile, mask, count_ptr, n_parts, index)
     last = n_parts == 1
     total = part
     if n_parts > 1:
-        tl.store(parts_ptr + index * part_stride + tile, part, mask=mask)
+        tl.store(parts_ptr + tl.cast(index, tl.int64) * part_stride + tile, part, mask=mask)
         last = _last_to_arrive(count_ptr, n_parts)
         total = tl.zeros_like(part)
         if last:
             for j in range(n_parts):  # .cg: read the other programs' partials from L2, never a stale L1 line
-                total += tl.load(parts_ptr + j * part_stride + tile, mask=mask, other=0.0, cache_modifier=".cg")
+                total += tl.load(parts_ptr + tl.cast(j, tl.int64) * part_stride + tile, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
     return last, total
 
 
@@ -125,7 +133,7 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, g_ptr, dbp_ptr, count_ptr, M, 
     for item in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * gn, tl.num_programs(0)):
         pm = item // gn
         pn = item % gn
-        offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = tl.cast(pm, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         mr = (offs_m[:, None] < M) & (offs_r[None, :] < R)
         s = tl.load(s_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mr, other=0.0).to(dt)  # (BLOCK_M, BLOCK_R)
         g = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
@@ -134,12 +142,13 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, g_ptr, dbp_ptr, count_ptr, M, 
         for n0 in range(n_start, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nr = (offs_n[:, None] < n_end) & (offs_r[None, :] < R)
-            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + tl.cast(offs_n, tl.int64)[None, :] * stride_dyn,
                          mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_end), other=0.0)
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=nr, other=0.0)
             g = tl.dot(dy, (b * scale).to(dt), g, input_precision=DOT_PREC)
             db = tl.dot(tl.trans(dy), s, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_R)
-            tl.store(dbp_ptr + pm * N * R + offs_n[:, None] * R + offs_r[None, :], db * scale, mask=nr)
+            dbp = dbp_ptr + tl.cast(pm, tl.int64) * N * R  # (M / 256) N R floats: past 2^31 at r = 256
+            tl.store(dbp + offs_n[:, None] * R + offs_r[None, :], db * scale, mask=nr)
         g_tile = offs_m[:, None] * R + offs_r[None, :]
         last, g = _summed(g, gp_ptr, M * R, g_tile, mr, count_ptr + pm * tl.num_programs(1) + tl.program_id(1), gn, pn)
         if last:
@@ -167,7 +176,7 @@ def _lora_da_kernel(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, dbp_ptr, db_ptr, M
                 offs = item * BLOCK_DB + tl.arange(0, BLOCK_DB)
                 db = tl.zeros((BLOCK_DB,), tl.float32)
                 for j in range(db_parts):
-                    db += tl.load(dbp_ptr + j * db_numel + offs, mask=offs < db_numel, other=0.0)
+                    db += tl.load(dbp_ptr + tl.cast(j, tl.int64) * db_numel + offs, mask=offs < db_numel, other=0.0)
                 tl.store(db_ptr + offs, db, mask=offs < db_numel)
         else:
             pm = (item - db_items) % gm
@@ -177,8 +186,8 @@ def _lora_da_kernel(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, dbp_ptr, db_ptr, M
             m_end = min(m_start + rows_per_item, M)
             acc = tl.zeros((BLOCK_K, BLOCK_R), tl.float32)
             for m0 in range(m_start, m_end, BLOCK_M):
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                offs_m = tl.cast(m0, tl.int64) + tl.arange(0, BLOCK_M)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + tl.cast(offs_k, tl.int64)[None, :] * stride_xk,
                             mask=(offs_m[:, None] < m_end) & (offs_k[None, :] < K), other=0.0)
                 x = _dropout(x, seed, offs_m, offs_k, K, p, inv_keep, DROPOUT)
                 g = tl.load(g_ptr + offs_m[:, None] * R + offs_r[None, :],

@@ -6,7 +6,10 @@ Tolerance (flash-attention's rule): for y, dx, dA, dB, max|kernel - fp64| <= 2 *
 where torch = lora_linear_reference at the same dtype (with autograd) and slack = c * eps(dtype) * max|fp64|,
 c = 1 for fp16/bf16 and 16 for fp32 (2e-6 relative: fp32 summation-order noise over K ~ 1000).
 """
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -18,7 +21,12 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import importlib  # noqa: E402
 
-from kernels import dropout_mask, lora_linear, lora_linear_reference, with_spare_columns  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from kernels import (dropout_mask, lora_linear, lora_linear_reference, tuning_record, use_tuning_record,  # noqa: E402
+                     with_spare_columns)
+from kernels.lowrank import _dropout  # noqa: E402
 
 ll = importlib.import_module("kernels.lora_linear")  # the module (kernels.lora_linear is the function)
 launch = importlib.import_module("kernels.launch")
@@ -72,6 +80,11 @@ def _check(shape, n_out, r, dtype, scale=2.0, p=0.0, noncontig=False, seed=0, sp
     f64 = lambda t: t.double()
     exact = _run(lambda x_, w_, a_, b_: lora_linear_reference(x_, w_, a_, b_, scale, None if mask is None else mask.double()),
                  f64(x), f64(w), f64(a), f64(b), f64(dy))
+    _assert_close(got, ref, exact, dtype)
+
+
+def _assert_close(got, ref, exact, dtype):
+    """got (kernel), ref (torch at the same dtype), exact (fp64): y, dx, dA, dB."""
     for name, k, t, e in zip(("y", "dx", "dA", "dB"), got, ref, exact):
         assert k.dtype == t.dtype and k.shape == e.shape, name
         assert torch.isfinite(k).all(), f"{name}: non-finite values (unwritten output?)"
@@ -223,6 +236,145 @@ def test_torch_backend_cpu():
     torch.testing.assert_close(y, lora_linear_reference(x, w, a, b, 2.0))
 
 
+@triton.jit
+def _mask_at_rows_kernel(out_ptr, ref_ptr, idx_ptr, row0, n_cols, seed, p,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_dropout's keep decision for rows row0.. (int32 row indices, as in the kernels) at the last BLOCK_K columns
+    of n_cols, and tl.rand's at the exact element indices idx (int64, computed by torch)."""
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_k = n_cols - BLOCK_K + tl.arange(0, BLOCK_K)
+    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    ones = tl.full((BLOCK_M, BLOCK_K), 1.0, tl.float32)
+    tl.store(out_ptr + tile, _dropout(ones, seed, offs_m, offs_k, n_cols, p, 2.0, True))
+    tl.store(ref_ptr + tile, tl.rand(seed, tl.load(idx_ptr + tile)))
+
+
+@needs_triton
+@pytest.mark.parametrize("n_cols,row0", [(8192, 2**31 // 8192 - 2), (8192, 2**32 // 8192 - 2), (3072, 2**33 // 3072)])
+def test_dropout_counter_is_exact_past_int32(n_cols, row0):
+    """The mask's Philox counter row * in + col is computed in int64: rows whose element index passes 2^31 (and
+    2^32, where int32 products would wrap around and repeat earlier rows' masks) keep with tl.rand(exact index)."""
+    rows, cols = 4, 16
+    idx = (torch.arange(row0, row0 + rows)[:, None] * n_cols + torch.arange(n_cols - cols, n_cols)[None, :]).to(DEV)
+    assert idx.max() >= 2**31  # past int32: the first two cases straddle 2^31 and 2^32, the last is past 2^33
+    out, ref = (torch.empty(rows, cols, device=DEV) for _ in range(2))
+    seed, p = 1234, 0.5
+    _mask_at_rows_kernel[(1,)](out, ref, idx, row0, n_cols, seed, p, BLOCK_M=rows, BLOCK_K=cols)
+    assert torch.equal(out != 0, ref >= p)
+    wrapped = torch.empty_like(ref)  # what int32 arithmetic would have drawn: the index mod 2^32, as int32
+    _mask_at_rows_kernel[(1,)](out, wrapped, ((idx + 2**31) % 2**32 - 2**31).int(), row0, n_cols, seed, p,
+                               BLOCK_M=rows, BLOCK_K=cols)
+    assert torch.equal(wrapped[idx < 2**32], ref[idx < 2**32])  # below 2^32 masks are what int32 counters drew
+    if (idx >= 2**32).any():
+        assert not torch.equal(wrapped[idx >= 2**32], ref[idx >= 2**32])
+
+
+# --------------------------------------------------------------------------------------- tuning records
+# keys as lora_linear / launch write them (the file format of a run folder's record): shapes and flags, no device
+_FWD_KEY = "fwd SPARE=False M_BUCKET=64 N=56 K=48 R=4 DROPOUT=True dtype=torch.float16"
+_DX_KEY = "dx M_BUCKET=64 N=48 K=56 R=4 DROPOUT=True dtype=torch.float16"
+_TMA_KEY = "tma dtype=torch.bfloat16 M_BUCKET=8192 N=16384 K=3072 R_PAD=16 DROPOUT=False B_KMAJOR=True DTYPE=torch.bfloat16"
+_DOWN_KEY = "down dtype=torch.bfloat16 M_BUCKET=8192 K=3072 R=16 COPY=False"
+_LOW_RANK_KEY = "gemm dtype=torch.float16 M_BUCKET=4096 N=16384 K=0 R_PAD=16 DROPOUT=True"  # cuBLAS hybrid's pass
+
+
+def _config_json(cfg):
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _record():
+    return {"version": 1, "kinds": {_DX_KEY: "cublas", _FWD_KEY: "cublas"},
+            "configs": {_DOWN_KEY: _config_json(launch._DOWN_CONFIGS[2]), _TMA_KEY: _config_json(launch._TMA_CONFIGS[4]),
+                        _LOW_RANK_KEY: _config_json(launch._GEMM_CONFIGS[1])}}
+
+
+@pytest.fixture
+def fresh_tuning(monkeypatch):
+    """This test's own choices: nothing timed or recorded before it."""
+    monkeypatch.setattr(ll, "_chosen_kinds", {})
+    monkeypatch.setattr(launch, "_best", {})
+    monkeypatch.setattr(ll, "_plans", {})
+
+
+def test_tuning_record_round_trip(fresh_tuning):
+    assert tuning_record() == {"version": 1, "kinds": {}, "configs": {}}
+    record = _record()
+    use_tuning_record(json.loads(json.dumps(record)))
+    assert json.loads(json.dumps(tuning_record())) == record
+    assert launch._best[_TMA_KEY] is launch._TMA_CONFIGS[4]  # the shipped object, not the file's dict
+    assert launch._best[_DOWN_KEY] is launch._DOWN_CONFIGS[2] and launch._best[_LOW_RANK_KEY] is launch._GEMM_CONFIGS[1]
+
+
+@needs_triton
+def test_tuning_record_kind_is_used(fresh_tuning, monkeypatch):
+    """A recorded kind replaces timing: the rule picks the TMA GEMM here, the record says cuBLAS hybrid (both run
+    in the interpreter), and no kernel is timed."""
+    x, w, *_ = _inputs((37, 48), 56, 4, torch.float16)
+    assert ll._static_kind(x, w.t()) == "tma"
+    monkeypatch.setattr(ll, "_timed", lambda a: True)  # as on a tuned GPU problem
+
+    def no_timing(fn, reps=7):
+        raise AssertionError("a recorded choice was timed")
+    monkeypatch.setattr(launch, "time_ms", no_timing)
+    launched = []
+    real_launch = launch.launch
+    monkeypatch.setattr(launch, "launch", lambda name, *a: launched.append(name) or real_launch(name, *a))
+    use_tuning_record({"kinds": {_FWD_KEY: "cublas", _DX_KEY: "cublas"}})
+    _check((37, 48), 56, 4, torch.float16, scale=1.3, p=0.25)
+    kinds = {site: plan[site + " kind"] for plan in ll._plans.values() for site in ("fwd", "dx") if site + " kind" in plan}
+    assert kinds == {"fwd": "cublas", "dx": "cublas"} and "tma" not in launched and "gemm" in launched
+    assert tuning_record()["kinds"] == {_FWD_KEY: "cublas", _DX_KEY: "cublas"}  # the keys lora_linear looked up
+
+
+def _hostile_records():
+    cfg = _config_json(launch._TMA_CONFIGS[0])
+    deep = []
+    for _ in range(10_000):
+        deep = [deep]
+    return {
+        "list": [], "string": "tma", "none": None, "unknown field": {"kind": {}}, "version 2": {"version": 2},
+        "version text": {"version": "1"}, "version bool": {"version": True},
+        "kinds not object": {"kinds": [["dx", "tma"]]}, "configs not object": {"configs": "x"},
+        "unknown kind": {"kinds": {_DX_KEY: "magic"}}, "kind not text": {"kinds": {_DX_KEY: ["tma"]}},
+        "code as kind": {"kinds": {_DX_KEY: "__import__('os').system('true')"}},
+        "concat for dx": {"kinds": {_DX_KEY: "concat"}},
+        "concat without spare columns": {"kinds": {_FWD_KEY: "concat"}},
+        "unknown site": {"kinds": {"bwd" + _DX_KEY[2:]: "tma"}},
+        "missing field": {"kinds": {_DX_KEY.replace(" R=4", ""): "tma"}},
+        "extra field": {"kinds": {_DX_KEY + " X=1": "tma"}},
+        "field order": {"kinds": {"dx N=48 M_BUCKET=64 K=56 R=4 DROPOUT=True dtype=torch.float16": "tma"}},
+        "bucket not a power of two": {"kinds": {_DX_KEY.replace("M_BUCKET=64", "M_BUCKET=100"): "tma"}},
+        "huge size": {"kinds": {_DX_KEY.replace("N=48", "N=99999999999"): "tma"}},
+        "negative size": {"kinds": {_DX_KEY.replace("N=48", "N=-48"): "tma"}},
+        "fp32 dtype": {"kinds": {_DX_KEY.replace("float16", "float32"): "tma"}},
+        "non-text key": {"kinds": {7: "tma"}},
+        "huge key": {"kinds": {"dx " + "x" * 100_000: "tma"}},
+        "too many": {"kinds": {_DX_KEY.replace("N=48", f"N={n}"): "tma" for n in range(1, 10_002)}},
+        "unknown kernel": {"configs": {"mm" + _TMA_KEY[3:]: cfg}},
+        "config not shipped": {"configs": {_TMA_KEY: {**cfg, "BLOCK_M": 512}}},
+        "config field missing": {"configs": {_TMA_KEY: {k: v for k, v in cfg.items() if k != "num_stages"}}},
+        "config field extra": {"configs": {_TMA_KEY: {**cfg, "maxnreg": 128}}},
+        "config text value": {"configs": {_TMA_KEY: {**cfg, "BLOCK_M": "128"}}},
+        "config float value": {"configs": {_TMA_KEY: {**cfg, "BLOCK_M": 128.0}}},
+        "config int for bool": {"configs": {_TMA_KEY: {**cfg, "SUBTILE": 1}}},
+        "config of another kernel": {"configs": {_DOWN_KEY: cfg}},
+        "config nested": {"configs": {_TMA_KEY: {**cfg, "BLOCK_M": deep}}},
+        "config list": {"configs": {_TMA_KEY: list(cfg.values())}},
+        "nan": {"configs": {_TMA_KEY: {**cfg, "BLOCK_M": float("nan")}}},
+    }
+
+
+@pytest.mark.parametrize("case", list(_hostile_records()))
+def test_tuning_record_refuses_hostile(fresh_tuning, case):
+    """A record from a run folder is a stranger's file: anything this code could not have written is refused with
+    ValueError, and nothing of it is applied."""
+    use_tuning_record(_record())
+    before = tuning_record()
+    with pytest.raises(ValueError, match="tuning record"):
+        use_tuning_record(_hostile_records()[case])
+    assert tuning_record() == before
+
+
 # ------------------------------------------------------------------------------------------- GPU only
 PHI3 = [(3072, 9216), (3072, 3072), (3072, 16384), (8192, 3072)]  # qkv, o, gate_up, down
 
@@ -304,3 +456,165 @@ def test_cuda_second_gpu_while_first_is_current(monkeypatch, gemm):
         monkeypatch.setitem(globals(), "DEV", device)
         _check((2048, 3072), 3072, 16, torch.bfloat16, scale=2.0, p=0.1, spare=True)
         assert torch.cuda.current_device() == 0
+
+
+def _gpu_gib():
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if CUDA else 0
+
+
+@cuda
+@needs_cuda
+@pytest.mark.skipif(_gpu_gib() < 80, reason="needs a GPU with 80 GiB (inputs, outputs and the torch reference)")
+@pytest.mark.parametrize("k,n,m,p,gemms", [
+    (3072, 16384, 2**31 // 16384 + 300, 0.0, ("auto", "triton", "cublas", "concat")),  # gate_up: y and dy rows
+    (8192, 3072, 2**31 // 8192 + 300, 0.1, ("auto", "triton")),  # down: x rows and dropout counters past 2^31
+])
+def test_cuda_offsets_past_int32(monkeypatch, k, n, m, p, gemms):
+    """More tokens than int32 offsets reach (row x stride >= 2^31 in the last 300 rows), bf16. y and dx are checked
+    on sampled rows (all of the last 400) against those rows in fp64; dA and dB (sums over every row) against fp64
+    sums taken by chunks; the torch error at bf16 sets the tolerance as in _check; every output is written."""
+    r, scale, seed = 16, 2.0, 7
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, generator=g, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(n, k, generator=g, device="cuda") / k**0.5).bfloat16()
+    a = torch.randn(r, k, generator=g, device="cuda") / k**0.5
+    b = torch.randn(n, r, generator=g, device="cuda") / r**0.5
+    dy = torch.randn(m, n, generator=g, device="cuda", dtype=torch.bfloat16)
+    mask = dropout_mask(seed, (m, k), p, "cuda") if p > 0 else None
+    sample = torch.randperm(m - 464, generator=torch.Generator().manual_seed(0))[:192] + 64
+    rows = torch.cat([torch.arange(64), sample, torch.arange(m - 400, m)]).cuda()
+    ref = _run(lambda *t: lora_linear_reference(*t, scale, mask), x, w, a, b, dy)
+    ref = [ref[0][rows], ref[1][rows], ref[2], ref[3]]  # y and dx on the sampled rows only (memory)
+
+    w64, a64, b64 = w.double(), a.double(), b.double()
+    xd = lambda i: x[i].double() * (1.0 if mask is None else mask[i].double())  # dropout(x) in fp64
+    y64 = x[rows].double() @ w64.T + scale * (xd(rows) @ a64.T) @ b64.T
+    dx_lora = scale * (dy[rows].double() @ b64) @ a64
+    dx64 = dy[rows].double() @ w64 + dx_lora * (1.0 if mask is None else mask[rows].double())
+    da64, db64 = torch.zeros(r, k, dtype=torch.float64, device="cuda"), torch.zeros(n, r, dtype=torch.float64, device="cuda")
+    for c in range(0, m, 8192):
+        i = slice(c, c + 8192)
+        d = dy[i].double()
+        da64 += scale * (d @ b64).T @ xd(i)
+        db64 += scale * d.T @ (xd(i) @ a64.T)
+    exact = [y64, dx64, da64, db64]
+    for gemm in gemms:
+        monkeypatch.setattr(ll, "GEMM", gemm)
+        wk, spare = with_spare_columns(w, r) if gemm == "concat" else (w, 0)
+        got = _run(lambda *t: lora_linear(*t, scale, p, seed=seed, spare_cols=spare), x, wk, a, b, dy)
+        for name, t in zip(("y", "dx"), got):  # poisoned before the launch: NaN left where nothing was written
+            assert torch.isfinite(t).all(), f"{gemm} {name}: rows left unwritten"
+        _assert_close([got[0][rows], got[1][rows], got[2], got[3]], ref, exact, torch.bfloat16)
+        del got
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("broken", [None, "writes nothing", "raises"])
+def test_cuda_fast_launch_checked_against_triton(monkeypatch, broken):
+    """The first fast launch of each kernel + config + device is compared with Triton's own launcher. A fast path
+    that disagrees (monkeypatched here, as a Triton release that changed its internals might) gives one warning
+    and Triton's launcher from then on, with right results, the first call's included."""
+    import warnings
+
+    monkeypatch.setattr(launch, "_fast_checked", set())
+    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
+    monkeypatch.setattr(ll, "_plans", {})
+    if broken == "writes nothing":
+        monkeypatch.setattr(launch.Prepared, "__call__", lambda self, args: None)
+    elif broken == "raises":
+        def raises(self, args):
+            raise TypeError("run() takes 12 positional arguments but 13 were given")
+        monkeypatch.setattr(launch.Prepared, "__call__", raises)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # the first call checks and launches; the second reuses the plan
+            _check((2, 1000, 3072), 3072, 16, torch.bfloat16, scale=2.0, p=0.1)
+    fast = [w for w in caught if "fast kernel launch disagrees" in str(w.message)]
+    if broken is None:
+        assert not fast and launch.FAST_LAUNCH
+        assert {c[0] for c in launch._fast_checked} == {"down", "tma", "dy", "da"}
+    else:
+        assert len(fast) == 1 and issubclass(fast[0].category, RuntimeWarning) and not launch.FAST_LAUNCH
+        assert "report" in str(fast[0].message) and (broken != "raises" or "TypeError" in str(fast[0].message))
+
+
+_AUTOTUNE_LISTS = {"gemm": launch._GEMM_CONFIGS, "tma": launch._TMA_CONFIGS, "down": launch._DOWN_CONFIGS,
+                   "dy": launch._DY_CONFIGS, "da": launch._DA_CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def gate_up_problem():
+    """gate_up at 4000 tokens, bf16, r = 16, dropout 0.1: inputs, the torch result and the fp64 one, computed once
+    for every config."""
+    x, w, a, b, dy = _inputs((4000, 3072), 16384, 16, torch.bfloat16, seed=2)
+    mask = dropout_mask(1234, x.shape, 0.1, DEV)
+    ref = _run(lambda *t: lora_linear_reference(*t, 2.0, mask), x, w, a, b, dy)
+    exact = _run(lambda *t: lora_linear_reference(*t, 2.0, mask.double()), *(t.double() for t in (x, w, a, b, dy)))
+    return (x, w, a, b, dy), ref, exact
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("name,index", [(name, i) for name, cfgs in _AUTOTUNE_LISTS.items() for i in range(len(cfgs))])
+def test_cuda_every_autotune_config(monkeypatch, gate_up_problem, name, index):
+    """Each shipped autotune config, forced for its kernel (the others take their first), at a Phi-3-mini shape:
+    outputs and gradients within the rule of _check. "gemm" configs run as the pointer GEMM (GEMM="triton"), the
+    rest under the TMA GEMM."""
+    cfg = _AUTOTUNE_LISTS[name][index]
+    plain = launch._plain_config
+    monkeypatch.setattr(launch, "_plain_config", lambda n, dtype: cfg if n == name else plain(n, dtype))
+    monkeypatch.setattr(ll, "_plans", {})
+    monkeypatch.setattr(ll, "GEMM", "triton" if name == "gemm" else "auto")
+    used = []
+    real_launch = launch.launch
+    monkeypatch.setattr(launch, "launch", lambda n, *a: used.append(n) or real_launch(n, *a))
+    inputs, ref, exact = gate_up_problem
+    got = _run(lambda *t: lora_linear(*t, 2.0, 0.1, seed=1234), *inputs)
+    assert name in used
+    _assert_close(got, ref, exact, torch.bfloat16)
+
+
+_CHILD = r"""
+import json, sys, torch
+from kernels import launch, lora_linear, tuning_record, use_tuning_record, with_spare_columns
+record_in, out = sys.argv[1:]
+if record_in != "-":
+    use_tuning_record(json.load(open(record_in)))
+    def no_timing(*a, **k):
+        raise AssertionError("a recorded choice was timed")
+    launch.time_ms = no_timing
+g = torch.Generator(device="cuda").manual_seed(0)
+x = torch.randn(4000, 3072, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+w, spare = with_spare_columns(torch.randn(16384, 3072, generator=g, device="cuda", dtype=torch.bfloat16) / 64, 16)
+a = (torch.randn(16, 3072, generator=g, device="cuda") / 64).requires_grad_()
+b = (torch.randn(16384, 16, generator=g, device="cuda") / 4).requires_grad_()
+dy = torch.randn(4000, 16384, generator=g, device="cuda", dtype=torch.bfloat16)
+results = {}
+for p in (0.0, 0.1):
+    y = lora_linear(x, w, a, b, 2.0, p, seed=5, spare_cols=spare)
+    y.backward(dy)
+    results.update({f"{n} {p}": t.detach().cpu() for n, t in (("y", y), ("dx", x.grad), ("dA", a.grad), ("dB", b.grad))})
+    x.grad = a.grad = b.grad = None
+torch.save(results, out + ".pt")
+json.dump(tuning_record(), open(out + ".json", "w"))
+"""
+
+
+@cuda
+@needs_cuda
+def test_cuda_tuning_record_reproduces_in_fresh_process(tmp_path):
+    """A record written by one process (autotuned, kinds timed) makes a fresh process compute the same bits, with
+    no timing of its own (it would raise) and no choice beyond the record's."""
+    env = {**os.environ, "LORA_AUTOTUNE": "1", "LORA_GEMM": "auto", "LORA_FAST_LAUNCH": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                          os.environ.get("PYTHONPATH", "")])}
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    subprocess.run([sys.executable, "-c", _CHILD, "-", first], env=env, check=True, timeout=500)
+    record = json.load(open(first + ".json"))
+    assert record["kinds"] and record["configs"], record  # the first process did time and tune
+    assert not any("cuda" in key for key in [*record["kinds"], *record["configs"]])
+    subprocess.run([sys.executable, "-c", _CHILD, first + ".json", second], env=env, check=True, timeout=500)
+    assert json.load(open(second + ".json")) == record
+    a, b = torch.load(first + ".pt"), torch.load(second + ".pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])]
