@@ -13,12 +13,16 @@ is printed and saved as train_config.json in the run folder, next to metrics.jso
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds) ends the process quietly: nothing is
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # written before run() takes the signals over (StopRequest)
+
 import argparse
 import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,15 +30,17 @@ from pathlib import Path
 
 import torch
 
-from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load_model, load_tokenizer, save_model
 from kernels.lora_linear import GEMM_CHOICES
-from phi3 import distributed
+from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load_model, load_tokenizer, save_model
+from phi3 import distributed, kernel_tuning
+from phi3.atomic import atomic_file
 from phi3.checkpoint import EMBEDDED_MODEL, default_dtype, parse_dtype, write_hf_files
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, merge_lora, parse_targets, save_adapter
 from phi3.loss import cross_entropy_sum
 from phi3.progress import Progress, peak_memory_gib, plot_loss
-from phi3.run_state import find_checkpoint, load_checkpoint, lr_lambda, save_checkpoint
+from phi3.run_state import (RunStateError, clean_stale_writes, find_checkpoint, load_checkpoint, lr_lambda,
+                            run_folder_of, save_checkpoint, set_schedule_step, write_json_atomic)
 from phi3.tokenizer import TokenizerError
 
 
@@ -95,17 +101,57 @@ class FlagError(ValueError):
     """A command-line value that cannot work."""
 
 
+# Flags that shape the trained tensors or the sequence of batches: a resumed run keeps the saved values (it
+# would otherwise fail to load, or silently train on other batches than the run it continues).
+RESUME_FIXED = ("full", "init", "rank", "alpha", "dropout", "targets", "rslora", "train_on", "max_seq_len",
+                "packing", "batch_size", "grad_accum", "seed", "eval_fraction")
+
+
+def config_from_json(path: Path) -> TrainConfig:
+    """A saved train_config.json, read as untrusted data: every field present, of its declared type."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FlagError(f"{path}: unreadable ({e}); start a new run, or resume another run folder") from None
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    problem = None
+    if not isinstance(saved, dict) or set(saved) != set(fields):
+        problem = "not the train_config.json of this version (fields differ)"
+    else:
+        for name, kind in fields.items():
+            value = saved[name]
+            ok = {"str": type(value) is str, "int": type(value) is int, "bool": type(value) is bool,
+                  "float": type(value) in (int, float), "str | None": value is None or type(value) is str,
+                  "bool | None": value is None or type(value) is bool}[kind]
+            if not ok:
+                problem = f"{name} is {json.dumps(value)[:40]}, not a {kind}"
+                break
+    if problem:
+        raise FlagError(f"{path}: {problem}; start a new run, or resume another run folder")
+    return TrainConfig(**saved)
+
+
 def resolve_config(argv) -> TrainConfig:
-    """Flags given on the command line override the defaults, or, with --resume, the resumed run's config."""
+    """Flags given on the command line override the defaults, or, with --resume, the resumed run's config.
+
+    A resumed run writes into --out when given, else into the run folder --resume names (run_folder_of):
+    never into the `out` its saved config names, which may be another machine's path or a stranger's choice."""
     given = vars(build_parser().parse_args(argv))
     if given.get("resume"):
         ckpt = find_checkpoint(given["resume"])
         saved = ckpt / "train_config.json"
-        try:
-            base = TrainConfig(**json.loads(saved.read_text())) if saved.is_file() else TrainConfig()
-        except (TypeError, json.JSONDecodeError) as e:
-            raise FlagError(f"{saved}: not a train_config.json this version can read ({e}); "
-                            "start a new run, or pass the flags again without --resume") from None
+        if not saved.is_file():
+            raise FlagError(f"{saved}: missing; every checkpoint-STEP folder train.py writes has one: resume from a "
+                            "complete checkpoint")
+        base = config_from_json(saved)
+        changed = [n for n in RESUME_FIXED if n in given and given[n] != getattr(base, n)]
+        if changed:
+            n = changed[0]
+            raise FlagError(f"--{n.replace('_', '-')} {given[n]} differs from the resumed run's "
+                            f"{getattr(base, n)}; a resumed run keeps the flags that shape its model and batches "
+                            f"({', '.join('--' + f.replace('_', '-') for f in RESUME_FIXED)}): drop the flag, or "
+                            "start a new run with another --out")
+        given.setdefault("out", str(run_folder_of(ckpt)))
         return validate(dataclasses.replace(base, **given))
     config = TrainConfig(**given)
     if not config.data:
@@ -115,10 +161,21 @@ def resolve_config(argv) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Catch impossible flag values before anything is loaded; one line each, exit code 2."""
-    positive = ("batch_size", "grad_accum", "max_seq_len", "rank", "keep", "log_every")
-    problems = [f"--{n.replace('_', '-')} must be > 0" for n in positive if getattr(cfg, n) <= 0]
-    problems += [f"--{n.replace('_', '-')} must be >= 0" for n in ("lr", "weight_decay", "warmup", "eval_every",
-                                                                  "save_every", "max_grad_norm") if getattr(cfg, n) < 0]
+    flag = lambda name: "--" + name.replace("_", "-")
+    problems = [f"{flag(n)} must be a finite number, not {getattr(cfg, n)}" for n in
+                ("lr", "warmup", "epochs", "alpha", "max_grad_norm", "weight_decay", "dropout", "eval_fraction")
+                if not math.isfinite(getattr(cfg, n))]
+    if problems:  # NaN compares false with everything: the range checks below would let it through
+        raise FlagError("; ".join(problems))
+    positive = ("batch_size", "grad_accum", "max_seq_len", "rank", "keep", "log_every", "lr", "epochs", "alpha",
+                "max_grad_norm")
+    problems = [f"{flag(n)} must be > 0" for n in positive if getattr(cfg, n) <= 0]
+    problems += [f"{flag(n)} must be >= 0" for n in ("weight_decay", "warmup", "eval_every", "save_every")
+                 if getattr(cfg, n) < 0]
+    if cfg.max_steps != -1 and cfg.max_steps <= 0:
+        problems.append("--max-steps must be > 0 (or left out: --epochs decides)")
+    if not 0 <= cfg.seed < 2**31:
+        problems.append("--seed must be in [0, 2**31)")
     if not 0 <= cfg.dropout < 1:
         problems.append("--dropout must be in [0, 1)")
     if not 0 <= cfg.eval_fraction < 1:
@@ -127,12 +184,42 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         parse_targets(cfg.targets)
     except ValueError as e:
         problems.append(str(e))
+    problems += distributed.device_problems(cfg.device)
     if os.environ.get("LORA_GEMM", "auto") not in GEMM_CHOICES:
         problems.append(f"environment LORA_GEMM={os.environ['LORA_GEMM']!r} must be one of {', '.join(GEMM_CHOICES)}"
                         " (or unset)")
     if problems:
         raise FlagError("; ".join(problems))
+    for name in ("out", "export_merged"):
+        if getattr(cfg, name):
+            check_writable_folder(Path(getattr(cfg, name)), flag(name))
     return cfg
+
+
+def check_writable_folder(path: Path, flag: str) -> None:
+    """Fail now, not after loading a model for minutes: the folder (or its nearest existing parent) must be a
+    writable folder. Writes can still fail later (a full disk); those are reported the same way."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is" if existing == path else f"is under {existing}, which is"
+        raise FlagError(f"{flag} {path} {where} a file, not a folder; choose another {flag}")
+    if not existing.exists() or not os.access(existing, os.W_OK | os.X_OK):
+        raise FlagError(f"{flag} {path}: {existing} is not a writable folder; choose another {flag}")
+
+
+def check_fresh_run_folder(run_dir: Path) -> None:
+    """A new run must not share its folder with another: --keep would delete that run's checkpoints and a later
+    --resume would continue the wrong run."""
+    if not run_dir.is_dir():
+        return
+    found = [p.name for p in (run_dir / "train_config.json", *run_dir.glob("checkpoint-*")) if p.exists()]
+    if found:
+        raise FlagError(f"--out {run_dir} holds another run ({', '.join(sorted(found)[:3])}); continue it with "
+                        f"--resume {run_dir}, or choose a new --out (or delete the folder)")
 
 
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Phi3ForCausalLM:
@@ -188,14 +275,37 @@ def evaluate(model, batches, device, autocast, world=distributed.World()) -> tup
     return loss, math.exp(min(loss, 50))
 
 
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class StopRequest:
+    """Ctrl-C and SIGTERM only set a flag; the training loop stops at the next step boundary and saves exactly
+    that step's state. Raising from the handler instead could land anywhere: between optimizer.step() and the step
+    counter, or in the middle of writing a checkpoint."""
+
+    def __init__(self, say):
+        self.requested, self.say = False, say
+
+    def __call__(self, signum, frame):
+        if not self.requested:
+            self.say(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                     "(kill -9 is safe too: the last complete checkpoint stays loadable)")
+        self.requested = True
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm of a step is NaN or infinite."""
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Dropout masks come from torch's RNG, reseeded per step and process: resuming at any step replays them,
     and torchrun processes draw different masks."""
-    return (seed * 1_000_003 + step) * 1009 + rank
+    return ((seed * 1_000_003 + step) * 1009 + rank) % 2**63
 
 
 def train(cfg: TrainConfig) -> int:
@@ -211,6 +321,9 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     dtype = default_dtype(device) if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
     if cfg.gradient_checkpointing is None:
         cfg.gradient_checkpointing = device.type == "cuda"
+    run_dir = Path(cfg.out)
+    if not cfg.resume:
+        check_fresh_run_folder(run_dir)
     torch.manual_seed(cfg.seed)
     log("config: " + json.dumps(dataclasses.asdict(cfg)))
 
@@ -230,10 +343,6 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
                                 shuffle=False, seed=0) if eval_examples else []
 
     model = build_model(cfg, device, dtype).train()
-    run_dir = Path(cfg.out)  # created only once the data and the model are known to be good
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     trainable = [p for p in model.parameters() if p.requires_grad]
     log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{sum(p.numel() for p in trainable):,} trained, {device} {str(dtype).removeprefix('torch.')}, "
@@ -250,41 +359,65 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     eval_every = cfg.eval_every or max(1, total_steps // 5)
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=cfg.full and dtype != torch.float32)
 
-    step, position = 0, {"epoch": 0, "batch": 0}
+    step, position, saved_tuning = 0, {"epoch": 0, "batch": 0}, None
     if cfg.resume:
         ckpt = find_checkpoint(cfg.resume)
-        step, position = load_checkpoint(ckpt, model, optimizer, scheduler)
+        step, position = load_checkpoint(ckpt, model, optimizer)
+        if position["batch"] > len(batches):
+            raise RunStateError(f"{ckpt / 'state.json'}: data position {position} is past the {len(batches)} "
+                                "batches of an epoch of this data; resume with the data the run was trained on")
+        set_schedule_step(scheduler, step)
+        saved_tuning = read_tuning(ckpt, log)
         log(f"resumed from {ckpt} at step {step}")
+        if step >= total_steps:
+            log(f"the run already finished its {total_steps} steps; raise --max-steps or --epochs to train further")
+            return 0
         if position["epoch"] != 0:
             batches = epoch_batches(position["epoch"])
-
-    def write_model_files(folder: Path) -> None:
-        (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        if cfg.full:
-            write_hf_files(model, folder, dtype=dtype, tokenizer_from=cfg.model)
-        else:
-            save_adapter(model, folder, base_model=Path(cfg.model).resolve())
-
-    def save_now() -> Path:
-        return save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(position), write_model_files, cfg.keep)
-
-    def checkpoint_now() -> Path:
-        """Written by the main process only; the others wait so that no process runs ahead of a save."""
-        folder = save_now() if world.is_main else run_dir / f"checkpoint-{step}"
-        distributed.barrier(world)
-        return folder
-
-    progress = Progress(total_steps, cfg.log_every, run_dir / "metrics.jsonl", enabled=world.is_main)
-    if step == 0 and eval_batches:
-        loss, ppl = evaluate(model, eval_batches, device, autocast, world)
-        progress.say(f"eval before training: loss {loss:.4f} ppl {ppl:.2f}")
-        progress.log({"step": 0, "eval_loss": loss, "eval_ppl": ppl})
-
-    interrupted = False
-    previous_handler = signal.signal(signal.SIGTERM, raise_interrupt)  # `kill` saves a checkpoint like Ctrl-C
-    start_step, window_start, window_tokens = step, time.perf_counter(), 0
     try:
-        while step < total_steps:
+        tuning = kernel_tuning.prepare(model, cfg.batch_size * cfg.max_seq_len, dtype, device, saved_tuning,
+                                       world.rank, world.size)
+    except ValueError as e:  # the resumed record is not one (a stranger's or damaged file)
+        if saved_tuning is None:
+            raise
+        raise RunStateError(f"{ckpt / kernel_tuning.TUNING_FILE}: {e}; delete it to let the run choose kernels "
+                            "afresh") from None
+
+    with StopRequest(log) as stop:  # from here on, Ctrl-C and SIGTERM end the run at a step boundary
+        # The run folder is created only now: the data, the model and the checkpoint are known to be good.
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in clean_stale_writes(run_dir):
+                log(f"removed {stale}, left by a write that was killed")
+            write_json_atomic(run_dir / "train_config.json", dataclasses.asdict(cfg))
+            drop_metrics_after(run_dir / "metrics.jsonl", step)
+        tuning_text = {kernel_tuning.TUNING_FILE: kernel_tuning.to_file(tuning)} if tuning else {}
+
+        def write_model_files(folder: Path) -> None:
+            (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            if cfg.full:
+                write_hf_files(model, folder, dtype=dtype, tokenizer_from=cfg.model)
+            else:
+                save_adapter(model, folder, base_model=Path(cfg.model).resolve())
+
+        def save_now() -> Path:
+            """Written by the main process only; the others wait so that no process runs ahead of a save."""
+            final = run_dir / f"checkpoint-{step}"
+            if world.is_main and not (final / "state.json").is_file():  # this step's state is already there
+                save_checkpoint(run_dir, step, model, optimizer, dict(position), write_model_files, cfg.keep, tuning_text)
+            distributed.barrier(world)
+            return final
+
+        progress = Progress(total_steps, cfg.log_every, run_dir / "metrics.jsonl", enabled=world.is_main)
+        start_step, failure = step, None
+        window_tokens, window_seconds = 0, 0.0  # training time only: evals and saves are not in tokens/s
+        if step == 0 and eval_batches:
+            loss, ppl = evaluate(model, eval_batches, device, autocast, world)
+            progress.say(f"eval before training: loss {loss:.4f} ppl {ppl:.2f}")
+            progress.log({"step": 0, "eval_loss": loss, "eval_ppl": ppl})
+        while step < total_steps and not stop.requested:
+            started = time.perf_counter()
+            step_start_position, step_start_batches = dict(position), batches
             group = []  # this step's micro-batches, the same list in every process
             while len(group) < group_size:
                 if position["batch"] >= len(batches):
@@ -296,62 +429,111 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
             step_tokens = sum(b.trained_tokens for b in group)
             loss = accumulate_gradients(model, group[world.rank::world.size], device, autocast, step_tokens)
             distributed.all_reduce_sum_([p.grad for p in trainable if p.grad is not None], world)
-            (train_loss,) = distributed.sum_scalars([loss], world, device)
-            window_tokens += sum(int((b.input_ids != pad_id).sum()) for b in group)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+            # one collective carries the loss, the norm's finiteness and any process's stop request
+            train_loss, bad, stopping = distributed.sum_scalars(
+                [loss, float(not math.isfinite(loss + grad_norm)), float(stop.requested)], world, device)
+            if stopping or bad:
+                optimizer.zero_grad(set_to_none=True)  # this step is dropped: the state stays that of `step`
+                position, batches = step_start_position, step_start_batches
+                if bad:
+                    failure = (f"step {step + 1}: the loss ({train_loss:.4g}) or the gradient norm ({grad_norm:.4g}) "
+                               "is not finite")
+                stop.requested = True
+                break
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            now = time.perf_counter()
-            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+            window_tokens += sum(int((b.input_ids != pad_id).sum()) for b in group)
+            window_seconds += time.perf_counter() - started
+            tokens_per_s = window_tokens / max(window_seconds, 1e-9)
             peak = peak_memory_gib(device)
             progress.step(step, train_loss, lr, tokens_per_s, peak, step - start_step)
             if step % cfg.log_every == 0 or step == total_steps:
-                progress.log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
+                progress.log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                               "tokens_per_s": tokens_per_s, "peak_gib": peak, "epoch": position["epoch"]})
-                window_tokens = 0
+                window_tokens, window_seconds = 0, 0.0
             if eval_batches and (step % eval_every == 0 or step == total_steps):
                 loss, ppl = evaluate(model, eval_batches, device, autocast, world)
                 progress.say(f"eval at step {step}: loss {loss:.4f} ppl {ppl:.2f}")
                 progress.log({"step": step, "eval_loss": loss, "eval_ppl": ppl})
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                checkpoint_now()
-            if step % cfg.log_every == 0 or step % eval_every == 0:
-                window_start = time.perf_counter()  # keep eval and saving out of tokens/s
-    except KeyboardInterrupt:
-        interrupted = True
-        optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped; state is that of `step`
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+                save_now()
 
-    if interrupted:  # no collectives here: the other processes may be stopping at another point
-        if world.is_main:
-            final = save_now()
+        if failure and not all(torch.isfinite(p).all() for p in trainable):
+            raise NonFiniteLoss(f"{failure}, and the weights already hold NaN or inf; resume from an earlier "
+                                f"checkpoint in {run_dir} with a lower --lr")
+        final = save_now()  # signals only set stop.requested from here on: this save always completes
+        if failure:
+            raise NonFiniteLoss(f"{failure}; saved the last good state as {final}. Lower the learning rate "
+                                f"(python train.py --resume {run_dir} --lr ...) or check the data")
+        if step < total_steps:  # stopped by a signal
             progress.say(f"interrupted: saved {final}; continue with: python train.py --resume {run_dir}")
-        return 130
-    final = checkpoint_now()
-    if world.is_main:
-        write_model_files(run_dir)
-        progress.say(f"done: {'model' if cfg.full else 'adapter'} in {run_dir}, checkpoint {final}")
-        if cfg.export_merged and not cfg.full:
-            merge_lora(model)
-            save_model(model, cfg.export_merged, dtype=dtype, tokenizer_from=cfg.model)
-            progress.say(f"merged model written to {cfg.export_merged}")
-        plot_loss(run_dir)
-    distributed.barrier(world)
+            return 130
+        if world.is_main:
+            write_model_files(run_dir)
+            progress.say(f"done: {'model' if cfg.full else 'adapter'} in {run_dir}, checkpoint {final}")
+            if cfg.export_merged and not cfg.full:
+                merge_lora(model)
+                save_model(model, cfg.export_merged, dtype=dtype, tokenizer_from=cfg.model)
+                progress.say(f"merged model written to {cfg.export_merged}")
+            plot_loss(run_dir, progress.say)
+        distributed.barrier(world)
     return 0
+
+
+def read_tuning(checkpoint: Path, log) -> dict | None:
+    """The kernel choices saved with a checkpoint (checked when they are used), or None."""
+    path = checkpoint / kernel_tuning.TUNING_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved_settings, record = kernel_tuning.from_file(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RunStateError(f"{path}: unreadable ({e}); delete it to let the run choose kernels afresh") from None
+    if saved_settings != kernel_tuning.settings():
+        log(f"warning: the run chose its kernels with {saved_settings}, this process has {kernel_tuning.settings()}; "
+            "set the same environment to resume bit-exactly")
+    return record
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """A run resumed from an older checkpoint (after a kill) redoes the steps past it: drop their old lines."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(row, dict) and type(row.get("step")) is int and row["step"] <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(keep))
 
 
 def main(argv=None) -> int:
     try:
         cfg = resolve_config(argv)
         return train(cfg)
-    except (FlagError, DataError, CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (FlagError, DataError, CheckpointError, ConfigError, TokenizerError, RunStateError, NonFiniteLoss) as e:
+        message = str(e)
+    except OSError as e:  # unreadable inputs, unwritable outputs, a full disk: the failed write left nothing behind
+        message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+    except torch.OutOfMemoryError:
+        message = ("out of GPU memory; lower --batch-size or --max-seq-len, or turn on --gradient-checkpointing "
+                   "(the last complete checkpoint, if any, can be resumed with --resume)")
+    except KeyboardInterrupt:  # before training started (loading, tuning): no run folder was written yet
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -6,11 +6,16 @@ A crash or kill at any moment leaves either the previous version or the new one,
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+# .NAME.tmp-1a2b3c4d (being written) and .NAME.old-1a2b3c4d (the version being replaced)
+TEMPORARY_RE = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}")
 
 
 def _temporary_name(final: Path, kind: str) -> Path:

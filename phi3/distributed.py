@@ -27,6 +27,25 @@ class World:
         return self.rank == 0
 
 
+def device_problems(device: str) -> list[str]:
+    """Why --device cannot work here (empty when it can): only "auto", "cpu", "cuda" and "cuda:N" exist."""
+    if device == "auto":
+        return []
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        return [f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N"]
+    if d.type == "cpu":
+        return []
+    if d.type != "cuda":
+        return [f"--device {device!r}: only cpu and cuda are supported"]
+    if not torch.cuda.is_available():
+        return [f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu (or auto)"]
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        return [f"--device {device}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0..)"]
+    return []
+
+
 def init(device: str) -> tuple[World, torch.device]:
     """Join the torchrun process group if there is one; returns (world, this process's device)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from phi3.atomic import atomic_file
+
 
 class Progress:
     """One live line on a terminal (rewritten every step), plain lines every log_every steps elsewhere.
@@ -49,13 +51,14 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def plot_loss(run_dir: Path) -> None:
-    """loss.png from metrics.jsonl when matplotlib is installed (optional dependency)."""
+def plot_loss(run_dir: Path, say=lambda text: None) -> None:
+    """loss.png from metrics.jsonl (matplotlib is in requirements.txt; without it the plot is skipped, with a note)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        say("loss.png skipped: matplotlib is not installed (pip install matplotlib)")
         return
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -66,5 +69,6 @@ def plot_loss(run_dir: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
-    fig.savefig(run_dir / "loss.png", dpi=100, bbox_inches="tight")
+    with atomic_file(run_dir / "loss.png") as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)

@@ -1,26 +1,38 @@
-"""Resumable training state: checkpoint-STEP/ folders written atomically, RNG capture, learning-rate schedules.
+"""Resumable training state: checkpoint-STEP/ folders written atomically, read back as untrusted data, lr schedules.
 
-A checkpoint folder holds the adapter in the PEFT layout (or the full model in Hugging Face layout), the
-exact trainable tensors (trainable.safetensors), and state.pt: optimizer, scheduler, RNG states, step and
-data position. It is written under a temporary name and renamed when complete, so killing the process at
-any moment leaves every checkpoint-* folder either absent or whole.
+A checkpoint folder holds the adapter in the PEFT layout (or the full model in Hugging Face layout), the exact
+trainable tensors (trainable.safetensors), the optimizer's tensors (optimizer.safetensors) and state.json (step,
+data position). Nothing is pickled: a checkpoint may come from someone else, and reading it runs no code.
+Everything else a resumed run needs follows from the step: the learning rate is the schedule's value there, and
+dropout masks are reseeded per step (train.step_seed), so no RNG state is stored.
+
+Each folder is written under a temporary name and renamed when complete, so killing the process at any moment
+leaves every checkpoint-* folder either absent or whole; leftovers of a killed write are removed by
+clean_stale_writes.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import random
+import os
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from phi3.atomic import atomic_dir
+from phi3.atomic import TEMPORARY_RE, atomic_dir, atomic_file
 
-CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+STATE_FILE, TRAINABLE_FILE, OPTIMIZER_FILE = "state.json", "trainable.safetensors", "optimizer.safetensors"
+FORMAT = 2  # 1 was a pickled state.pt, no longer read
+
+
+class RunStateError(ValueError):
+    """A run folder or checkpoint we cannot use; the message names the path, the problem and what to do."""
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -37,65 +49,171 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return f
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a fresh LambdaLR (and its optimizer's lr) where `step` scheduler.step() calls would have: the same
+    expression base_lr * lambda(step) as LambdaLR.get_lr, so the resumed lr is bit-identical."""
+    scheduler.last_epoch, scheduler._step_count = step, step + 1
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# ---- writing -------------------------------------------------------------------------------------------------
+
+def _optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state under the parameter's name: '<name>:exp_avg', '<name>:exp_avg_sq', '<name>:step'."""
+    names = {p: n for n, p in model.named_parameters()}
+    out = {}
+    for p, state in optimizer.state.items():
+        for key, t in state.items():
+            out[f"{names[p]}:{key}"] = t.detach().contiguous().cpu()
+    return out
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, position: dict, write_model_files,
-                    keep: int) -> Path:
-    """Write run_dir/checkpoint-STEP atomically; delete the oldest so that `keep` remain."""
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: dict, write_model_files, keep: int,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Write run_dir/checkpoint-STEP atomically; delete the oldest so that `keep` remain. extra_files: name -> text."""
     final = run_dir / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         write_model_files(tmp)  # adapter (PEFT) or full model (HF layout), for users
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        torch.save({"step": step, "position": position, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
+        trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, tmp / TRAINABLE_FILE)
+        save_file(_optimizer_tensors(model, optimizer), tmp / OPTIMIZER_FILE)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        state = {"format": FORMAT, "step": step, "position": {k: int(v) for k, v in position.items()}}
+        (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")  # last: its presence marks the folder complete
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*")
-             if (m := CHECKPOINT_RE.search(p.name)) and (p / "state.pt").is_file()]
+    """Complete checkpoint-STEP folders directly inside run_dir, oldest first. Links are never followed: a run
+    folder from elsewhere must not make --keep delete outside it."""
+    found = []
+    for p in Path(run_dir).glob("checkpoint-*"):
+        m = CHECKPOINT_RE.fullmatch(p.name)
+        if m and not p.is_symlink() and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
+
+def clean_stale_writes(run_dir: Path) -> list[Path]:
+    """Remove what a killed write left in run_dir (.NAME.tmp-* folders and files); an .old-* copy whose final
+    folder is missing (killed between the two renames of atomic_dir) is put back. Returns what was removed."""
+    removed = []
+    for p in Path(run_dir).iterdir():
+        m = TEMPORARY_RE.fullmatch(p.name)
+        if not m:
+            continue
+        final = p.with_name(m.group("name"))
+        if m.group("kind") == "old" and not final.exists() and not p.is_symlink():
+            os.replace(p, final)
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def write_json_atomic(path: Path, data) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# ---- reading (untrusted) -------------------------------------------------------------------------------------
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder itself, or the newest complete checkpoint-* inside a run folder."""
     path = Path(path)
-    if (path / "state.pt").is_file():
+    if not path.is_dir():
+        raise RunStateError(f"{path}: no such folder; --resume takes a run folder or one of its checkpoint-STEP folders")
+    if (path / STATE_FILE).is_file():
         return path
     found = list_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"{path}: no checkpoint-STEP folder with state.pt to resume from")
-    return found[-1]
+    if found:
+        return found[-1]
+    if (path / "state.pt").is_file() or any(path.glob("checkpoint-*/state.pt")):
+        raise RunStateError(f"{path}: written by an older version of train.py (a pickled state.pt, which is never "
+                            "read because loading a pickle can run code); start a new run")
+    raise RunStateError(f"{path}: no checkpoint-STEP folder with {STATE_FILE} to resume from")
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore trainable tensors, optimizer, scheduler and RNG; return (step, data position)."""
-    tensors = load_file(folder / "trainable.safetensors")
-    params = dict(model.named_parameters())
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder a resumed run writes to when no --out is given: the folder --resume named, or, where that is a
+    checkpoint-STEP folder, the run folder holding it. Never the `out` of the saved train_config.json: that file
+    may come from elsewhere, and a copied or moved run must not write into the original."""
+    return checkpoint.parent if CHECKPOINT_RE.fullmatch(checkpoint.name) else checkpoint
+
+
+def read_state(folder: Path) -> tuple[int, dict]:
+    """(step, data position) from state.json, every value checked."""
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RunStateError(f"{path}: unreadable ({e}); resume from another checkpoint") from None
+    position = state.get("position") if isinstance(state, dict) else None
+    ok = (isinstance(state, dict) and state.get("format") == FORMAT and _count(state.get("step"))
+          and isinstance(position, dict) and set(position) == {"epoch", "batch"} and all(map(_count, position.values())))
+    if not ok:
+        raise RunStateError(f"{path}: not a checkpoint state this version wrote (expected format {FORMAT} with a step "
+                            "and an epoch/batch position, all non-negative integers); resume from another checkpoint")
+    return state["step"], dict(position)
+
+
+def _count(v) -> bool:
+    return type(v) is int and 0 <= v < 2**62
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+        raise RunStateError(f"{path}: unreadable or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                            "resume from another checkpoint") from None
+
+
+def _check_same(path: Path, found: dict[str, torch.Tensor], expected: dict[str, torch.Size], what: str) -> None:
+    missing, unknown = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unknown:
+        problem = (f"lacks {missing[0]}" if missing else f"has the unknown tensor {unknown[0]}")
+        raise RunStateError(f"{path}: {problem} ({len(missing)} missing, {len(unknown)} unknown); the checkpoint was "
+                            f"written for another {what} (--rank, --targets, --full or --model differ?); resume with "
+                            "the flags it was trained with, or start a new run")
+    for name, t in found.items():
+        if tuple(t.shape) != tuple(expected[name]) or not t.is_floating_point():
+            raise RunStateError(f"{path}: {name} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, this run "
+                                f"needs a float tensor of shape {list(expected[name])} (--rank or --targets differ?); "
+                                "resume with the flags it was trained with")
+        if not torch.isfinite(t).all():
+            raise RunStateError(f"{path}: {name} holds NaN or infinite values; resume from an earlier checkpoint")
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, dict]:
+    """Restore trainable tensors and AdamW state; return (step, data position). Every file is checked before
+    anything is changed: names, shapes and dtypes must be exactly what this run's model has."""
+    step, position = read_state(folder)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    tensors = _read_tensors(folder / TRAINABLE_FILE)
+    _check_same(folder / TRAINABLE_FILE, tensors, {n: p.shape for n, p in params.items()}, "model")
+    moments = _read_tensors(folder / OPTIMIZER_FILE)
+    expected = {}
+    for n, p in params.items():
+        expected.update({f"{n}:exp_avg": p.shape, f"{n}:exp_avg_sq": p.shape, f"{n}:step": torch.Size([])})
+    if step == 0 and not moments:
+        expected = {}  # saved before the first optimizer step: AdamW has no state yet
+    _check_same(folder / OPTIMIZER_FILE, moments, expected, "optimizer")
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t)
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return state["step"], state["position"]
+    index = {p: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state = optimizer.state_dict()  # the fresh optimizer's groups (hyperparameters come from this run's flags)
+    state["state"] = {index[p]: {k: moments[f"{n}:{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+                      for n, p in params.items() if f"{n}:step" in moments}
+    optimizer.load_state_dict(state)
+    return step, position

@@ -1,0 +1,98 @@
+"""Reproducible kernel choices for a training run.
+
+On a GPU the LoRA kernels choose, per problem shape, a GEMM kind and block sizes by timing them (kernels/launch.py),
+and different choices round differently. So a run makes every choice once, before its first step, for every shape
+its micro-batches can have; keeps them in kernel_tuning.json beside its checkpoints; uses the same ones when it is
+resumed; and under torchrun every process uses the main process's. Then 10 steps + resume + 10 steps compute
+exactly what 20 steps do, and all processes run the same kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from kernels import tuning_record, use_tuning_record
+from kernels.launch import AUTOTUNE_MIN_M, m_bucket
+from phi3.lora import lora_modules
+
+TUNING_FILE = "kernel_tuning.json"
+SETTINGS = ("LORA_GEMM", "LORA_AUTOTUNE")  # environment switches that decide whether choices are timed at all
+
+
+def settings() -> dict[str, str]:
+    return {name: os.environ.get(name, "") for name in SETTINGS}
+
+
+def to_file(record: dict) -> str:
+    return json.dumps({"settings": settings(), "record": record}, indent=1) + "\n"
+
+
+def from_file(text: str) -> tuple[dict, dict]:
+    """(settings, record) from a kernel_tuning.json; ValueError when it is not one (the record itself is checked
+    by use_tuning_record)."""
+    data = json.loads(text)
+    if not isinstance(data, dict) or set(data) != {"settings", "record"} or not isinstance(data["settings"], dict):
+        raise ValueError("not a kernel_tuning.json (expected {\"settings\": {...}, \"record\": {...}})")
+    return data["settings"], data["record"]
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """A token count in each autotuning bucket (powers of two) that a micro-batch of up to max_tokens can reach;
+    smaller problems run fixed configs and need no choice."""
+    return [m for m in (AUTOTUNE_MIN_M << i for i in range(40)) if m <= m_bucket(max_tokens)]
+
+
+def tune_lora_layers(model: torch.nn.Module, max_tokens: int, dtype: torch.dtype) -> None:
+    """Run forward + backward of each distinct LoRA layer shape once per bucket, training mode (dropout on) and
+    eval mode, on random inputs: this makes every timing choice the run will need. Gradients are dropped."""
+    was_training = model.training
+    seen = set()
+    for module in lora_modules(model).values():
+        shape = (module.in_features, module.out_features, module.rank, tuple(module.slices), module.dropout)
+        if shape in seen:
+            continue
+        seen.add(shape)
+        for tokens in token_buckets(max_tokens):
+            tokens = min(tokens, max_tokens)  # stays in its bucket: max_tokens is above half of every bucket
+            for training in (True, False):
+                module.train(training)
+                x = torch.randn(tokens, module.in_features, device=module.weight.device, dtype=dtype,
+                                requires_grad=training)
+                with torch.set_grad_enabled(training):
+                    y = module(x)
+                    if training:
+                        y.backward(torch.randn_like(y))
+    model.train(was_training)
+    model.zero_grad(set_to_none=True)
+
+
+def share_from_main(record: dict, rank: int, world_size: int, device: torch.device) -> dict:
+    """Rank 0's record on every process (sent as JSON bytes: nothing is unpickled)."""
+    if world_size == 1:
+        return record
+    data = torch.frombuffer(bytearray(json.dumps(record).encode()), dtype=torch.uint8).to(device) if rank == 0 else None
+    size = torch.tensor([data.numel() if rank == 0 else 0], device=device)
+    dist.broadcast(size, 0)
+    if rank != 0:
+        data = torch.empty(int(size), dtype=torch.uint8, device=device)
+    dist.broadcast(data, 0)
+    return json.loads(bytes(data.cpu().tolist()).decode())
+
+
+def prepare(model, max_tokens: int, dtype: torch.dtype, device: torch.device, saved: dict | None,
+            rank: int = 0, world_size: int = 1) -> dict:
+    """Make and share every kernel choice of the run before its first step; returns the record to save.
+    saved: the record of the run being resumed (validated by use_tuning_record; ValueError if it is not one)."""
+    if device.type != "cuda":
+        return {}  # the CPU path runs torch, not the timed kernels
+    if saved:
+        use_tuning_record(saved)
+    if rank == 0:
+        tune_lora_layers(model, max_tokens, dtype)
+    record = share_from_main(tuning_record() if rank == 0 else {}, rank, world_size, device)
+    use_tuning_record(record)
+    return record
