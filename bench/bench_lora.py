@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kernels import lora_linear, lora_linear_reference, with_spare_columns  # noqa: E402
+from kernels import lora_linear, lora_linear_reference, tuning_record, with_spare_columns  # noqa: E402
 
 ll = importlib.import_module("kernels.lora_linear")
 SHAPES = {"qkv": (3072, 9216), "o": (3072, 3072), "gate_up": (3072, 16384), "down": (8192, 3072)}
@@ -166,7 +166,7 @@ def main():
         rows.append((name, res))
         del sets
         torch.cuda.empty_cache()
-    print("GEMM kinds chosen by auto (shape key -> kind):", {k[:6]: v for k, v in ll._chosen_kinds.items()})
+    print("GEMM kinds chosen by auto (shape key -> kind):", tuning_record()["kinds"])
     print("\n| shape | a ms | b ms | b' ms | c ms | c_cub ms | c_cat ms | c/a | b/c | graph a / c ms | graph c/a | "
           "graph c_cub/a, c_cat/a | peak MiB a / b / b' / c |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
