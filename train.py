@@ -172,6 +172,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     problems = [f"{flag(n)} must be > 0" for n in positive if getattr(cfg, n) <= 0]
     problems += [f"{flag(n)} must be >= 0" for n in ("weight_decay", "warmup", "eval_every", "save_every")
                  if getattr(cfg, n) < 0]
+    if cfg.lr > 1:
+        problems.append("--lr must be <= 1 (AdamW moves each weight by about lr per step)")
     if cfg.max_steps != -1 and cfg.max_steps <= 0:
         problems.append("--max-steps must be > 0 (or left out: --epochs decides)")
     if not 0 <= cfg.seed < 2**31:
@@ -190,8 +192,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                         " (or unset)")
     if problems:
         raise FlagError("; ".join(problems))
+    if not cfg.out.strip():
+        raise FlagError("--out must name a folder (it is created if missing)")
     for name in ("out", "export_merged"):
-        if getattr(cfg, name):
+        if getattr(cfg, name) is not None:
             check_writable_folder(Path(getattr(cfg, name)), flag(name))
     return cfg
 
@@ -220,6 +224,20 @@ def check_fresh_run_folder(run_dir: Path) -> None:
     if found:
         raise FlagError(f"--out {run_dir} holds another run ({', '.join(sorted(found)[:3])}); continue it with "
                         f"--resume {run_dir}, or choose a new --out (or delete the folder)")
+
+
+def check_against_model(cfg: TrainConfig, config: Phi3Config) -> None:
+    """Flags that only the model's config.json can rule out, checked before its weights are read."""
+    if cfg.max_seq_len > config.max_position_embeddings:
+        raise FlagError(f"--max-seq-len {cfg.max_seq_len} is longer than the model's context "
+                        f"({config.max_position_embeddings} tokens, max_position_embeddings in {cfg.model}/config.json)")
+    smallest = min(config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim)
+    if not cfg.full and cfg.rank > smallest:
+        raise FlagError(f"--rank {cfg.rank} is larger than the smallest side of the adapted layers ({smallest}); "
+                        "LoRA ranks are usually 8-64")
+    if not cfg.full and "lm_head" in parse_targets(cfg.targets) and config.tie_word_embeddings:
+        raise FlagError(f"--targets lm_head: this model's lm_head is tied to its embeddings ({cfg.model}); "
+                        "leave lm_head out of --targets")
 
 
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Phi3ForCausalLM:
@@ -328,6 +346,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     log("config: " + json.dumps(dataclasses.asdict(cfg)))
 
     tokenizer = load_tokenizer(cfg.model)
+    check_against_model(cfg, Phi3Config.from_json(Path(cfg.model).expanduser() / "config.json"))
     examples, stats = read_jsonl(cfg.data, tokenizer, cfg.train_on, cfg.max_seq_len)
     log(f"data {cfg.data}: {stats.summary()}")
     if cfg.eval_data:
@@ -341,6 +360,11 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
                                                shuffle=True, seed=cfg.seed, epoch=epoch)
     eval_batches = make_batches(eval_examples, cfg.batch_size, cfg.max_seq_len, pad_id, cfg.packing,
                                 shuffle=False, seed=0) if eval_examples else []
+    group_size = cfg.grad_accum * world.size  # micro-batches per optimizer step, all processes together
+    batches = epoch_batches(0)  # every epoch has the same number of batches
+    if group_size > len(batches):
+        raise FlagError(f"--grad-accum {cfg.grad_accum} x {world.size} processes = {group_size} micro-batches per step, "
+                        f"more than the {len(batches)} of a whole epoch of {cfg.data}; lower --grad-accum or --batch-size")
 
     model = build_model(cfg, device, dtype).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -350,8 +374,6 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
         + (f", {world.size} processes" if world.size > 1 else ""))
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
-    group_size = cfg.grad_accum * world.size  # micro-batches per optimizer step, all processes together
-    batches = epoch_batches(0)  # every epoch has the same number of batches
     steps_per_epoch = math.ceil(len(batches) / group_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup_steps = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
@@ -469,7 +491,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
         final = save_now()  # signals only set stop.requested from here on: this save always completes
         if failure:
             raise NonFiniteLoss(f"{failure}; saved the last good state as {final}. Lower the learning rate "
-                                f"(python train.py --resume {run_dir} --lr ...) or check the data")
+                                f"(python train.py --resume {run_dir} --lr ...), or start again with a lower --alpha")
         if step < total_steps:  # stopped by a signal
             progress.say(f"interrupted: saved {final}; continue with: python train.py --resume {run_dir}")
             return 130
