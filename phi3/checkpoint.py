@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from phi3.atomic import atomic_dir, atomic_file
-from phi3.config import ConfigError, Phi3Config
+from phi3.config import ConfigError, Phi3Config, is_int, read_json_object, show
 from phi3.model import Phi3ForCausalLM
 
 
@@ -52,49 +53,105 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_DIMS = 8  # a Phi-3 tensor has 1 or 2
+
+
+def _tensor_entry(info, data_len: int) -> tuple[torch.dtype, list[int], int, int] | str:
+    """(dtype, shape, begin, end) of one header entry, or what is wrong with it. The header is JSON from whoever
+    wrote the file, so each value is checked for type and range before it is used."""
+    if not isinstance(info, dict):
+        return f"its entry is the {type(info).__name__} {show(info, 30)}, not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        return f"unsupported dtype {show(dtype)}"
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(is_int(n) and 0 <= n < 2**63 for n in shape)):
+        return f"shape {show(shape)} is not a list of at most {MAX_DIMS} sizes >= 0"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(n) for n in offsets)):
+        return f"data_offsets {show(offsets)} is not a pair of integers"
+    begin, end = offsets
+    numel = 0 if 0 in shape else 1
+    for n in shape if numel else ():
+        numel *= n
+        if numel > data_len:  # stop early: a shape of huge sizes cannot make a huge product to compute
+            break
+    if not 0 <= begin <= end <= data_len:
+        return "it lies outside the file: it was cut short"
+    size = numel * SAFETENSORS_DTYPES[dtype].itemsize
+    if end - begin != size:
+        needed = "more than the file holds" if numel > data_len else f"{size}"
+        return f"data_offsets span {end - begin} bytes, shape {shape} of {dtype} needs {needed}"
+    return SAFETENSORS_DTYPES[dtype], shape, begin, end
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Zero-copy tensors over a private (copy-on-write) memory map of one .safetensors file, validated."""
-    size = path.stat().st_size
+    """Zero-copy tensors over a private (copy-on-write) memory map of one .safetensors file, validated: any
+    header (any JSON value anywhere) either gives tensors that lie inside the file without overlapping, or a
+    CheckpointError."""
     bad = f"{path}: truncated or corrupt safetensors file"
     fix = "download or copy the file again"
-    if size < 8:
-        raise CheckpointError(f"{bad} ({size} bytes); {fix}")
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > size - 8:
-            raise CheckpointError(f"{bad} (header says {header_len} bytes, file has {size}); {fix}")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{bad} (header is not JSON); {fix}") from None
-        data_start, data_len = 8 + header_len, size - 8 - header_len
-        header.pop("__metadata__", None)
-        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
-    tensors = {}
+    if not path.is_file():  # also refuses a FIFO, whose open() would block
+        raise CheckpointError(f"{path}: not found or not a regular file; {fix}")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(f"{bad} ({size} bytes); {fix}")
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(f"{bad} (header says {header_len} bytes, file has {size}); {fix}")
+            raw = f.read(header_len)
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); check the file, or {fix}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON (both ValueErrors), or nesting too deep
+        raise CheckpointError(f"{bad} (header is not JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad} (header is a JSON {type(header).__name__}, not an object); {fix}")
+    header.pop("__metadata__", None)
+    data_start, data_len = 8 + header_len, size - 8 - header_len
+    entries = {}
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{bad} (entry {name!r} is malformed or has an unsupported dtype); {fix}") from None
-        numel = 1
-        for n in shape:
-            numel *= n
-        if not 0 <= begin <= end <= data_len or end - begin != numel * dtype.itemsize:
-            raise CheckpointError(f"{bad} (tensor {name!r} lies outside the file: it was cut short); {fix}")
-        if numel == 0:
+        entry = _tensor_entry(info, data_len)
+        if isinstance(entry, str):
+            raise CheckpointError(f"{bad} (tensor {show(name)}: {entry}); {fix}")
+        entries[name] = entry
+    # Overlapping tensors would share memory (an in-place merge into one would change another): safetensors forbids it.
+    previous_end, previous = 0, None
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin < previous_end:
+            raise CheckpointError(f"{bad} (tensors {show(previous)} and {show(name)} overlap); {fix}")
+        previous_end, previous = max(previous_end, end), name
+    tensors = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        if begin == end:
             tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=data_start + begin).view(shape)
+            continue
+        offset = data_start + begin
+        t = torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=offset).view(shape)
+        tensors[name] = t if offset % dtype.itemsize == 0 else t.clone()  # misaligned (odd header length): copy
     return tensors
+
+
+def _plain_file_name(name) -> bool:
+    """A file directly inside the checkpoint folder: no folders, no '..', no absolute path."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid index (needs a 'weight_map'); copy it again") from None
+        fix = "copy model.safetensors.index.json again from the checkpoint's source"
+        weight_map = read_json_object(index, CheckpointError, fix).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: needs a 'weight_map' object (tensor name -> shard file), found "
+                                  f"{show(weight_map)}; {fix}")
+        for tensor, name in weight_map.items():
+            if not _plain_file_name(name):
+                raise CheckpointError(f"{index}: weight_map[{show(tensor)}] is {show(name)}, not the name of a file in "
+                                      f"{folder}; {fix}")
         files = [folder / name for name in sorted(set(weight_map.values()))]
     elif (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
@@ -110,14 +167,18 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder as memory-mapped views (no copy)."""
-    state = {}
+    state, source = {}, {}
     for file in checkpoint_files(Path(folder)):
-        state.update(read_safetensors(file))
+        for name, t in read_safetensors(file).items():
+            if name in state:
+                raise CheckpointError(f"{file}: tensor {show(name)} is also in {source[name].name}; the shards do not "
+                                      "belong together, download the checkpoint again")
+            state[name], source[name] = t, file
     return state
 
 
 def _names(names, limit: int = 3) -> str:
-    names = sorted(names)
+    names = [n if n.isprintable() and len(n) <= 80 else show(n) for n in sorted(names)]  # names from a file: no escapes
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
@@ -152,8 +213,19 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         if tuple(state[name].shape) != tuple(expected[name]):
             raise CheckpointError(f"{folder}: tensor {name} has shape {list(state[name].shape)}, config.json implies "
                                   f"{list(expected[name])}; config.json does not match the weights")
-    # .to() on an mmap view copies only when dtype/device differ, one tensor at a time.
-    state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}
+    for name, t in state.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"{folder}: tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}; a model's "
+                                  "weights are floating point, the checkpoint is corrupt or not a Phi-3 checkpoint")
+    # .to() on an mmap view copies only when dtype/device differ, one tensor at a time. The values are checked after
+    # the cast: a NaN in the file, or a value the chosen dtype cannot hold (fp16 overflows above 65504), would
+    # otherwise only show up as a NaN loss or garbage text.
+    state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+    for name, t in state.items():
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{folder}: tensor {name} has NaN or infinite values as "
+                                  f"{str(dtype).removeprefix('torch.')}; the checkpoint is corrupt (or, if the file's "
+                                  "values are finite, choose a wider --dtype)")
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)

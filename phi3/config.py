@@ -9,12 +9,73 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
 class ConfigError(ValueError):
     """A config.json we cannot use; the message names the file, the problem and what to do."""
+
+
+# Bounds far above any Phi-3 (medium: hidden 5120, intermediate 17920, 40 layers, 40 heads, 131072 positions)
+# that stop a config from asking `--init random` for terabytes.
+SIZE_LIMITS = {"vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**18, "num_hidden_layers": 2**10,
+               "num_attention_heads": 2**10}
+MAX_POSITIONS = 2**24
+MAX_PARAMETERS = 2**37  # ~137e9; Phi-3-medium has 14e9
+MAX_JSON_BYTES = 64 * 2**20  # config / index / tokenizer / adapter JSON files: the real ones are under 4 MiB
+
+
+# ---- reading files from others (shared by checkpoint, tokenizer and adapter loading) ------------------------
+
+def show(value, limit: int = 60) -> str:
+    """repr() of a value read from a file, cut to `limit` characters: an error message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def read_json_object(path: str | Path, error: type[ValueError], fix: str) -> dict:
+    """The JSON object in `path`. A missing, unreadable, special (a FIFO would block), huge, non-UTF-8, invalid,
+    too deeply nested or non-object file raises `error` with one line: "PATH: what is wrong; `fix`"."""
+    try:
+        info = Path(path).stat()
+        regular = stat.S_ISREG(info.st_mode)
+        if regular and info.st_size <= MAX_JSON_BYTES:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
+    if not regular:
+        raise error(f"{path}: not a regular file; {fix}")
+    if info.st_size > MAX_JSON_BYTES or len(raw) > MAX_JSON_BYTES:
+        raise error(f"{path}: too large for this file ({info.st_size} bytes, at most {MAX_JSON_BYTES}); {fix}")
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))  # -sig: tolerate a byte-order mark
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}); {fix}") from None
+    except json.JSONDecodeError as e:  # its message names the line and column
+        raise error(f"{path}: not valid JSON ({e}); {fix}") from None
+    except (ValueError, RecursionError):  # an integer of more than 4300 digits; nesting deeper than the parser goes
+        raise error(f"{path}: not valid JSON (a number too long or nesting too deep); {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__} {show(data)}; {fix}")
+    return data
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not the number 1
+
+
+def finite_number(value) -> float | None:
+    """`value` as a finite float; None for non-numbers, bools, NaN, Infinity and integers too big for a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 @dataclass(frozen=True)
@@ -35,8 +96,8 @@ class Phi3Config:
     sliding_window: int | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
-    bos_token_id: int = 1
-    eos_token_id: int = 32000
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 32000
     pad_token_id: int | None = 32000
     torch_dtype: str = "bfloat16"
 
@@ -64,59 +125,123 @@ class Phi3Config:
     # ---- construction --------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "Phi3Config":
+        """Every value is checked for type and range: config.json may come from anyone (note isinstance(True, int),
+        NaN / Infinity literals, 10**400), and each problem names its key."""
         def fail(what: str) -> ConfigError:
             return ConfigError(f"{source}: {what}")
 
-        model_type = d.get("model_type")
-        if model_type == "phi3small" or "Phi3SmallForCausalLM" in (d.get("architectures") or []):
+        def bad(key: str, want: str, value) -> ConfigError:
+            return fail(f"'{key}' must be {want}, got {show(value)}; restore the checkpoint's original config.json")
+
+        def integer(key: str, value, lo: int = 1, hi: int = 2**31) -> int:
+            if not is_int(value) or not lo <= value <= hi:
+                raise bad(key, f"an integer in [{lo}, {hi}]", value)
+            return value
+
+        def positive(key: str, value, lo: float = 0.0, hi: float = math.inf) -> float:
+            f = finite_number(value)
+            if f is None or not lo < f <= hi:
+                raise bad(key, "a finite number > 0" if hi == math.inf else f"a number in ({lo:g}, {hi:g}]", value)
+            return f
+
+        if not isinstance(d, dict):
+            raise fail(f"expected a JSON object, found {show(d)}; restore the checkpoint's original config.json")
+        model_type, architectures = d.get("model_type"), d.get("architectures")
+        if architectures is not None and not (isinstance(architectures, list)
+                                              and all(isinstance(a, str) for a in architectures)):
+            raise bad("architectures", "a list of class names", architectures)
+        if model_type == "phi3small" or "Phi3SmallForCausalLM" in (architectures or []):
             raise fail("Phi-3-small (model_type 'phi3small') is a different architecture (gegelu MLP, block-sparse "
                        "attention, tiktoken vocabulary) and is not supported; use Phi-3-mini, Phi-3-medium or Phi-3.5-mini")
         if model_type != "phi3":
-            raise fail(f"model_type is {model_type!r}, expected 'phi3' (Phi3ForCausalLM: Phi-3-mini/medium, Phi-3.5-mini)")
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if not isinstance(d.get(key), int) or d[key] <= 0:
-                raise fail(f"'{key}' must be a positive integer, got {d.get(key)!r}")
+            raise fail(f"model_type is {show(model_type)}, not 'phi3'; use a Phi3ForCausalLM checkpoint (Phi-3-mini/"
+                       "medium, Phi-3.5-mini)")
+        sizes = {key: integer(key, d.get(key), hi=limit) for key, limit in SIZE_LIMITS.items()}
         if d.get("hidden_act", "silu") != "silu":
-            raise fail(f"hidden_act {d['hidden_act']!r} is not supported (Phi-3 uses 'silu')")
-        if d.get("partial_rotary_factor", 1.0) != 1.0:
-            raise fail("partial_rotary_factor != 1.0 is not a Phi-3 checkpoint; not supported")
-        heads = d["num_attention_heads"]
-        kv_heads = d.get("num_key_value_heads") or heads
-        if d["hidden_size"] % heads or heads % kv_heads:
-            raise fail(f"hidden_size {d['hidden_size']} / heads {heads} / kv heads {kv_heads} do not divide evenly")
-        if d.get("head_dim") not in (None, d["hidden_size"] // heads):
-            raise fail(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads; not a Phi-3 layout")
+            raise fail(f"hidden_act {show(d['hidden_act'])} is not supported; Phi-3 uses 'silu', restore the "
+                       "checkpoint's original config.json")
+        if d.get("partial_rotary_factor") is not None and finite_number(d["partial_rotary_factor"]) != 1.0:
+            raise fail(f"partial_rotary_factor {show(d['partial_rotary_factor'])} is not 1.0, so this is not a Phi-3 "
+                       "checkpoint; use a Phi-3 one")
+        hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+        kv_heads = d.get("num_key_value_heads")
+        kv_heads = heads if kv_heads is None else integer("num_key_value_heads", kv_heads, hi=heads)
+        if hidden % heads or heads % kv_heads or hidden // heads % 2:
+            raise fail(f"hidden_size {hidden} / heads {heads} / kv heads {kv_heads} do not divide evenly into heads of "
+                       "an even size; restore the checkpoint's original config.json")
+        if d.get("head_dim") is not None and (not is_int(d["head_dim"]) or d["head_dim"] != hidden // heads):
+            raise fail(f"head_dim {show(d['head_dim'])} != hidden_size / num_attention_heads, not a Phi-3 layout; "
+                       "restore the checkpoint's original config.json")
+        tie = d.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise bad("tie_word_embeddings", "true or false", tie)
+        vocab = sizes["vocab_size"]
+        qkv_rows = hidden + 2 * kv_heads * (hidden // heads)
+        n_params = vocab * hidden * (1 if tie else 2) + sizes["num_hidden_layers"] * hidden * (
+            qkv_rows + hidden + 3 * sizes["intermediate_size"])  # qkv, o, gate_up and down per layer
+        if n_params > MAX_PARAMETERS:
+            raise fail(f"these sizes make a model of {n_params:.3g} parameters (more than {MAX_PARAMETERS:.3g}); "
+                       "not a Phi-3 checkpoint, restore its original config.json")
 
-        max_pos = d.get("max_position_embeddings", 4096)
-        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
-        rope_theta = float(d.get("rope_theta", rope.get("rope_theta", 10000.0)))
+        max_pos = integer("max_position_embeddings", d.get("max_position_embeddings", 4096), hi=MAX_POSITIONS)
+        for key in ("rope_scaling", "rope_parameters"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise bad(key, "an object or null", d[key])
+        rope_key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+        rope = d.get(rope_key) or {}
+
+        def setting(key: str, default):  # top level first, then inside rope_scaling / rope_parameters
+            return d[key] if d.get(key) is not None else rope.get(key, default)
+
+        # RoPE's numbers are used in float32 (1 / (factor * theta**e), e in [0, 1)): these ranges keep every
+        # frequency finite and non-zero. Phi-3: theta 1e4, factors 1 to ~60, attention factor ~1.19.
+        rope_theta = positive("rope_theta", setting("rope_theta", 10000.0), lo=1.0, hi=1e30)
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if not isinstance(rope_type, str):
+            raise bad(f"{rope_key}.type", "a string", rope_type)
         if rope_type in ("su", "yarn"):
             rope_type = "longrope"
-        original_max = d.get("original_max_position_embeddings", rope.get("original_max_position_embeddings", max_pos))
+        original_max = integer("original_max_position_embeddings", setting("original_max_position_embeddings", max_pos),
+                               lo=2, hi=MAX_POSITIONS)  # LongRoPE divides by its log
         short = long = attn_factor = None
         if rope_type == "longrope":
-            short, long = rope.get("short_factor"), rope.get("long_factor")
-            half = d["hidden_size"] // heads // 2
-            for name, factors in (("short_factor", short), ("long_factor", long)):
-                if not isinstance(factors, list) or len(factors) != half:
-                    raise fail(f"rope_scaling.{name} must be a list of head_dim/2 = {half} numbers")
-            short, long = tuple(float(x) for x in short), tuple(float(x) for x in long)
-            attn_factor = rope.get("attention_factor")
+            half = hidden // heads // 2
+            factors = {}
+            for name in ("short_factor", "long_factor"):
+                value = rope.get(name)
+                if not isinstance(value, list) or len(value) != half:
+                    raise fail(f"{rope_key}.{name} must be a list of head_dim/2 = {half} numbers; restore the "
+                               "checkpoint's original config.json")
+                factors[name] = tuple(positive(f"{rope_key}.{name}[{i}]", x, 1e-4, 1e4) for i, x in enumerate(value))
+            short, long = factors["short_factor"], factors["long_factor"]
+            if rope.get("attention_factor") is not None:
+                attn_factor = positive(f"{rope_key}.attention_factor", rope["attention_factor"], 1e-4, 1e4)
         elif rope_type != "default":
-            raise fail(f"rope type {rope_type!r} is not supported; Phi-3 uses none (4k models) or "
+            raise fail(f"rope type {show(rope_type)} is not supported; Phi-3 uses none (4k models) or "
                        "'longrope' (also called 'su'/'yarn', 128k models)")
 
-        eos = d.get("eos_token_id", 32000)
+        window = d.get("sliding_window")
+        ids = {}
+        for key, default in (("bos_token_id", 1), ("eos_token_id", 32000), ("pad_token_id", None)):
+            value = d.get(key, default)
+            if key == "eos_token_id" and isinstance(value, list):  # [eos, other stop ids]: the first is the eos
+                if not value:
+                    raise bad(key, "a token id or a non-empty list of them", value)
+                value = [integer(f"{key}[{i}]", v, lo=0, hi=vocab - 1) for i, v in enumerate(value)][0]
+            ids[key] = None if value is None else integer(key, value, lo=0, hi=vocab - 1)
+        dtype = d.get("torch_dtype") or d.get("dtype") or "bfloat16"
+        if not isinstance(dtype, str):
+            raise bad("torch_dtype", "a string such as 'bfloat16'", dtype)
         return cls(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=sizes["intermediate_size"],
+            num_hidden_layers=sizes["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
             max_position_embeddings=max_pos, original_max_position_embeddings=original_max, rope_theta=rope_theta,
             rope_type=rope_type, rope_short_factor=short, rope_long_factor=long,
-            rope_attention_factor_override=attn_factor, sliding_window=d.get("sliding_window"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)), tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=d.get("bos_token_id", 1), eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            pad_token_id=d.get("pad_token_id"), torch_dtype=d.get("torch_dtype") or d.get("dtype") or "bfloat16",
+            rope_attention_factor_override=attn_factor,
+            sliding_window=None if window is None else integer("sliding_window", window),
+            rms_norm_eps=positive("rms_norm_eps", d.get("rms_norm_eps", 1e-5)), tie_word_embeddings=tie,
+            bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+            torch_dtype=dtype,
         )
 
     @classmethod
@@ -124,14 +249,9 @@ class Phi3Config:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"{path}: file not found; a checkpoint folder needs the config.json of its model")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e}); restore the checkpoint's original config.json") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
+        d = read_json_object(path, ConfigError, "restore the checkpoint's original config.json")
         return cls.from_dict(d, source=str(path))
 
     def to_hf_dict(self) -> dict:

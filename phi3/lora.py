@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from safetensors.torch import save_file
 from kernels import lora_linear, with_spare_columns
 from phi3.atomic import atomic_file
 from phi3.checkpoint import CheckpointError, read_safetensors
+from phi3.config import finite_number, is_int, read_json_object, show
+from phi3.patterns import PatternError, Patterns
 
 # Short target name -> (module name suffix, index of the slice in the fused output, or None for all of it).
 TARGETS = {
@@ -247,63 +250,136 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str | Path | 
     return folder
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """peft's lookup: a pattern key matches a module name when the name ends with it (regex)."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name) or re.fullmatch(key, name):
-            return value
-    return default
+ADAPTER_FIX = "use the files that came with the adapter (as peft or train.py wrote them)"
+
+
+def read_adapter_config(path: Path) -> dict:
+    """adapter_config.json with every value this loader uses checked for type and range (the file may come from
+    anyone): CheckpointError naming the key otherwise. Unsupported kinds of adapter are refused here too."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    cfg = read_json_object(path, CheckpointError, ADAPTER_FIX)
+
+    def check(key: str, ok, want: str, default=None):
+        value = cfg.get(key, default)
+        if not ok(value):
+            raise CheckpointError(f"{path}: '{key}' must be {want}, got {show(value)}; {ADAPTER_FIX}")
+        return value
+
+    def optional_bool(v):
+        return v is None or isinstance(v, bool)
+
+    check("peft_type", lambda v: v == "LORA", "'LORA' (only plain LoRA adapters are supported)", "LORA")
+    check("use_dora", lambda v: not v and optional_bool(v), "false (DoRA adapters are not supported)")
+    check("lora_bias", lambda v: not v and optional_bool(v), "false (trained LoRA biases are not supported)")
+    check("bias", lambda v: v == "none", "'none' (trained biases are not supported)", "none")
+    check("modules_to_save", lambda v: v is None or v == [], "null (modules_to_save are not supported; export a "
+          "LoRA-only adapter)")
+    check("fan_in_fan_out", optional_bool, "true or false")  # peft ignores it for nn.Linear layers, and so do we
+    check("use_rslora", optional_bool, "true or false")
+    check("r", lambda v: is_int(v) and v > 0, "a positive integer", 8)  # peft's defaults for r and lora_alpha
+    check("lora_alpha", lambda v: finite_number(v) is not None, "a finite number", 8)
+    check("lora_dropout", lambda v: finite_number(v) is not None and 0 <= v < 1, "a number in [0, 1)", 0.0)
+    check("base_model_name_or_path", lambda v: v is None or isinstance(v, str), "a folder name or null")
+    check("target_modules", lambda v: v is None or isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(x, str) for x in v)), "a regular expression or a list of module names")
+    check("rank_pattern", lambda v: v is None or (isinstance(v, dict) and all(
+        is_int(x) and x > 0 for x in v.values())), "an object of module pattern -> positive integer rank")
+    check("alpha_pattern", lambda v: v is None or (isinstance(v, dict) and all(
+        finite_number(x) is not None for x in v.values())), "an object of module pattern -> finite number")
+    return cfg
 
 
 def adapter_base_model(folder: str | Path) -> Path | None:
-    """The adapter's base checkpoint, when adapter_config.json names a local folder that exists."""
-    try:
-        base = json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError):
+    """The adapter's base checkpoint as adapter_config.json names it (base_model_name_or_path), or None when it
+    names none. A name that is not a local folder (a hub id such as "microsoft/Phi-3-mini-4k-instruct", or a folder
+    since moved) is a CheckpointError, never a silent fall back to another model."""
+    path = Path(folder) / ADAPTER_CONFIG
+    base = read_adapter_config(path).get("base_model_name_or_path")
+    if not base:
         return None
-    return Path(base).expanduser() if base and Path(base).expanduser().is_dir() else None
+    base = Path(os.path.expanduser(base))  # os.path's leaves "~nosuchuser" as it is; pathlib's would raise
+    if not base.is_dir():
+        raise CheckpointError(f"{path}: the adapter's base model {show(str(base))} is not a local folder; pass "
+                              "--model with the folder of that checkpoint")
+    return base
+
+
+def _pattern_error(path: Path, e: PatternError) -> CheckpointError:
+    return CheckpointError(f"{path}: {e}; write the keys as module names or plain regular expressions")
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Add LoRA layers from PEFT files (ours or trained by peft) to a plain model. Returns the model."""
+    """Add LoRA layers from PEFT files (ours or trained by peft) to a plain model. Returns the model.
+
+    Everything is checked before the model is touched: a bad adapter raises CheckpointError and leaves the
+    model as it was."""
     folder = Path(folder)
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise CheckpointError(f"{path}: not found; an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    cfg = read_adapter_config(config_path)
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: not found; an adapter folder holds {ADAPTER_CONFIG} and "
+                              f"{ADAPTER_WEIGHTS}")
     try:
-        cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
-        raise CheckpointError(f"{config_path}: only plain LoRA adapters are supported (not {cfg.get('peft_type')}/DoRA)")
-    if cfg.get("modules_to_save") or cfg.get("bias", "none") != "none":
-        raise CheckpointError(f"{config_path}: modules_to_save and trained biases are not supported; "
-                              "export a LoRA-only adapter")
+        ranks, alphas = Patterns(cfg.get("rank_pattern") or {}, "rank_pattern"), Patterns(
+            cfg.get("alpha_pattern") or {}, "alpha_pattern")
+    except PatternError as e:
+        raise _pattern_error(config_path, e) from None
     tensors = read_safetensors(weights_path)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
         if not m:
-            raise CheckpointError(f"{weights_path}: unexpected tensor {key!r}; expected <module>.lora_A.weight / .lora_B.weight")
+            raise CheckpointError(f"{weights_path}: unexpected tensor {show(key)}; expected <module>.lora_A.weight / "
+                                  ".lora_B.weight")
+        if m.group(2) in pairs.get(m.group(1), {}):
+            raise CheckpointError(f"{weights_path}: two tensors for lora_{m.group(2)} of {show(m.group(1))}; "
+                                  f"{ADAPTER_FIX}")
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    if not pairs:
+        raise CheckpointError(f"{weights_path}: holds no LoRA tensors; {ADAPTER_FIX}")
     modules = dict(model.named_modules())
+    rslora = bool(cfg.get("use_rslora"))
+    layers = {}
     for name, ab in pairs.items():
         base = modules.get(name)
         if not isinstance(base, nn.Linear) or set(ab) != {"A", "B"}:
-            raise CheckpointError(f"{weights_path}: module {name!r} is not a linear layer of this model or lacks "
+            raise CheckpointError(f"{weights_path}: module {show(name)} is not a linear layer of this model or lacks "
                                   "lora_A/lora_B; was the adapter trained on another model?")
         A, B = ab["A"], ab["B"]
-        rank = A.shape[0]
-        if A.shape != (rank, base.in_features) or B.shape != (base.out_features, rank):
-            raise CheckpointError(f"{weights_path}: {name} has lora_A {list(A.shape)} / lora_B {list(B.shape)}, "
-                                  f"the layer is {base.out_features}x{base.in_features}; adapter for another model size")
-        alpha = _pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", rank))
-        scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-        layer = LoRALinear(base, rank, scale, float(cfg.get("lora_dropout", 0.0)), [(0, base.out_features)],
-                           bool(cfg.get("use_rslora")))
+        if not (A.is_floating_point() and B.is_floating_point()):
+            raise CheckpointError(f"{weights_path}: {name} has lora_A {A.dtype} / lora_B {B.dtype}; LoRA weights are "
+                                  f"floating point. {ADAPTER_FIX}")
+        rank = A.shape[0] if A.dim() == 2 else 0
+        if A.shape != (rank, base.in_features) or B.shape != (base.out_features, rank) or rank == 0:
+            raise CheckpointError(f"{weights_path}: {name} has lora_A {list(A.shape)} / lora_B {list(B.shape)}, the "
+                                  f"layer is {base.out_features}x{base.in_features}; adapter for another model size")
+        if rank > min(base.in_features, base.out_features):  # also bounds the memory LoRALinear allocates
+            raise CheckpointError(f"{weights_path}: {name} has rank {rank}, more than the layer's "
+                                  f"{base.out_features}x{base.in_features} can use; {ADAPTER_FIX}")
+        try:
+            configured, alpha = ranks.value(name, cfg.get("r", 8)), alphas.value(name, cfg.get("lora_alpha", 8))
+        except PatternError as e:  # over the step budget
+            raise _pattern_error(config_path, e) from None
+        if rank != configured:
+            raise CheckpointError(f"{weights_path}: {name} has rank {rank}, but {ADAPTER_CONFIG} gives it rank "
+                                  f"{configured} (r / rank_pattern); the two files do not belong together")
+        A, B = A.float(), B.float()  # the layer keeps LoRA weights in fp32; check the values it will hold
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise CheckpointError(f"{weights_path}: {name} has NaN or infinite values (as float32); the adapter is "
+                                  "corrupt (e.g. training diverged)")
+        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        # |scale * (B A)_ij| <= |scale| * rank * max|B| * max|A|: below the largest value of the model's dtype, the
+        # merge cannot overflow to inf (a finite but absurd alpha or weight would).
+        dtype = base.weight.dtype
+        if abs(scale) * rank * A.abs().max().item() * B.abs().max().item() >= torch.finfo(dtype).max:
+            raise CheckpointError(f"{config_path}: lora_alpha {show(alpha)} with {name}'s weights overflows "
+                                  f"{str(dtype).removeprefix('torch.')}; {ADAPTER_FIX}")
+        layers[name] = (base, A, B, rank, scale)
+    for name, (base, A, B, rank, scale) in layers.items():
+        layer = LoRALinear(base, rank, scale, float(cfg.get("lora_dropout", 0.0)), [(0, base.out_features)], rslora)
         with torch.no_grad():
-            layer.lora_A.copy_(A.float())
-            layer.lora_B.copy_(B.float())
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
         _set_module(model, name, layer)
     return model

@@ -25,14 +25,18 @@ the whole-string encoding.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from bisect import bisect_right
 
 from tokenizers import Tokenizer
 
+from phi3.config import is_int, read_json_object, show
+
 ROLES = ("system", "user", "assistant")
+FIX = "use the checkpoint's own tokenizer files (download them again)"
+MAX_TOKENIZER_BYTES = 256 * 2**20  # tokenizer.json: Phi-3's is 1.8 MiB, the largest common ones about 35 MiB
+MAX_TEMPLATE_CHARS = 8192  # the Phi-3 templates are under 1 KB; _fingerprint can take quadratic time on long text
 
 
 class TokenizerError(ValueError):
@@ -72,31 +76,58 @@ CHAT_FORMATS = ("phi3", "phi3.5", "phi3-bos", "phi3-medium")
 
 
 def _read_json(path: str) -> dict:
+    return read_json_object(path, TokenizerError, FIX)
+
+
+def _read_template_file(path: str) -> str:
+    """chat_template.jinja, cut after what could still be a Phi-3 template (a longer text cannot match one; bytes
+    that are not UTF-8 cannot either, so they become U+FFFD instead of an error)."""
+    if not os.path.isfile(path):  # a FIFO would block
+        raise TokenizerError(f"{path}: not a regular file; {FIX}")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read JSON ({e}). Re-download the checkpoint file.") from None
+        with open(path, "rb") as f:
+            return f.read(4 * MAX_TEMPLATE_CHARS + 1).decode("utf-8", errors="replace")
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot be read ({e.strerror or e}); {FIX}") from None
+
+
+def _template(value, path: str) -> str | None:
+    """A chat_template value: a string, or transformers' list of named templates (the "default" one is used)."""
+    if isinstance(value, list) and all(isinstance(x, dict) and isinstance(x.get("name"), str) for x in value):
+        value = next((x.get("template") for x in value if x["name"] == "default"), None)
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"{path}: 'chat_template' must be a template string or a list of "
+                             f"{{\"name\", \"template\"}} objects, got {show(value)}; {FIX}")
+    return value
 
 
 def _find_template(folder: str, config: dict) -> tuple[str | None, str]:
     """(template source, file it came from). Newer HF checkpoints keep it beside tokenizer_config.json."""
     p = os.path.join(folder, "chat_template.jinja")
     if os.path.exists(p):
-        with open(p, encoding="utf-8") as f:
-            return f.read(), p
+        return _read_template_file(p), p
     for name, d in (("chat_template.json", None), ("tokenizer_config.json", config)):
         p = os.path.join(folder, name)
         if d is None:
             if not os.path.exists(p):
                 continue
             d = _read_json(p)
-        t = d.get("chat_template")
-        if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
-            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+        t = _template(d.get("chat_template"), p)
         if t is not None:
             return t, p
     return None, os.path.join(folder, "tokenizer_config.json")
+
+
+def _check_config(config: dict, path: str) -> None:
+    """The tokenizer_config.json values Phi3Tokenizer reads have the types it expects."""
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        v = config.get(key)
+        if not (v is None or isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("content"), str))):
+            raise TokenizerError(f"{path}: '{key}' must be a token string or an object with a string 'content', got "
+                                 f"{show(v)}; {FIX}")
+    if config.get("add_bos_token") is not None and not isinstance(config["add_bos_token"], bool):
+        raise TokenizerError(f"{path}: 'add_bos_token' must be true or false, got {show(config['add_bos_token'])}; "
+                             f"{FIX}")
 
 
 def _token_str(v) -> str | None:
@@ -105,10 +136,13 @@ def _token_str(v) -> str | None:
 
 class Phi3Tokenizer:
     def __init__(self, tokenizer: Tokenizer, config: dict | None = None, generation_config: dict | None = None,
-                 chat_format: str = "phi3", name: str = "tokenizer"):
+                 chat_format: str = "phi3", name: str = "tokenizer", config_name: str = "tokenizer_config.json",
+                 generation_name: str = "generation_config.json"):
+        """`name`, `config_name` and `generation_name` are the files the three arguments came from, for messages."""
         config, generation_config = config or {}, generation_config or {}
         if chat_format not in CHAT_FORMATS:
             raise ValueError(f"unknown chat_format {chat_format!r}; expected one of {CHAT_FORMATS}")
+        _check_config(config, config_name)
         self.tok = tokenizer
         self.tok.no_truncation()
         self.tok.no_padding()
@@ -120,7 +154,7 @@ class Phi3Tokenizer:
             s = _token_str(config.get(key)) or default
             i = tokenizer.token_to_id(s) if s is not None else None
             if s is not None and i is None and default is not None:
-                raise TokenizerError(f"{name}: {key} {s!r} is not in tokenizer.json. Use the checkpoint's own files.")
+                raise TokenizerError(f"{config_name}: {key} {show(s)} is not a token of {name}; {FIX}")
             return i
 
         self.bos_id = tid("bos_token", "<s>")
@@ -134,8 +168,13 @@ class Phi3Tokenizer:
         self.add_bos = bool(config.get("add_bos_token", False))
         self.bos, self.eos = tokenizer.id_to_token(self.bos_id), tokenizer.id_to_token(self.eos_id)
         stop = generation_config.get("eos_token_id")
-        stop = [stop] if isinstance(stop, int) else list(stop or [self.eos_id, self.end_id])
-        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in stop))
+        stop = [stop] if is_int(stop) else stop
+        if stop is not None and not (isinstance(stop, list) and all(is_int(i) and 0 <= i < self.vocab_size
+                                                                    for i in stop)):
+            raise TokenizerError(f"{generation_name}: 'eos_token_id' must be a token id or a list of them (ids of "
+                                 f"{name}, below {self.vocab_size}), got {show(generation_config['eos_token_id'])}; "
+                                 f"{FIX}")
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(stop or [self.eos_id, self.end_id]))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no BOS. Special-token strings in the text ("<|end|>") become special ids."""
@@ -221,10 +260,17 @@ def load_tokenizer(path, chat_format: str | None = None) -> Phi3Tokenizer:
     if not os.path.isfile(tj):
         raise TokenizerError(f"{tj}: not found. Point at a checkpoint folder that holds tokenizer.json "
                              "(the HF Phi-3 repos ship one).")
+    if os.path.getsize(tj) > MAX_TOKENIZER_BYTES:
+        raise TokenizerError(f"{tj}: {os.path.getsize(tj)} bytes, too large for a tokenizer.json "
+                             f"(at most {MAX_TOKENIZER_BYTES}); {FIX}")
     try:
         tok = Tokenizer.from_file(tj)
     except Exception as e:  # tokenizers raises a plain Exception on bad files
-        raise TokenizerError(f"{tj}: cannot be parsed by tokenizers ({e}). Re-download it.") from None
+        raise TokenizerError(f"{tj}: cannot be parsed by tokenizers ({show(str(e), 200)}); {FIX}") from None
+    except BaseException as e:  # a Rust panic arrives as pyo3's PanicException, a BaseException
+        if type(e).__name__ != "PanicException":
+            raise
+        raise TokenizerError(f"{tj}: tokenizers failed on this file ({show(str(e), 200)}); {FIX}") from None
     cp, gp = os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "generation_config.json")
     config = _read_json(cp) if os.path.exists(cp) else {}
     gen = _read_json(gp) if os.path.exists(gp) else {}
@@ -233,10 +279,10 @@ def load_tokenizer(path, chat_format: str | None = None) -> Phi3Tokenizer:
         if template is None:
             chat_format = "phi3"
         else:
-            chat_format = KNOWN_TEMPLATES.get(_fingerprint(template))
+            chat_format = KNOWN_TEMPLATES.get(_fingerprint(template)) if len(template) <= MAX_TEMPLATE_CHARS else None
             if chat_format is None:
                 raise TokenizerError(
                     f"{where}: chat_template is not one of the supported Phi-3 templates (July-2024 mini, "
-                    f"Phi-3.5-mini, April/May-2024 mini with <s>, medium). Use a Phi-3 checkpoint's template, or "
-                    f"pass chat_format= one of {CHAT_FORMATS} to render with that one.")
-    return Phi3Tokenizer(tok, config, gen, chat_format=chat_format, name=tj)
+                    f"Phi-3.5-mini, April/May-2024 mini with <s>, medium); use a Phi-3 checkpoint's template, or "
+                    f"pass chat_format= one of {CHAT_FORMATS} to load_tokenizer to render with that one")
+    return Phi3Tokenizer(tok, config, gen, chat_format=chat_format, name=tj, config_name=cp, generation_name=gp)

@@ -8,6 +8,7 @@ Metaspace(prepend_scheme="first") pre-tokenizer and gives other ids for text aft
 transformers 5 change, not the checkpoint's tokenizer, so it is not the oracle here.
 """
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -252,3 +253,81 @@ def test_tokenizer_without_rstrip(tmp_path):
             want = [m["content"] + "<|end|>" for m in messages if m["role"] == "assistant"]
             got = _trained_segments(tok, ids, mask)
             assert [g.lstrip(" ") for g in got] == [w.lstrip(" ") for w in want], messages
+
+
+# ---- tokenizer files from strangers: one TokenizerError line naming the file and key, never a traceback --------
+
+def assert_refused(folder: Path, file: str, match: str) -> None:
+    with pytest.raises(TokenizerError, match=match) as e:
+        load_tokenizer(folder)
+    message = str(e.value)
+    assert message.startswith(str(folder / file)) and "\n" not in message and ";" in message, message
+
+
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("bos_token", 5), ("bos_token", {"content": 5}), ("bos_token", ["<s>"]), ("eos_token", True),
+    ("pad_token", {"id": 32000}), ("unk_token", 3.5), ("add_bos_token", "true"), ("add_bos_token", 1),
+    ("chat_template", 5), ("chat_template", [1, 2]), ("chat_template", [{"name": "default", "template": 5}]),
+    ("chat_template", {"default": "x"}),
+])
+def test_tokenizer_config_with_wrong_types(tmp_path, key, value):
+    d = _make_folder(tmp_path, "phi3")
+    edit_json(d / "tokenizer_config.json", **{key: value})
+    assert_refused(d, "tokenizer_config.json", f"'{key}' must be")
+
+
+@pytest.mark.parametrize("key,value", [("bos_token", "<bos>"), ("eos_token", {"content": "</eos>"})])
+def test_special_token_missing_from_tokenizer_json(tmp_path, key, value):
+    d = _make_folder(tmp_path, "phi3")
+    edit_json(d / "tokenizer_config.json", **{key: value})
+    assert_refused(d, "tokenizer_config.json", f"{key} .* is not a token of .*tokenizer.json")
+
+
+@pytest.mark.parametrize("value", ["32000", [32000, "x"], [True], True, -1, 10**9, 1.5, {"a": 1}, [32000, 40000]])
+def test_generation_config_stop_ids_with_wrong_values(tmp_path, value):
+    d = _make_folder(tmp_path, "phi3")
+    edit_json(d / "generation_config.json", eos_token_id=value)
+    assert_refused(d, "generation_config.json", "'eos_token_id' must be a token id or a list of them")
+
+
+@pytest.mark.parametrize("file", ["tokenizer_config.json", "generation_config.json", "chat_template.json"])
+@pytest.mark.parametrize("content,what", [
+    (b"[]", "expected a JSON object"), (b"5", "expected a JSON object"), (b"{", "not valid JSON"),
+    (b"[" * 100_000, "nesting too deep"), (b"\xff\xfe{}", "not UTF-8"),
+])
+def test_json_files_that_are_not_objects(tmp_path, file, content, what):
+    d = _make_folder(tmp_path, "phi3")
+    (d / file).write_bytes(content)
+    assert_refused(d, file, what)
+
+
+@pytest.mark.parametrize("content", [b"", b"[]", b"{}", b"[" * 100_000, b'{"model": 5}', b"\xff",
+                                     b'{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}}'])
+def test_tokenizer_json_that_tokenizers_cannot_load(tmp_path, content):
+    d = _make_folder(tmp_path, "phi3")
+    (d / "tokenizer.json").write_bytes(content)
+    assert_refused(d, "tokenizer.json", "cannot be parsed by tokenizers")
+
+
+@pytest.mark.parametrize("file", ["tokenizer_config.json", "chat_template.jinja"])
+def test_fifo_instead_of_a_file_does_not_hang(tmp_path, file):
+    d = _make_folder(tmp_path, "phi3")
+    (d / file).unlink(missing_ok=True)
+    os.mkfifo(d / file)  # open() would wait for a writer forever
+    assert_refused(d, file, "not a regular file")
+
+
+@pytest.mark.parametrize("template", [
+    b"\xff\xfe not UTF-8",
+    b"'a\\" * 100_000,  # re.split in _fingerprint would take minutes on this (quadratic); too long to be Phi-3's
+    b"{{ bos_token }}" * 5_000,
+])
+def test_unknown_template_file_is_refused_quickly(tmp_path, template):
+    d = _make_folder(tmp_path, "phi3")
+    (d / "chat_template.jinja").write_bytes(template)
+    assert_refused(d, "chat_template.jinja", "chat_template is not one of the supported")
+    assert load_tokenizer(d, chat_format="phi3").chat_format == "phi3"  # forcing a format skips the file
