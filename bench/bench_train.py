@@ -25,11 +25,16 @@ sys.path.insert(0, str(REPO))
 CONFIG = REPO / "assets" / "configs" / "phi3-mini-4k-instruct" / "config.json"
 
 
-def build_ours(checkpointing: bool):
+def build_ours(checkpointing: bool, fused_elementwise: bool = True):
+    import phi3.model
+    from kernels import rms_norm_reference, swiglu_reference
     from phi3 import Phi3Config, Phi3ForCausalLM
     from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
     from phi3.loss import cross_entropy_sum
 
+    if not fused_elementwise:  # ablation: RMSNorm, residual add and SwiGLU as plain torch ops (what they replace)
+        phi3.model.rms_norm = rms_norm_reference
+        phi3.model.swiglu = swiglu_reference
     with torch.device("meta"):
         model = Phi3ForCausalLM(Phi3Config.from_json(CONFIG))
     model = model.to_empty(device="cuda").to(torch.bfloat16)
@@ -68,7 +73,10 @@ def build_reference(checkpointing: bool):
 
 def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool) -> dict:
     torch.manual_seed(0)
-    model, loss_fn = (build_ours if system == "ours" else build_reference)(checkpointing)
+    if system == "reference":
+        model, loss_fn = build_reference(checkpointing)
+    else:
+        model, loss_fn = build_ours(checkpointing, fused_elementwise=system == "ours")
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
     ids = torch.randint(0, 32000, (batch, seq), device="cuda")
@@ -93,7 +101,7 @@ def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool) 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--system", choices=["ours", "reference"])
+    p.add_argument("--system", choices=["ours", "ours-unfused", "reference"])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=6)
@@ -102,7 +110,7 @@ def main() -> None:
     if args.system:
         print(json.dumps(measure(args.system, args.batch, args.seq, args.steps, args.checkpointing)))
         return
-    results = run_each(__file__, ("ours", "reference"), ["--batch", str(args.batch), "--seq", str(args.seq),
+    results = run_each(__file__, ("ours", "ours-unfused", "reference"), ["--batch", str(args.batch), "--seq", str(args.seq),
                        "--steps", str(args.steps), "--checkpointing" if args.checkpointing else "--no-checkpointing"])
     ours, ref = results["ours"], results["reference"]
     print(f"\nLoRA training step, Phi-3-mini shapes, batch {args.batch} x {args.seq}, r=16, checkpointing "
@@ -111,6 +119,9 @@ def main() -> None:
     print(f"{'tokens/s':16}{ours['tokens_per_s']:12,.0f}{ref['tokens_per_s']:20,.0f}{ours['tokens_per_s'] / ref['tokens_per_s']:10.2f}")
     print(f"{'peak GiB':16}{ours['peak_gib']:12.2f}{ref['peak_gib']:20.2f}{ours['peak_gib'] / ref['peak_gib']:10.2f}")
     print(f"{'trainable':16}{ours['trainable']:12,}{ref['trainable']:20,}")
+    unfused = results["ours-unfused"]
+    print(f"ours with RMSNorm / residual add / SwiGLU as torch ops: {unfused['tokens_per_s']:,.0f} tokens/s, "
+          f"{unfused['peak_gib']:.2f} GiB (the fused kernels give {ours['tokens_per_s'] / unfused['tokens_per_s']:.3f}x)")
 
 
 if __name__ == "__main__":

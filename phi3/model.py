@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels.rmsnorm import rms_norm
+from kernels.swiglu import swiglu
 from phi3.config import Phi3Config
 
 
@@ -26,10 +28,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)  # the weight product happens in the model dtype, as in the reference
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm(x), or with a residual (RMSNorm(x + residual), x + residual): one Triton kernel on the GPU
+        (fp32 inside, the weight product in the model dtype, as the reference), kernels/rmsnorm.py's torch
+        reference elsewhere."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class RotaryEmbedding(nn.Module):
@@ -150,8 +153,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # first half gate, second half up
-        return self.down_proj(up * F.silu(gate))
+        return self.down_proj(swiglu(self.gate_up_proj(x)))  # up * silu(gate); gate is the first half
 
 
 class DecoderLayer(nn.Module):
@@ -163,8 +165,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache), x)
+        return x + self.mlp(h)  # (the residual add and the second norm are one kernel)
 
 
 class Phi3Model(nn.Module):
