@@ -115,9 +115,18 @@ def resolve_adapter(arg: Path | None) -> Path | None:
 def load_for_chat(model_dir: Path | None, adapter: Path | None, device: str, dtype: str | None = None):
     """(model, tokenizer) for generation: the adapter merged into the weights (no training follows), and the
     base taken from --model, else the adapter's base_model_name_or_path, else the embedded tiny model."""
-    model_dir = model_dir or (adapter_base_model(adapter) if adapter else None) or EMBEDDED_MODEL
+    if model_dir is None and adapter is not None:
+        model_dir = adapter_base_model(adapter)
+        if model_dir is None:  # guessing a base for someone else's adapter would only fail later, less clearly
+            raise CheckpointError(f"{adapter / 'adapter_config.json'}: names no base model "
+                                  "(base_model_name_or_path); pass --model with the checkpoint it was trained on")
+    model_dir = model_dir or EMBEDDED_MODEL
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=parse_dtype(dtype), device=device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{model_dir}: tokenizer.json has {tokenizer.vocab_size} tokens, more than the "
+                              f"model's {model.config.vocab_size} (config.json vocab_size); the files come from "
+                              "different models")
     if adapter is not None:
         load_adapter(model, adapter)
         merge_lora(model)  # fold B A into W once: decoding runs at base speed

@@ -226,8 +226,11 @@ def check_fresh_run_folder(run_dir: Path) -> None:
                         f"--resume {run_dir}, or choose a new --out (or delete the folder)")
 
 
-def check_against_model(cfg: TrainConfig, config: Phi3Config) -> None:
-    """Flags that only the model's config.json can rule out, checked before its weights are read."""
+def check_against_model(cfg: TrainConfig, config: Phi3Config, tokenizer) -> None:
+    """Flags (and a tokenizer) that only the model's config.json can rule out, checked before its weights are read."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{cfg.model}: tokenizer.json has {tokenizer.vocab_size} tokens, more than the model's "
+                              f"{config.vocab_size} (config.json vocab_size); the files come from different models")
     if cfg.max_seq_len > config.max_position_embeddings:
         raise FlagError(f"--max-seq-len {cfg.max_seq_len} is longer than the model's context "
                         f"({config.max_position_embeddings} tokens, max_position_embeddings in {cfg.model}/config.json)")
@@ -346,7 +349,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     log("config: " + json.dumps(dataclasses.asdict(cfg)))
 
     tokenizer = load_tokenizer(cfg.model)
-    check_against_model(cfg, Phi3Config.from_json(Path(cfg.model).expanduser() / "config.json"))
+    check_against_model(cfg, Phi3Config.from_json(Path(cfg.model).expanduser() / "config.json"), tokenizer)
     examples, stats = read_jsonl(cfg.data, tokenizer, cfg.train_on, cfg.max_seq_len)
     log(f"data {cfg.data}: {stats.summary()}")
     if cfg.eval_data:

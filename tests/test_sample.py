@@ -370,3 +370,15 @@ def test_eval_script_refuses_bad_flags_and_files_in_one_line(capsys, tmp_path, e
     except SystemExit as e:
         code = e.code
     assert_one_error(code, capsys.readouterr().err, phrase)
+
+
+def test_adapter_that_names_no_base_model_needs_model_flag(tmp_path, capsys):
+    from phi3 import load_model
+    from phi3.lora import LoRAConfig, add_lora, save_adapter
+    model = load_model(cli.EMBEDDED_MODEL)
+    add_lora(model, LoRAConfig(rank=2))
+    save_adapter(model, tmp_path / "a")  # base_model=None
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    assert cli.main(["--adapter", str(tmp_path / "a"), "--prompt", "hi", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "names no base model" in err[-1] and "--model" in err[-1], err

@@ -650,3 +650,15 @@ def test_cuda_ten_steps_resume_ten_steps_equals_twenty(tmp_path):
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[0]}"
     assert json.loads((tmp_path / "resumed" / "checkpoint-20" / "kernel_tuning.json").read_text()) == tuning
+
+
+def test_tokenizer_from_another_model_is_refused_before_loading(small_chat, tmp_path, capsys):
+    model = tmp_path / "mixed"
+    shutil.copytree(REPO / "models" / "tiny-phi3", model)
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = 32005  # below the tokenizer's 32011 ids: an embedding lookup would fail mid-training
+    (model / "config.json").write_text(json.dumps(config))
+    assert run("--data", small_chat, "--model", model, "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "tokenizer.json has 32011 tokens, more than the model's 32005" in err, err
+    assert not (tmp_path / "o").exists()
