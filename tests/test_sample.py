@@ -173,7 +173,8 @@ def write_adapter(folder: Path, config, weights: bytes | None = b"") -> Path:
     return folder
 
 
-GOOD = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["qkv_proj"]}
+GOOD = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["qkv_proj"],
+        "base_model_name_or_path": str(cli.EMBEDDED_MODEL)}  # (an adapter naming no base needs --model)
 
 
 @needs_model
