@@ -56,6 +56,7 @@ class DataStats:
     tokens: int = 0          # their tokens, after truncation
     trained_tokens: int = 0  # their target tokens (mask[1:]), after truncation
     truncated: int = 0       # records cut to max_seq_len (including the dropped ones)
+    cut_tokens: int = 0      # tokens truncation removed (a dropped record's kept part is not counted here)
     dropped: int = 0         # truncated records left with no target token at all: not returned (all: DataError)
     system_dropped: int = 0  # system messages the checkpoint's template leaves out (older mini / medium)
     max_seq_len: int | None = None
@@ -67,6 +68,8 @@ class DataStats:
             s += "not truncated"
         else:
             s += f"{self.truncated:,} truncated to {self.max_seq_len} tokens"
+            if self.truncated:
+                s += f" ({self.cut_tokens:,} tokens cut)"
         if self.dropped:
             s += (f", {self.dropped:,} dropped (no trained token left within {self.max_seq_len} tokens; "
                   f"raise max_seq_len to keep them)")
@@ -335,6 +338,7 @@ def read_jsonl(path, tokenizer, train_on: str = "assistant", max_seq_len: int | 
             continue
         if max_seq_len is not None and len(ids) > max_seq_len:
             stats.truncated += 1
+            stats.cut_tokens += len(ids) - max_seq_len
             first = mask.index(True, 1)
             ids, mask = ids[:max_seq_len], mask[:max_seq_len]
             if first >= max_seq_len:
