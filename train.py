@@ -415,6 +415,8 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
             for stale in clean_stale_writes(run_dir):
                 log(f"removed {stale}, left by a write that was killed")
             write_json_atomic(run_dir / "train_config.json", dataclasses.asdict(cfg))
+            if (run_dir / "metrics.jsonl").is_symlink():  # appending would write wherever a stranger's link points
+                (run_dir / "metrics.jsonl").unlink()
             drop_metrics_after(run_dir / "metrics.jsonl", step)
         tuning_text = {kernel_tuning.TUNING_FILE: kernel_tuning.to_file(tuning)} if tuning else {}
 

@@ -662,3 +662,22 @@ def test_tokenizer_from_another_model_is_refused_before_loading(small_chat, tmp_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "tokenizer.json has 32011 tokens, more than the model's 32005" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_links_in_a_resumed_run_folder_never_lead_writes_outside(finished_run, tmp_path):
+    """A run folder from elsewhere whose metrics.jsonl and a checkpoint are links to files and folders outside it:
+    resuming appends, rewrites and deletes only inside the folder."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me\n")
+    shutil.copytree(finished_run / "checkpoint-2", outside / "checkpoint-1")  # a complete-looking checkpoint
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished_run, run_dir)
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "metrics.jsonl").symlink_to(outside / "precious.txt")
+    (run_dir / "checkpoint-1").symlink_to(outside / "checkpoint-1")
+    assert run("--resume", run_dir, "--max-steps", 7, "--save-every", 1, "--keep", 1) == 0
+    assert (outside / "precious.txt").read_text() == "keep me\n"
+    assert (outside / "checkpoint-1" / "state.json").is_file()
+    assert not (run_dir / "metrics.jsonl").is_symlink() and (run_dir / "metrics.jsonl").read_text()
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-7"]
