@@ -197,6 +197,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("out", "export_merged"):
         if getattr(cfg, name) is not None:
             check_writable_folder(Path(getattr(cfg, name)), flag(name))
+    merged = Path(cfg.export_merged) if cfg.export_merged else None
+    if merged and merged.is_dir() and any(merged.iterdir()) and not (merged / "config.json").is_file():
+        # the export replaces the folder whole (write, then rename): never a folder that holds something else
+        raise FlagError(f"--export-merged {merged} is a folder with other files in it; name a new folder (or an "
+                        "earlier export, which is replaced)")
     return cfg
 
 

@@ -597,6 +597,14 @@ def test_non_finite_and_impossible_flags_exit_2(small_chat, tmp_path, capsys, fl
     assert not (tmp_path / "o").exists()
 
 
+def test_export_into_a_folder_of_other_files_is_refused(small_chat, tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("x")
+    assert run("--data", small_chat, "--out", tmp_path / "o", "--export-merged", tmp_path / "docs") == 2
+    assert "--export-merged" in capsys.readouterr().err.splitlines()[-1]
+    assert (tmp_path / "docs" / "thesis.tex").read_text() == "x" and not (tmp_path / "o").exists()
+
+
 def test_out_that_cannot_be_a_folder_exits_2(small_chat, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
