@@ -264,25 +264,42 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> P
     return model
 
 
-def batch_loss_sum(model, batch, device) -> torch.Tensor:
-    hidden = model.hidden_states(batch.input_ids.to(device), batch.position_ids.to(device),
-                                 None if batch.document_ids is None else batch.document_ids.to(device))
-    return cross_entropy_sum(hidden, model.lm_head, batch.labels.to(device))
+class MicroBatchLoss(torch.nn.Module):
+    """One micro-batch's summed token loss as a module's forward. Under torchrun this is what DDP wraps, so that its
+    hooks see the whole forward and backward and reduce gradients in buckets while backward still runs."""
+
+    def __init__(self, model: Phi3ForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, document_ids, labels) -> torch.Tensor:
+        hidden = self.model.hidden_states(input_ids, position_ids, document_ids)
+        return cross_entropy_sum(hidden, self.model.lm_head, labels)
 
 
-def accumulate_gradients(model, micro_batches, device, autocast, step_trained_tokens: int | None = None) -> float:
+def batch_loss_sum(loss_of, batch, device) -> torch.Tensor:
+    """loss_of: the model, or the module computing a micro-batch's loss (MicroBatchLoss, or DDP around one)."""
+    if isinstance(loss_of, Phi3ForCausalLM):
+        loss_of = MicroBatchLoss(loss_of)
+    return loss_of(batch.input_ids.to(device), batch.position_ids.to(device),
+                   None if batch.document_ids is None else batch.document_ids.to(device), batch.labels.to(device))
+
+
+def accumulate_gradients(loss_of, micro_batches, device, autocast, step_trained_tokens: int | None = None) -> float:
     """Backward over this process's micro-batches of one optimizer step; returns their loss sum / step tokens.
 
     The step's loss is the mean over all trained tokens of all its micro-batches (token-weighted), not a mean
     of per-batch means: each micro-batch's loss sum is divided by the step's total trained tokens, which
-    under torchrun includes the other processes' micro-batches (their gradients are summed afterwards).
+    under torchrun includes the other processes' micro-batches (DDP sums the gradients during the last
+    micro-batch's backward; the earlier ones only accumulate locally).
     """
     trained = max(step_trained_tokens or sum(b.trained_tokens for b in micro_batches), 1)
     loss_sum = 0.0
-    for b in micro_batches:
-        with autocast():
-            loss = batch_loss_sum(model, b, device)
-        (loss / trained).backward()
+    for i, b in enumerate(micro_batches):
+        with distributed.no_sync(loss_of, i < len(micro_batches) - 1):
+            with autocast():
+                loss = batch_loss_sum(loss_of, b, device)
+            (loss / trained).backward()
         loss_sum = loss_sum + loss.detach()  # stays on the device: one host sync per step, not per micro-batch
     return float(loss_sum) / trained
 
@@ -440,6 +457,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
             distributed.barrier(world)
             return final
 
+        loss_of = distributed.data_parallel(MicroBatchLoss(model), world, device)  # after loading: no broadcast
         progress = Progress(total_steps, cfg.log_every, run_dir / "metrics.jsonl", enabled=world.is_main)
         start_step, failure = step, None
         window_tokens, window_seconds = 0, 0.0  # training time only: evals and saves are not in tokens/s
@@ -459,8 +477,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
                 position["batch"] += 1
             torch.manual_seed(step_seed(cfg.seed, step, world.rank))
             step_tokens = sum(b.trained_tokens for b in group)
-            loss = accumulate_gradients(model, group[world.rank::world.size], device, autocast, step_tokens)
-            distributed.all_reduce_sum_([p.grad for p in trainable if p.grad is not None], world)
+            loss = accumulate_gradients(loss_of, group[world.rank::world.size], device, autocast, step_tokens)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
             # one collective carries the loss, the norm's finiteness and any process's stop request
             train_loss, bad, stopping = distributed.sum_scalars(

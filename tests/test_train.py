@@ -689,3 +689,23 @@ def test_links_in_a_resumed_run_folder_never_lead_writes_outside(finished_run, t
     assert (outside / "checkpoint-1" / "state.json").is_file()
     assert not (run_dir / "metrics.jsonl").is_symlink() and (run_dir / "metrics.jsonl").read_text()
     assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-7"]
+
+
+def test_ddp_accumulation_counts_every_micro_batch_once(base, lora_model, tmp_path):
+    """The DDP path of accumulate_gradients (no_sync for all but the last micro-batch, then a summing reduce),
+    in a one-process group: the gradients must be bit-identical to plain accumulation."""
+    import torch.distributed as dist
+    from phi3 import distributed
+    lora_model.eval()  # dropout off
+    four = batches_of(base, 4, 1)
+    train.accumulate_gradients(lora_model, four, "cpu", no_autocast)
+    plain = grads(lora_model)
+    lora_model.zero_grad(set_to_none=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:  # World says 2 so that data_parallel wraps the module; the group itself has this one process
+        ddp = distributed.data_parallel(train.MicroBatchLoss(lora_model), distributed.World(0, 2), torch.device("cpu"))
+        train.accumulate_gradients(ddp, four, "cpu", no_autocast)
+    finally:
+        dist.destroy_process_group()
+    reduced = grads(lora_model)
+    assert plain.keys() == reduced.keys() and all(torch.equal(plain[n], reduced[n]) for n in plain)
