@@ -73,8 +73,7 @@ def data_parallel(module: nn.Module, world: World, device: torch.device) -> nn.M
     Every process loaded the same weights and the same seeded LoRA init, so nothing is broadcast at the start."""
     if world.size == 1:
         return module
-    ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-              init_sync=False)
+    ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, init_sync=False)  # (no buffers)
     ddp.register_comm_hook(None, _sum_gradients)
     return ddp
 
