@@ -40,7 +40,7 @@ from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, merge_l
 from phi3.loss import cross_entropy_sum
 from phi3.progress import Progress, peak_memory_gib, plot_loss
 from phi3.run_state import (RunStateError, clean_stale_writes, find_checkpoint, load_checkpoint, lr_lambda,
-                            run_folder_of, save_checkpoint, set_schedule_step, write_json_atomic)
+                            read_state, run_folder_of, save_checkpoint, set_schedule_step, write_json_atomic)
 from phi3.tokenizer import TokenizerError
 
 
@@ -144,7 +144,7 @@ def resolve_config(argv) -> TrainConfig:
             raise FlagError(f"{saved}: missing; every checkpoint-STEP folder train.py writes has one: resume from a "
                             "complete checkpoint")
         base = config_from_json(saved)
-        changed = [n for n in RESUME_FIXED if n in given and given[n] != getattr(base, n)]
+        changed = [n for n in RESUME_FIXED if n in given and given[n] != getattr(base, n)]  # (before grad_accum is set)
         if changed:
             n = changed[0]
             raise FlagError(f"--{n.replace('_', '-')} {given[n]} differs from the resumed run's "
@@ -152,6 +152,15 @@ def resolve_config(argv) -> TrainConfig:
                             f"({', '.join('--' + f.replace('_', '-') for f in RESUME_FIXED)}): drop the flag, or "
                             "start a new run with another --out")
         given.setdefault("out", str(run_folder_of(ckpt)))
+        _, _, processes = read_state(ckpt)
+        now = int(os.environ.get("WORLD_SIZE", "1"))
+        if now != processes:  # the same micro-batches per optimizer step, shared out among this many processes
+            per_step = base.grad_accum * processes
+            if per_step % now:
+                raise FlagError(f"{ckpt}: the run took {per_step} micro-batches per step over {processes} processes; "
+                                f"{now} processes cannot share them evenly: resume on a number of processes that "
+                                f"divides {per_step}")
+            given["grad_accum"] = per_step // now
         return validate(dataclasses.replace(base, **given))
     config = TrainConfig(**given)
     if not config.data:
@@ -453,7 +462,8 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
             """Written by the main process only; the others wait so that no process runs ahead of a save."""
             final = run_dir / f"checkpoint-{step}"
             if world.is_main and not (final / "state.json").is_file():  # this step's state is already there
-                save_checkpoint(run_dir, step, model, optimizer, dict(position), write_model_files, cfg.keep, tuning_text)
+                save_checkpoint(run_dir, step, model, optimizer, dict(position), write_model_files, cfg.keep, tuning_text,
+                                world.size)
             distributed.barrier(world)
             return final
 

@@ -72,8 +72,9 @@ def _optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: dict, write_model_files, keep: int,
-                    extra_files: dict[str, str] | None = None) -> Path:
-    """Write run_dir/checkpoint-STEP atomically; delete the oldest so that `keep` remain. extra_files: name -> text."""
+                    extra_files: dict[str, str] | None = None, processes: int = 1) -> Path:
+    """Write run_dir/checkpoint-STEP atomically; delete the oldest so that `keep` remain. extra_files: name -> text;
+    processes: how many torchrun processes shared each step (a resumed run on another count keeps the step's size)."""
     final = run_dir / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         write_model_files(tmp)  # adapter (PEFT) or full model (HF layout), for users
@@ -82,7 +83,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: dict, 
         save_file(_optimizer_tensors(model, optimizer), tmp / OPTIMIZER_FILE)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        state = {"format": FORMAT, "step": step, "position": {k: int(v) for k, v in position.items()}}
+        state = {"format": FORMAT, "step": step, "position": {k: int(v) for k, v in position.items()},
+                 "processes": processes}
         (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")  # last: its presence marks the folder complete
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -150,8 +152,8 @@ def run_folder_of(checkpoint: Path) -> Path:
     return checkpoint.parent if CHECKPOINT_RE.fullmatch(checkpoint.name) else checkpoint
 
 
-def read_state(folder: Path) -> tuple[int, dict]:
-    """(step, data position) from state.json, every value checked."""
+def read_state(folder: Path) -> tuple[int, dict, int]:
+    """(step, data position, torchrun processes) from state.json, every value checked."""
     path = folder / STATE_FILE
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
@@ -159,11 +161,13 @@ def read_state(folder: Path) -> tuple[int, dict]:
         raise RunStateError(f"{path}: unreadable ({e}); resume from another checkpoint") from None
     position = state.get("position") if isinstance(state, dict) else None
     ok = (isinstance(state, dict) and state.get("format") == FORMAT and _count(state.get("step"))
-          and isinstance(position, dict) and set(position) == {"epoch", "batch"} and all(map(_count, position.values())))
+          and isinstance(position, dict) and set(position) == {"epoch", "batch"} and all(map(_count, position.values()))
+          and _count(state.get("processes")) and 1 <= state["processes"] <= 65536)
     if not ok:
-        raise RunStateError(f"{path}: not a checkpoint state this version wrote (expected format {FORMAT} with a step "
-                            "and an epoch/batch position, all non-negative integers); resume from another checkpoint")
-    return state["step"], dict(position)
+        raise RunStateError(f"{path}: not a checkpoint state this version wrote (expected format {FORMAT} with a step, "
+                            "an epoch/batch position and a process count, all non-negative integers); resume from "
+                            "another checkpoint")
+    return state["step"], dict(position), state["processes"]
 
 
 def _count(v) -> bool:
@@ -197,7 +201,7 @@ def _check_same(path: Path, found: dict[str, torch.Tensor], expected: dict[str, 
 def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, dict]:
     """Restore trainable tensors and AdamW state; return (step, data position). Every file is checked before
     anything is changed: names, shapes and dtypes must be exactly what this run's model has."""
-    step, position = read_state(folder)
+    step, position, _ = read_state(folder)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     tensors = _read_tensors(folder / TRAINABLE_FILE)
     _check_same(folder / TRAINABLE_FILE, tensors, {n: p.shape for n, p in params.items()}, "model")

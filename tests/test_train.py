@@ -461,11 +461,13 @@ HOSTILE_CHECKPOINTS = [
     ("state not json", lambda c: (c / "state.json").write_text("{step: 4"), "unreadable"),
     ("state deep", lambda c: (c / "state.json").write_text("[" * 100000), "unreadable"),
     ("state wrong types", lambda c: (c / "state.json").write_text(
-        '{"format": 2, "step": "4", "position": {"epoch": 0, "batch": 1}}'), "non-negative integers"),
+        '{"format": 2, "step": "4", "position": {"epoch": 0, "batch": 1}, "processes": 1}'), "non-negative integers"),
     ("negative position", lambda c: (c / "state.json").write_text(
-        '{"format": 2, "step": 4, "position": {"epoch": -1, "batch": 1}}'), "non-negative integers"),
+        '{"format": 2, "step": 4, "position": {"epoch": -1, "batch": 1}, "processes": 1}'), "non-negative integers"),
+    ("no process count", lambda c: (c / "state.json").write_text(
+        '{"format": 2, "step": 4, "position": {"epoch": 0, "batch": 1}, "processes": 0}'), "process count"),
     ("position past the data", lambda c: (c / "state.json").write_text(
-        '{"format": 2, "step": 4, "position": {"epoch": 0, "batch": 99999}}'), "past the"),
+        '{"format": 2, "step": 4, "position": {"epoch": 0, "batch": 99999}, "processes": 1}'), "past the"),
     ("config wrong type", lambda c: (c / "train_config.json").write_text(
         (c / "train_config.json").read_text().replace('"rank": 4', '"rank": "4"')), "rank"),
     ("config not an object", lambda c: (c / "train_config.json").write_text("[1]"), "fields differ"),
@@ -709,3 +711,38 @@ def test_ddp_accumulation_counts_every_micro_batch_once(base, lora_model, tmp_pa
         dist.destroy_process_group()
     reduced = grads(lora_model)
     assert plain.keys() == reduced.keys() and all(torch.equal(plain[n], reduced[n]) for n in plain)
+
+
+def test_killed_torchrun_worker_stops_the_run_which_resumes_exactly_on_one_process(base, small_chat, tmp_path):
+    """SIGKILL one of two torchrun processes: the run stops (torchrun ends the other), the last complete checkpoint
+    loads, and resuming it in one process (which then takes both processes' micro-batches per step) trains exactly
+    like one process with --grad-accum 2 from the start."""
+    common = ["--data", small_chat, "--model", base, "--batch-size", 2, "--dropout", 0, "--lr", 1e-3,
+              "--lr-schedule", "constant", "--warmup", 0, "--eval-fraction", 0, "--device", "cpu"]  # lr: no total
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = tmp_path / "killed"
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(REPO / "train.py"), *map(str, common), "--max-steps", "100000", "--save-every", "2",
+                              "--out", str(out)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-4").is_dir() and time.time() < deadline and agent.poll() is None:
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    _, err = agent.communicate(timeout=120)  # bounded: torchrun notices the death and stops the other process
+    assert agent.returncode != 0, err[-2000:]
+    last = int(find_checkpoint(out).name.split("-")[1])
+    assert last >= 4 and json.loads((out / f"checkpoint-{last}" / "state.json").read_text())["processes"] == 2
+    resumed = subprocess.run([sys.executable, str(REPO / "train.py"), "--resume", str(out), "--max-steps",
+                              str(last + 2)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "train_config.json").read_text())["grad_accum"] == 2
+    straight = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, common), "--grad-accum", "2",
+                               "--max-steps", str(last + 2), "--out", str(tmp_path / "straight")],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
