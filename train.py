@@ -6,7 +6,7 @@
     python sample.py --adapter runs/a                            # chat with the result
     torchrun --nproc_per_node 2 train.py --data chat.jsonl ...   # data parallel on 2 GPUs (phi3/distributed.py)
 
-Every flag is a field of TrainConfig below (`--max-seq-len` sets max_seq_len). The resolved configuration
+Every flag is a field of TrainConfig (phi3/train_config.py; `--max-seq-len` sets max_seq_len). The resolved configuration
 is printed and saved as train_config.json in the run folder, next to metrics.jsonl, the final adapter
 (PEFT layout) and checkpoint-STEP/ folders. Bad data stops the run before training, with file and line.
 """
@@ -18,243 +18,29 @@ import signal
 if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds) ends the process quietly: nothing is
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # written before run() takes the signals over (StopRequest)
 
-import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from kernels.lora_linear import GEMM_CHOICES
 from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load_model, load_tokenizer, save_model
 from phi3 import distributed, kernel_tuning
 from phi3.atomic import atomic_file
-from phi3.checkpoint import EMBEDDED_MODEL, default_dtype, parse_dtype, write_hf_files
+from phi3.checkpoint import default_dtype, parse_dtype, write_hf_files
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, merge_lora, parse_targets, save_adapter
 from phi3.loss import cross_entropy_sum
 from phi3.progress import Progress, peak_memory_gib, plot_loss
 from phi3.run_state import (RunStateError, clean_stale_writes, find_checkpoint, load_checkpoint, lr_lambda,
-                            read_state, run_folder_of, save_checkpoint, set_schedule_step, write_json_atomic)
+                            save_checkpoint, set_schedule_step, write_json_atomic)
+from phi3.train_config import (FlagError, TrainConfig, check_against_model, check_fresh_run_folder,
+                               resolve_config)
 from phi3.tokenizer import TokenizerError
 
-
-
-@dataclass
-class TrainConfig:
-    data: str = field(default="", metadata={"help": "training JSONL (messages / prompt+completion / text / ShareGPT)"})
-    model: str = field(default=str(EMBEDDED_MODEL), metadata={"help": "base checkpoint folder (HF layout)"})
-    out: str = field(default="out", metadata={"help": "run folder: adapter, checkpoints, metrics"})
-    eval_data: str | None = field(default=None, metadata={"help": "held-out JSONL (default: --eval-fraction of --data)"})
-    eval_fraction: float = field(default=0.05, metadata={"help": "share of --data held out when no --eval-data"})
-    epochs: float = 1.0
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --epochs when > 0"})
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (LoRA; try ~2e-5 with --full)"})
-    lr_schedule: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant"]})
-    warmup: float = field(default=0.03, metadata={"help": "warmup: fraction of the steps if < 1, else steps"})
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_seq_len: int = 2048
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    targets: str = field(default="qkv,o,gate_up,down", metadata={"help": "e.g. qkv,o,gate_up,down or q,v (+lm_head)"})
-    rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(rank) instead of alpha/rank"})
-    train_on: str = field(default="assistant", metadata={"choices": ["assistant", "all"]})
-    packing: bool = field(default=False, metadata={"help": "pack examples into full rows (attention kept per example)"})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on for CUDA, off on CPU"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    dtype: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
-    seed: int = 0
-    eval_every: int = field(default=0, metadata={"help": "steps between evals (0: five evals per run)"})
-    save_every: int = field(default=100, metadata={"help": "steps between checkpoints (0: only at the end)"})
-    keep: int = field(default=2, metadata={"help": "checkpoints kept"})
-    log_every: int = field(default=10, metadata={"help": "steps between lines in metrics.jsonl / non-terminal logs"})
-    resume: str | None = field(default=None, metadata={"help": "checkpoint or run folder to continue from"})
-    full: bool = field(default=False, metadata={"help": "train all parameters (fp32 master weights) instead of LoRA"})
-    init: str = field(default="pretrained", metadata={"choices": ["pretrained", "random"],
-                                                      "help": "random: build from --model's config.json (pretraining)"})
-    export_merged: str | None = field(default=None, metadata={"help": "also write base+adapter merged (HF layout) here"})
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "") + (f" (default: {f.default})" if f.default not in (None, "") else "")
-        if f.type in ("bool", "bool | None"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"), help=help_text)
-    return parser
-
-
-class FlagError(ValueError):
-    """A command-line value that cannot work."""
-
-
-# Flags that shape the trained tensors or the sequence of batches: a resumed run keeps the saved values (it
-# would otherwise fail to load, or silently train on other batches than the run it continues).
-RESUME_FIXED = ("full", "init", "rank", "alpha", "dropout", "targets", "rslora", "train_on", "max_seq_len",
-                "packing", "batch_size", "grad_accum", "seed", "eval_fraction")
-
-
-def config_from_json(path: Path) -> TrainConfig:
-    """A saved train_config.json, read as untrusted data: every field present, of its declared type."""
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FlagError(f"{path}: unreadable ({e}); start a new run, or resume another run folder") from None
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    problem = None
-    if not isinstance(saved, dict) or set(saved) != set(fields):
-        problem = "not the train_config.json of this version (fields differ)"
-    else:
-        for name, kind in fields.items():
-            value = saved[name]
-            ok = {"str": type(value) is str, "int": type(value) is int, "bool": type(value) is bool,
-                  "float": type(value) in (int, float), "str | None": value is None or type(value) is str,
-                  "bool | None": value is None or type(value) is bool}[kind]
-            if not ok:
-                problem = f"{name} is {json.dumps(value)[:40]}, not a {kind}"
-                break
-    if problem:
-        raise FlagError(f"{path}: {problem}; start a new run, or resume another run folder")
-    return TrainConfig(**saved)
-
-
-def resolve_config(argv) -> TrainConfig:
-    """Flags given on the command line override the defaults, or, with --resume, the resumed run's config.
-
-    A resumed run writes into --out when given, else into the run folder --resume names (run_folder_of):
-    never into the `out` its saved config names, which may be another machine's path or a stranger's choice."""
-    given = vars(build_parser().parse_args(argv))
-    if given.get("resume"):
-        ckpt = find_checkpoint(given["resume"])
-        saved = ckpt / "train_config.json"
-        if not saved.is_file():
-            raise FlagError(f"{saved}: missing; every checkpoint-STEP folder train.py writes has one: resume from a "
-                            "complete checkpoint")
-        base = config_from_json(saved)
-        changed = [n for n in RESUME_FIXED if n in given and given[n] != getattr(base, n)]  # (before grad_accum is set)
-        if changed:
-            n = changed[0]
-            raise FlagError(f"--{n.replace('_', '-')} {given[n]} differs from the resumed run's "
-                            f"{getattr(base, n)}; a resumed run keeps the flags that shape its model and batches "
-                            f"({', '.join('--' + f.replace('_', '-') for f in RESUME_FIXED)}): drop the flag, or "
-                            "start a new run with another --out")
-        given.setdefault("out", str(run_folder_of(ckpt)))
-        _, _, processes = read_state(ckpt)
-        now = int(os.environ.get("WORLD_SIZE", "1"))
-        if now != processes:  # the same micro-batches per optimizer step, shared out among this many processes
-            per_step = base.grad_accum * processes
-            if per_step % now:
-                raise FlagError(f"{ckpt}: the run took {per_step} micro-batches per step over {processes} processes; "
-                                f"{now} processes cannot share them evenly: resume on a number of processes that "
-                                f"divides {per_step}")
-            given["grad_accum"] = per_step // now
-        return validate(dataclasses.replace(base, **given))
-    config = TrainConfig(**given)
-    if not config.data:
-        raise FlagError("--data is required (a JSONL file; see README.md for the formats)")
-    return validate(config)
-
-
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Catch impossible flag values before anything is loaded; one line each, exit code 2."""
-    flag = lambda name: "--" + name.replace("_", "-")
-    problems = [f"{flag(n)} must be a finite number, not {getattr(cfg, n)}" for n in
-                ("lr", "warmup", "epochs", "alpha", "max_grad_norm", "weight_decay", "dropout", "eval_fraction")
-                if not math.isfinite(getattr(cfg, n))]
-    if problems:  # NaN compares false with everything: the range checks below would let it through
-        raise FlagError("; ".join(problems))
-    positive = ("batch_size", "grad_accum", "max_seq_len", "rank", "keep", "log_every", "lr", "epochs", "alpha",
-                "max_grad_norm")
-    problems = [f"{flag(n)} must be > 0" for n in positive if getattr(cfg, n) <= 0]
-    problems += [f"{flag(n)} must be >= 0" for n in ("weight_decay", "warmup", "eval_every", "save_every")
-                 if getattr(cfg, n) < 0]
-    if cfg.lr > 1:
-        problems.append("--lr must be <= 1 (AdamW moves each weight by about lr per step)")
-    if cfg.max_steps != -1 and cfg.max_steps <= 0:
-        problems.append("--max-steps must be > 0 (or left out: --epochs decides)")
-    if not 0 <= cfg.seed < 2**31:
-        problems.append("--seed must be in [0, 2**31)")
-    if not 0 <= cfg.dropout < 1:
-        problems.append("--dropout must be in [0, 1)")
-    if not 0 <= cfg.eval_fraction < 1:
-        problems.append("--eval-fraction must be in [0, 1)")
-    try:
-        parse_targets(cfg.targets)
-    except ValueError as e:
-        problems.append(str(e))
-    problems += distributed.device_problems(cfg.device)
-    if os.environ.get("LORA_GEMM", "auto") not in GEMM_CHOICES:
-        problems.append(f"environment LORA_GEMM={os.environ['LORA_GEMM']!r} must be one of {', '.join(GEMM_CHOICES)}"
-                        " (or unset)")
-    if problems:
-        raise FlagError("; ".join(problems))
-    if not cfg.out.strip():
-        raise FlagError("--out must name a folder (it is created if missing)")
-    for name in ("out", "export_merged"):
-        if getattr(cfg, name) is not None:
-            check_writable_folder(Path(getattr(cfg, name)), flag(name))
-    merged = Path(cfg.export_merged) if cfg.export_merged else None
-    if merged and merged.is_dir() and any(merged.iterdir()) and not (merged / "config.json").is_file():
-        # the export replaces the folder whole (write, then rename): never a folder that holds something else
-        raise FlagError(f"--export-merged {merged} is a folder with other files in it; name a new folder (or an "
-                        "earlier export, which is replaced)")
-    return cfg
-
-
-def check_writable_folder(path: Path, flag: str) -> None:
-    """Fail now, not after loading a model for minutes: the folder (or its nearest existing parent) must be a
-    writable folder. Writes can still fail later (a full disk); those are reported the same way."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        if existing.is_symlink():  # a dangling link: mkdir would fail on it
-            break
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        where = "is" if existing == path else f"is under {existing}, which is"
-        raise FlagError(f"{flag} {path} {where} a file, not a folder; choose another {flag}")
-    if not existing.exists() or not os.access(existing, os.W_OK | os.X_OK):
-        raise FlagError(f"{flag} {path}: {existing} is not a writable folder; choose another {flag}")
-
-
-def check_fresh_run_folder(run_dir: Path) -> None:
-    """A new run must not share its folder with another: --keep would delete that run's checkpoints and a later
-    --resume would continue the wrong run."""
-    if not run_dir.is_dir():
-        return
-    found = [p.name for p in (run_dir / "train_config.json", *run_dir.glob("checkpoint-*")) if p.exists()]
-    if found:
-        raise FlagError(f"--out {run_dir} holds another run ({', '.join(sorted(found)[:3])}); continue it with "
-                        f"--resume {run_dir}, or choose a new --out (or delete the folder)")
-
-
-def check_against_model(cfg: TrainConfig, config: Phi3Config, tokenizer) -> None:
-    """Flags (and a tokenizer) that only the model's config.json can rule out, checked before its weights are read."""
-    if tokenizer.vocab_size > config.vocab_size:
-        raise CheckpointError(f"{cfg.model}: tokenizer.json has {tokenizer.vocab_size} tokens, more than the model's "
-                              f"{config.vocab_size} (config.json vocab_size); the files come from different models")
-    if cfg.max_seq_len > config.max_position_embeddings:
-        raise FlagError(f"--max-seq-len {cfg.max_seq_len} is longer than the model's context "
-                        f"({config.max_position_embeddings} tokens, max_position_embeddings in {cfg.model}/config.json)")
-    smallest = min(config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim)
-    if not cfg.full and cfg.rank > smallest:
-        raise FlagError(f"--rank {cfg.rank} is larger than the smallest side of the adapted layers ({smallest}); "
-                        "LoRA ranks are usually 8-64")
-    if not cfg.full and "lm_head" in parse_targets(cfg.targets) and config.tie_word_embeddings:
-        raise FlagError(f"--targets lm_head: this model's lm_head is tied to its embeddings ({cfg.model}); "
-                        "leave lm_head out of --targets")
 
 
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Phi3ForCausalLM:
