@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from phi3 import CheckpointError, ConfigError, load_model, load_tokenizer
-from phi3.checkpoint import EMBEDDED_MODEL, parse_dtype
+from phi3.checkpoint import EMBEDDED_MODEL, check_tokenizer_fits, parse_dtype
 from phi3.distributed import device_problems
 from phi3.lora import adapter_base_model, load_adapter, merge_lora
 from phi3.generate import generate
@@ -123,10 +123,7 @@ def load_for_chat(model_dir: Path | None, adapter: Path | None, device: str, dty
     model_dir = model_dir or EMBEDDED_MODEL
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=parse_dtype(dtype), device=device)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CheckpointError(f"{model_dir}: tokenizer.json has {tokenizer.vocab_size} tokens, more than the "
-                              f"model's {model.config.vocab_size} (config.json vocab_size); the files come from "
-                              "different models")
+    check_tokenizer_fits(tokenizer, model.config, model_dir)
     if adapter is not None:
         load_adapter(model, adapter)
         merge_lora(model)  # fold B A into W once: decoding runs at base speed

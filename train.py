@@ -31,12 +31,13 @@ from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load
 from phi3 import distributed, kernel_tuning
 from phi3.atomic import atomic_file
 from phi3.checkpoint import default_dtype, parse_dtype, write_hf_files
+from phi3.config import read_json_object
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, merge_lora, parse_targets, save_adapter
 from phi3.loss import cross_entropy_sum
 from phi3.progress import Progress, peak_memory_gib, plot_loss
 from phi3.run_state import (RunStateError, clean_stale_writes, find_checkpoint, load_checkpoint, lr_lambda,
-                            save_checkpoint, set_schedule_step, write_json_atomic)
+                            save_checkpoint, write_json_atomic)
 from phi3.train_config import (FlagError, TrainConfig, check_against_model, check_fresh_run_folder,
                                resolve_config)
 from phi3.tokenizer import TokenizerError
@@ -197,7 +198,6 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     steps_per_epoch = math.ceil(len(batches) / group_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup_steps = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup_steps, total_steps))
     eval_every = cfg.eval_every or max(1, total_steps // 5)
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=cfg.full and dtype != torch.float32)
 
@@ -208,7 +208,6 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
         if position["batch"] > len(batches):
             raise RunStateError(f"{ckpt / 'state.json'}: data position {position} is past the {len(batches)} "
                                 "batches of an epoch of this data; resume with the data the run was trained on")
-        set_schedule_step(scheduler, step)
         saved_tuning = read_tuning(ckpt, log)
         log(f"resumed from {ckpt} at step {step}")
         if step >= total_steps:
@@ -216,6 +215,10 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
             return 0
         if position["epoch"] != 0:
             batches = epoch_batches(position["epoch"])
+    for group in optimizer.param_groups:  # LambdaLR's public way to start at `step` (last_epoch = step - 1) reads it
+        group["initial_lr"] = cfg.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup_steps, total_steps),
+                                                  last_epoch=step - 1)  # its first step() sets lr = cfg.lr * f(step)
     try:
         tuning = kernel_tuning.prepare(model, cfg.batch_size * cfg.max_seq_len, dtype, device, saved_tuning,
                                        world.rank, world.size)
@@ -335,10 +338,12 @@ def read_tuning(checkpoint: Path, log) -> dict | None:
     path = checkpoint / kernel_tuning.TUNING_FILE
     if not path.is_file():
         return None
+    fix = "delete it to let the run choose kernels afresh"
+    data = read_json_object(path, RunStateError, fix)
     try:
-        saved_settings, record = kernel_tuning.from_file(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise RunStateError(f"{path}: unreadable ({e}); delete it to let the run choose kernels afresh") from None
+        saved_settings, record = kernel_tuning.from_file(data)
+    except ValueError as e:
+        raise RunStateError(f"{path}: {e}; {fix}") from None
     if saved_settings != kernel_tuning.settings():
         log(f"warning: the run chose its kernels with {saved_settings}, this process has {kernel_tuning.settings()}; "
             "set the same environment to resume bit-exactly")

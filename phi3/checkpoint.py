@@ -48,6 +48,14 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def check_tokenizer_fits(tokenizer, config: Phi3Config, folder) -> None:
+    """A tokenizer with ids past the model's vocab_size (files from different models) would fail mid-run in an
+    embedding lookup: say so before anything runs."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens, more than the model's "
+                              f"{config.vocab_size} (config.json vocab_size); the files come from different models")
+
+
 def default_dtype(device) -> torch.dtype:
     """bf16 on GPUs, fp32 on the CPU (CPU bf16 matmuls are slow and less exact)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32

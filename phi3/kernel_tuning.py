@@ -31,11 +31,10 @@ def to_file(record: dict) -> str:
     return json.dumps({"settings": settings(), "record": record}, indent=1) + "\n"
 
 
-def from_file(text: str) -> tuple[dict, dict]:
-    """(settings, record) from a kernel_tuning.json; ValueError when it is not one (the record itself is checked
-    by use_tuning_record)."""
-    data = json.loads(text)
-    if not isinstance(data, dict) or set(data) != {"settings", "record"} or not isinstance(data["settings"], dict):
+def from_file(data: dict) -> tuple[dict, dict]:
+    """(settings, record) from a kernel_tuning.json's object; ValueError when it is not one (the record itself is
+    checked by use_tuning_record)."""
+    if set(data) != {"settings", "record"} or not isinstance(data["settings"], dict):
         raise ValueError("not a kernel_tuning.json (expected {\"settings\": {...}, \"record\": {...}})")
     return data["settings"], data["record"]
 

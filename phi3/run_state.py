@@ -49,16 +49,6 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return f
 
 
-def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
-    """Put a fresh LambdaLR (and its optimizer's lr) where `step` scheduler.step() calls would have: the same
-    expression base_lr * lambda(step) as LambdaLR.get_lr, so the resumed lr is bit-identical."""
-    scheduler.last_epoch, scheduler._step_count = step, step + 1
-    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
-
-
 # ---- writing -------------------------------------------------------------------------------------------------
 
 def _optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:

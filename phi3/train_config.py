@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kernels.lora_linear import GEMM_CHOICES
 from phi3 import distributed
-from phi3.checkpoint import CheckpointError, EMBEDDED_MODEL
+from phi3.checkpoint import EMBEDDED_MODEL, check_tokenizer_fits
 from phi3.config import Phi3Config
 from phi3.lora import parse_targets
 from phi3.run_state import find_checkpoint, read_state, run_folder_of
@@ -228,9 +228,7 @@ def check_fresh_run_folder(run_dir: Path) -> None:
 
 def check_against_model(cfg: TrainConfig, config: Phi3Config, tokenizer) -> None:
     """Flags (and a tokenizer) that only the model's config.json can rule out, checked before its weights are read."""
-    if tokenizer.vocab_size > config.vocab_size:
-        raise CheckpointError(f"{cfg.model}: tokenizer.json has {tokenizer.vocab_size} tokens, more than the model's "
-                              f"{config.vocab_size} (config.json vocab_size); the files come from different models")
+    check_tokenizer_fits(tokenizer, config, cfg.model)
     if cfg.max_seq_len > config.max_position_embeddings:
         raise FlagError(f"--max-seq-len {cfg.max_seq_len} is longer than the model's context "
                         f"({config.max_position_embeddings} tokens, max_position_embeddings in {cfg.model}/config.json)")

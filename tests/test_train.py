@@ -474,6 +474,8 @@ HOSTILE_CHECKPOINTS = [
     ("config nan lr", lambda c: (c / "train_config.json").write_text(
         (c / "train_config.json").read_text().replace('"lr": 0.0002', '"lr": NaN')), "finite"),
     ("no config", lambda c: (c / "train_config.json").unlink(), "missing"),
+    ("tuning not json", lambda c: (c / "kernel_tuning.json").write_text("[1"), "kernel_tuning.json: not valid JSON"),
+    ("tuning not a record", lambda c: (c / "kernel_tuning.json").write_text('{"record": 1}'), "not a kernel_tuning"),
 ]
 
 
