@@ -35,6 +35,7 @@ from phi3.config import read_json_object
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, merge_lora, parse_targets, save_adapter
 from phi3.loss import cross_entropy_sum
+from phi3.offload import CheckpointOffload
 from phi3.progress import Progress, peak_memory_gib, plot_loss
 from phi3.run_state import (RunStateError, clean_stale_writes, find_checkpoint, load_checkpoint, lr_lambda,
                             save_checkpoint, write_json_atomic)
@@ -57,6 +58,8 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> P
         add_lora(model, LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, parse_targets(cfg.targets), cfg.rslora))
         mark_only_lora_as_trainable(model)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.offload_checkpoints:
+        model.offload = CheckpointOffload(device)
     return model
 
 
@@ -160,6 +163,10 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     dtype = default_dtype(device) if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
     if cfg.gradient_checkpointing is None:
         cfg.gradient_checkpointing = device.type == "cuda"
+    offload_applies = cfg.gradient_checkpointing and device.type == "cuda"
+    if cfg.offload_checkpoints and not offload_applies:  # given, or saved by a resumed run on a GPU
+        log("note: --offload-checkpoints applies only with gradient checkpointing on a CUDA device; off here")
+    cfg.offload_checkpoints = offload_applies if cfg.offload_checkpoints is None else cfg.offload_checkpoints and offload_applies
     run_dir = Path(cfg.out)
     if not cfg.resume:
         check_fresh_run_folder(run_dir)
@@ -192,6 +199,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{sum(p.numel() for p in trainable):,} trained, {device} {str(dtype).removeprefix('torch.')}, "
         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+        + (" (layer inputs wait in pinned CPU memory)" if cfg.offload_checkpoints else "")
         + (f", {world.size} processes" if world.size > 1 else ""))
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")

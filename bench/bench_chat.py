@@ -42,7 +42,9 @@ def step_examples(steps: int, per_step: int = 16, seed: int = 0) -> list[list[li
 def ours(args, device):
     from phi3 import Phi3Config, Phi3ForCausalLM
     from phi3.data import Example, make_batches
+    from phi3.kernel_tuning import prepare
     from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
+    from phi3.offload import CheckpointOffload
     from train import MicroBatchLoss, accumulate_gradients
 
     config = Phi3Config.from_json(CONFIG)
@@ -56,7 +58,10 @@ def ours(args, device):
     add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
     mark_only_lora_as_trainable(model)
     model.gradient_checkpointing = True
+    if device.type == "cuda":
+        model.offload = CheckpointOffload(device)
     model.train()
+    prepare(model, 4 * ROW, dtype, device, None)  # every kernel choice before step 1, as train.py does
     loss_of = MicroBatchLoss(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
 

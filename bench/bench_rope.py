@@ -4,7 +4,6 @@
 
 Prints forward and forward+backward times of both backends at B 4 x T 2048, a sweep of the kernel's tile size,
 and SDPA's forward+backward on the (B, T, H, D)-strided views rope_qk returns vs contiguous (B, H, T, D).
-Written 2026-12-02 with the kernel; not yet run on a GPU (see the issue notes).
 """
 import os
 import sys
@@ -35,10 +34,11 @@ for nh, nkv, hd in [(32, 32, 96), (40, 10, 128)]:
     for backend in ("torch", "triton"):
         f, fb = launch.time_ms(lambda: forward(backend)), launch.time_ms(lambda: forward_backward(backend))
         print(f"{nh}/{nkv}/{hd} {backend}: fwd {f * 1e3:.0f} us, fwd+bwd {fb * 1e3:.0f} us (qkv {mb:.0f} MB)")
-    for tile in (128, 256, 1024, 2048):
+    default = rope._TILE
+    for tile in (128, 256, 512, 1024, 2048):
         rope._TILE = tile
         print(f"  tile {tile}: fwd+bwd {launch.time_ms(lambda: forward_backward('triton')) * 1e3:.0f} us")
-    rope._TILE = 512
+    rope._TILE = default
     q, k, v = [t.detach().requires_grad_() for t in rope_qk(qkv, cos, sin, nh, nkv, hd)]
 
     def sdpa(q, k, v):

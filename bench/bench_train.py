@@ -25,14 +25,29 @@ sys.path.insert(0, str(REPO))
 CONFIG = REPO / "assets" / "configs" / "phi3-mini-4k-instruct" / "config.json"
 
 
-def build_ours(checkpointing: bool, fused_elementwise: bool = True):
+ABLATIONS = {  # this project with one mechanism switched off: what each buys in the whole step
+    "ours-no-offload": "checkpointed layer inputs kept on the GPU instead of in pinned host memory",
+    "ours-no-flash": "attention through SDPA with a dense mask instead of flash attention",
+    "ours-torch-rope": "RoPE as torch ops instead of kernels/rope.py",
+    "ours-torch-norm-swiglu": "RMSNorm, residual add and SwiGLU as torch ops instead of their kernels",
+}
+
+
+def build_ours(checkpointing: bool, ablation: str | None = None):
+    import phi3.attention
     import phi3.model
     from kernels import rms_norm_reference, swiglu_reference
+    from kernels.rope import rope_qk_reference
     from phi3 import Phi3Config, Phi3ForCausalLM
     from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
     from phi3.loss import cross_entropy_sum
+    from phi3.offload import CheckpointOffload
 
-    if not fused_elementwise:  # ablation: RMSNorm, residual add and SwiGLU as plain torch ops (what they replace)
+    if ablation == "ours-no-flash":
+        phi3.attention.use_flash = False
+    elif ablation == "ours-torch-rope":
+        phi3.model.rope_qk = rope_qk_reference
+    elif ablation == "ours-torch-norm-swiglu":
         phi3.model.rms_norm = rms_norm_reference
         phi3.model.swiglu = swiglu_reference
     with torch.device("meta"):
@@ -42,6 +57,8 @@ def build_ours(checkpointing: bool, fused_elementwise: bool = True):
     add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
     mark_only_lora_as_trainable(model)
     model.gradient_checkpointing = checkpointing
+    if checkpointing and ablation != "ours-no-offload":
+        model.offload = CheckpointOffload(torch.device("cuda"))  # train.py's default with checkpointing on a GPU
     model.train()
 
     def loss_fn(ids, labels):
@@ -76,7 +93,7 @@ def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool) 
     if system == "reference":
         model, loss_fn = build_reference(checkpointing)
     else:
-        model, loss_fn = build_ours(checkpointing, fused_elementwise=system == "ours")
+        model, loss_fn = build_ours(checkpointing, None if system == "ours" else system)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
     ids = torch.randint(0, 32000, (batch, seq), device="cuda")
@@ -101,16 +118,19 @@ def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool) 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--system", choices=["ours", "ours-unfused", "reference"])
+    p.add_argument("--system", choices=["ours", "reference", *ABLATIONS])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
+                   help="also run ours with each mechanism off in turn (or only those named, comma-separated)")
     args = p.parse_args()
     if args.system:
         print(json.dumps(measure(args.system, args.batch, args.seq, args.steps, args.checkpointing)))
         return
-    results = run_each(__file__, ("ours", "ours-unfused", "reference"), ["--batch", str(args.batch), "--seq", str(args.seq),
+    systems = ("ours", "reference") + tuple(a for a in args.ablations.split(",") if a)
+    results = run_each(__file__, systems, ["--batch", str(args.batch), "--seq", str(args.seq),
                        "--steps", str(args.steps), "--checkpointing" if args.checkpointing else "--no-checkpointing"])
     ours, ref = results["ours"], results["reference"]
     print(f"\nLoRA training step, Phi-3-mini shapes, batch {args.batch} x {args.seq}, r=16, checkpointing "
@@ -119,9 +139,11 @@ def main() -> None:
     print(f"{'tokens/s':16}{ours['tokens_per_s']:12,.0f}{ref['tokens_per_s']:20,.0f}{ours['tokens_per_s'] / ref['tokens_per_s']:10.2f}")
     print(f"{'peak GiB':16}{ours['peak_gib']:12.2f}{ref['peak_gib']:20.2f}{ours['peak_gib'] / ref['peak_gib']:10.2f}")
     print(f"{'trainable':16}{ours['trainable']:12,}{ref['trainable']:20,}")
-    unfused = results["ours-unfused"]
-    print(f"ours with RMSNorm / residual add / SwiGLU as torch ops: {unfused['tokens_per_s']:,.0f} tokens/s, "
-          f"{unfused['peak_gib']:.2f} GiB (the fused kernels give {ours['tokens_per_s'] / unfused['tokens_per_s']:.3f}x)")
+    for name, what in ABLATIONS.items():
+        if name in results:
+            off = results[name]
+            print(f"{name} ({what}): {off['tokens_per_s']:,.0f} tokens/s, {off['peak_gib']:.2f} GiB; "
+                  f"the mechanism buys {ours['tokens_per_s'] / off['tokens_per_s']:.3f}x")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,18 @@ the call, the 4k models' sliding window lets query i see keys i-window < j <= i.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kernels.rmsnorm import rms_norm
+from kernels.rope import rope_qk
 from kernels.swiglu import swiglu
+from phi3.attention import Visibility, attend
 from phi3.config import Phi3Config
+from phi3.offload import CheckpointOffload
 
 
 class RMSNorm(nn.Module):
@@ -68,16 +72,6 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd) broadcast over heads
-    return x * cos + rotate_half(x) * sin
-
-
 class KVCache:
     """Preallocated keys/values for all layers: (layers, B, kv_heads, max_len, head_dim)."""
 
@@ -98,31 +92,6 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def attention_mask(q_len: int, offset: int, sliding_window: int | None, document_ids: torch.Tensor | None,
-                   device) -> torch.Tensor | str | None:
-    """The mask SDPA needs: "causal" (use is_causal), None (all keys visible) or a bool (B|1, 1, T, S) tensor.
-
-    Query i (absolute position offset+i) sees key j iff j <= offset+i, offset+i - window < j (when the window
-    binds) and both belong to the same packed document.
-    """
-    k_len = offset + q_len
-    window_binds = sliding_window is not None and k_len > sliding_window
-    if document_ids is None and not window_binds:
-        if q_len == 1:
-            return None
-        if offset == 0:
-            return "causal"
-    q_pos = torch.arange(offset, k_len, device=device)[:, None]
-    k_pos = torch.arange(k_len, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if window_binds:
-        mask = mask & (k_pos > q_pos - sliding_window)
-    mask = mask[None, None]  # (1, 1, T, S)
-    if document_ids is not None:
-        mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
-    return mask
-
-
 class Attention(nn.Module):
     def __init__(self, config: Phi3Config, layer_idx: int):
         super().__init__()
@@ -131,19 +100,11 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, sum(config.qkv_sizes), bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.config.qkv_sizes, dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def forward(self, x, cos, sin, seen: Visibility, kv_cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = rope_qk(self.qkv_proj(x), cos, sin, self.n_head, self.n_kv_head, self.head_dim)  # (B, heads, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        is_causal = isinstance(mask, str)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_head != self.n_head)  # scale 1/sqrt(hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.o_proj(attend(q, k, v, seen))
 
 
 class MLP(nn.Module):
@@ -164,8 +125,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None) -> torch.Tensor:
-        h, x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache), x)
+    def forward(self, x, cos, sin, seen: Visibility, kv_cache=None) -> torch.Tensor:
+        h, x = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, seen, kv_cache), x)
         return x + self.mlp(h)  # (the residual add and the second norm are one kernel)
 
 
@@ -187,6 +148,7 @@ class Phi3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False  # per-layer, non-reentrant; only while training
+        self.offload: CheckpointOffload | None = None  # set: checkpointed layer inputs wait in host memory
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       document_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -197,12 +159,20 @@ class Phi3ForCausalLM(nn.Module):
             position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary(position_ids, x.dtype)
-        mask = attention_mask(T, offset, self.config.sliding_window, document_ids, input_ids.device)
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, kv_cache)
+        seen = Visibility.of(B, T, offset, self.config.sliding_window, document_ids, x.dtype, x.device,
+                             self.config.head_dim)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            offloaded = self.offload.new_pass() if self.offload is not None else None
+            for i, layer in enumerate(self.model.layers):
+                # the last layer's input stays: the backward pass starts with it
+                keep = offloaded is None or i == len(self.model.layers) - 1
+                with contextlib.nullcontext() if keep else offloaded.layer_input(x):
+                    x = checkpoint(layer, x, cos, sin, seen, kv_cache, use_reentrant=False)
+            if offloaded is not None:
+                offloaded.prefetch_last()
+        else:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, seen, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         return self.model.norm(x)

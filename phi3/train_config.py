@@ -50,6 +50,8 @@ class TrainConfig:
     train_on: str = field(default="assistant", metadata={"choices": ["assistant", "all"]})
     packing: bool = field(default=False, metadata={"help": "pack examples into full rows (attention kept per example)"})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on for CUDA, off on CPU"})
+    offload_checkpoints: bool | None = field(default=None, metadata={
+        "help": "keep checkpointed layer inputs in pinned CPU memory (default: on with checkpointing on CUDA)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0

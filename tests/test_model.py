@@ -87,3 +87,42 @@ def test_document_ids_isolate_packed_examples(tmp_path):
         model64 = load_model(tmp_path, dtype=torch.float64)
         exact = torch.cat([model64(a), model64(b)], dim=1)
     assert_as_accurate(out, alone, exact)  # packed (masked attention) is as accurate as each example alone
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (`pytest -m cuda`)")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("name,length", [("4k", 40), ("longrope", 48), ("gqa", 30), ("tied", 12)])
+def test_gpu_logits_through_flash_attention(tmp_path, name, length):
+    """On the GPU in bf16 the model takes phi3/attention.py's flash path (window, GQA, LongRoPE): as accurate as
+    transformers in bf16 (its SDPA path) against transformers in fp32, by the rule above."""
+    from phi3.attention import flash_supported
+    ref_model = save_hf(name, tmp_path).cuda()
+    ids = random_ids(2, length, seed=7).cuda()
+    model = load_model(tmp_path, dtype=torch.bfloat16, device="cuda")
+    assert flash_supported(torch.bfloat16, ids.device, model.config.head_dim)
+    with torch.no_grad():
+        exact = ref_model(ids).logits
+        ref_bf16 = ref_model.to(torch.bfloat16)(ids).logits
+        out = model(ids)
+    assert_as_accurate(out, ref_bf16, exact, slack=2**-10)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_gpu_packed_documents_through_flash_attention(tmp_path):
+    """Packed documents on the flash path give the logits each gets alone (bf16; fp64 on the CPU is exact)."""
+    save_hf("4k", tmp_path)  # window 24 binds inside the 30-token document
+    model = load_model(tmp_path, dtype=torch.bfloat16, device="cuda")
+    a, b, c = random_ids(1, 30, seed=1), random_ids(1, 5, seed=2), random_ids(1, 13, seed=3)
+    packed = torch.cat([a, b, c], dim=1)
+    positions = torch.cat([torch.arange(30), torch.arange(5), torch.arange(13)])[None]
+    docs = torch.tensor([[0] * 30 + [1] * 5 + [2] * 13])
+    with torch.no_grad():
+        out = model(packed.cuda(), position_ids=positions.cuda(), document_ids=docs.cuda()).cpu()
+        alone = torch.cat([model(t.cuda()).cpu() for t in (a, b, c)], dim=1)
+        model64 = load_model(tmp_path, dtype=torch.float64)
+        exact = torch.cat([model64(t) for t in (a, b, c)], dim=1)
+    assert_as_accurate(out, alone, exact, slack=2**-10)

@@ -749,3 +749,13 @@ def test_killed_torchrun_worker_stops_the_run_which_resumes_exactly_on_one_proce
     a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     b = load_file(out / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offload_checkpoints_on_the_cpu_is_a_note_not_an_error(base, small_chat, tmp_path, capsys):
+    """--offload-checkpoints (or a resumed GPU run's saved choice) on the CPU: said once, the run goes on without it."""
+    out = tmp_path / "o"
+    assert run("--data", small_chat, "--model", base, "--out", out, "--max-steps", 1, "--offload-checkpoints",
+               "--gradient-checkpointing") == 0
+    err = capsys.readouterr().err
+    assert "--offload-checkpoints applies only with gradient checkpointing on a CUDA device" in err
+    assert json.loads((out / "train_config.json").read_text())["offload_checkpoints"] is False
