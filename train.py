@@ -229,7 +229,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
                                                   last_epoch=step - 1)  # its first step() sets lr = cfg.lr * f(step)
     try:
         tuning = kernel_tuning.prepare(model, cfg.batch_size * cfg.max_seq_len, dtype, device, saved_tuning,
-                                       world.rank, world.size)
+                                       world.rank, world.size, log)
     except ValueError as e:  # the resumed record is not one (a stranger's or damaged file)
         if saved_tuning is None:
             raise

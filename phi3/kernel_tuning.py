@@ -5,18 +5,26 @@ and different choices round differently. So a run makes every choice once, befor
 its micro-batches can have; keeps them in kernel_tuning.json beside its checkpoints; uses the same ones when it is
 resumed; and under torchrun every process uses the main process's. Then 10 steps + resume + 10 steps compute
 exactly what 20 steps do, and all processes run the same kernels.
+
+Timing every shape takes ~16 s per run (minutes when Triton's cache is cold), so the choices are also kept on disk per
+GPU model, torch/triton version, kernel source and settings (`~/.cache/phi3-lora/`, or $PHI3_KERNEL_CACHE; "off"
+disables it): a later run on the same kind of GPU times only shapes no earlier run has met.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import kernels
 from kernels import tuning_record, use_tuning_record
 from kernels.launch import AUTOTUNE_MIN_M, m_bucket
+from phi3.atomic import atomic_file
 from phi3.lora import lora_modules
 
 TUNING_FILE = "kernel_tuning.json"
@@ -82,8 +90,55 @@ def share_from_main(record: dict, rank: int, world_size: int, device: torch.devi
     return json.loads(bytes(data.cpu().tolist()).decode())
 
 
+def cache_file(device_name: str, capability: tuple[int, int]) -> Path | None:
+    """Where choices for this GPU model, software and kernel source are kept; None when the cache is off."""
+    folder = os.environ.get("PHI3_KERNEL_CACHE", "")
+    if folder.lower() == "off":
+        return None
+    if not folder:
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phi3-lora"
+    import triton  # (kernels imported it already)
+    source = hashlib.sha256()
+    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        source.update(path.name.encode() + b"\0" + path.read_bytes())
+    key = json.dumps([device_name, list(capability), torch.__version__, triton.__version__, settings(),
+                      source.hexdigest()])
+    return Path(folder).expanduser() / f"kernel_tuning-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+
+def read_cache(path: Path | None, log) -> dict | None:
+    """The cached record, or None (no cache, none yet, or a file that is not one: said, then ignored)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if type(data) is not dict:
+            raise ValueError("not a JSON object")
+        settings_then, record = from_file(data)
+        if settings_then != settings():
+            raise ValueError("written with other kernel settings")
+        use_tuning_record(record)  # validates; the caller applies it again after a resumed run's record
+        return record
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        log(f"warning: {path}: {e}; ignoring the kernel cache (delete the file to silence this)")
+        return None
+
+
+def write_cache(path: Path | None, record: dict, log) -> None:
+    """Keep the record for later runs; a cache that cannot be written is said once and costs nothing else."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            tmp.write_text(to_file(record))
+    except OSError as e:
+        log(f"warning: cannot keep kernel choices in {path.parent} ({e.strerror or e}); set PHI3_KERNEL_CACHE to a "
+            "writable folder, or to off")
+
+
 def prepare(model, max_tokens: int, dtype: torch.dtype, device: torch.device, saved: dict | None,
-            rank: int = 0, world_size: int = 1) -> dict:
+            rank: int = 0, world_size: int = 1, log=lambda text: None) -> dict:
     """Make and share every kernel choice of the run before its first step; returns the record to save.
     saved: the record of the run being resumed (validated by use_tuning_record; ValueError if it is not one)."""
     if device.type != "cuda":
@@ -91,7 +146,13 @@ def prepare(model, max_tokens: int, dtype: torch.dtype, device: torch.device, sa
     if saved:
         use_tuning_record(saved)
     if rank == 0:
-        tune_lora_layers(model, max_tokens, dtype)
+        cache = cache_file(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+        cached = read_cache(cache, log)
+        if cached and saved:
+            use_tuning_record(saved)  # the resumed run's own choices win over the cache's
+        tune_lora_layers(model, max_tokens, dtype)  # times only what neither had
+        if tuning_record() != cached:
+            write_cache(cache, tuning_record(), log)
     record = share_from_main(tuning_record() if rank == 0 else {}, rank, world_size, device)
     use_tuning_record(record)
     return record

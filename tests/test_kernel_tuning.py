@@ -1,0 +1,84 @@
+"""phi3/kernel_tuning.py's on-disk cache of kernel choices: where it lives, what invalidates it, and that a broken or
+unwritable cache costs a warning, never the run. GPU (`pytest -m cuda`): a second run on the same GPU times nothing."""
+import importlib
+import json
+
+import pytest
+import torch
+
+from phi3 import kernel_tuning
+
+ll = importlib.import_module("kernels.lora_linear")
+launch = importlib.import_module("kernels.launch")
+KIND_KEY = "fwd SPARE=True M_BUCKET=8192 N=9216 K=3072 R=16 DROPOUT=True dtype=torch.bfloat16"
+RECORD = {"version": 1, "kinds": {KIND_KEY: "tma"}, "configs": {}}
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch, tmp_path):
+    """Each test starts with no kernel choices in the process and its own cache folder."""
+    monkeypatch.setattr(ll, "_chosen_kinds", {})
+    monkeypatch.setattr(launch, "_best", {})
+    monkeypatch.setenv("PHI3_KERNEL_CACHE", str(tmp_path / "cache"))
+    for name in kernel_tuning.SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_the_cache_file_is_per_gpu_model_and_settings(monkeypatch, tmp_path):
+    h200 = kernel_tuning.cache_file("NVIDIA H200", (9, 0))
+    assert h200.parent == tmp_path / "cache" and h200 == kernel_tuning.cache_file("NVIDIA H200", (9, 0))
+    assert kernel_tuning.cache_file("NVIDIA A100-SXM4-80GB", (8, 0)) != h200
+    monkeypatch.setenv("LORA_GEMM", "cublas")
+    assert kernel_tuning.cache_file("NVIDIA H200", (9, 0)) != h200
+    monkeypatch.setenv("PHI3_KERNEL_CACHE", "off")
+    assert kernel_tuning.cache_file("NVIDIA H200", (9, 0)) is None
+
+
+def test_a_written_cache_is_read_back_and_applied(tmp_path):
+    path = kernel_tuning.cache_file("NVIDIA H200", (9, 0))
+    kernel_tuning.write_cache(path, RECORD, log=pytest.fail)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+    assert kernel_tuning.read_cache(path, log=pytest.fail) == RECORD
+    assert ll._chosen_kinds == {KIND_KEY: "tma"}  # later launches take it without timing
+
+
+@pytest.mark.parametrize("content", ["[1", "[1, 2]", '{"settings": {}, "record": {}}', b"\xff\xfe{",
+                                     json.dumps({"settings": {"LORA_GEMM": "", "LORA_AUTOTUNE": ""},
+                                                 "record": {"version": 1, "kinds": {KIND_KEY: "rm -rf"}}}),
+                                     json.dumps({"settings": {"LORA_GEMM": "cublas", "LORA_AUTOTUNE": ""},
+                                                 "record": RECORD})])
+def test_a_broken_cache_is_a_warning_and_ignored(tmp_path, content):
+    path = kernel_tuning.cache_file("NVIDIA H200", (9, 0))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    said = []
+    assert kernel_tuning.read_cache(path, log=said.append) is None
+    assert len(said) == 1 and said[0].startswith(f"warning: {path}: ") and "ignoring the kernel cache" in said[0]
+    assert ll._chosen_kinds == {} and launch._best == {}  # nothing of it applied
+
+
+def test_an_unwritable_cache_is_a_warning(tmp_path, monkeypatch):
+    (tmp_path / "blocked").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("PHI3_KERNEL_CACHE", str(tmp_path / "blocked" / "cache"))
+    said = []
+    kernel_tuning.write_cache(kernel_tuning.cache_file("NVIDIA H200", (9, 0)), RECORD, log=said.append)
+    assert len(said) == 1 and "cannot keep kernel choices" in said[0] and "PHI3_KERNEL_CACHE" in said[0]
+
+
+class NoNewChoices(dict):
+    def __setitem__(self, key, value):
+        raise AssertionError(f"timed again although the cache had every choice: {key}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (`pytest -m cuda`)")
+def test_a_second_run_on_the_same_gpu_times_nothing(monkeypatch):
+    from test_offload import lora_model
+    model = lora_model("cuda", torch.bfloat16, layers=2, hidden=1024, heads=8)
+    device = torch.device("cuda")
+    first = kernel_tuning.prepare(model, 8192, torch.bfloat16, device, None, log=pytest.fail)
+    assert first["kinds"] and first["configs"]  # something was timed and kept
+    monkeypatch.setattr(ll, "_chosen_kinds", NoNewChoices())  # a new process: no choices, and none may be timed
+    monkeypatch.setattr(launch, "_best", NoNewChoices())
+    second = kernel_tuning.prepare(model, 8192, torch.bfloat16, device, None, log=pytest.fail)
+    assert second == first
