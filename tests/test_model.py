@@ -126,3 +126,26 @@ def test_gpu_packed_documents_through_flash_attention(tmp_path):
         model64 = load_model(tmp_path, dtype=torch.float64)
         exact = torch.cat([model64(t) for t in (a, b, c)], dim=1)
     assert_as_accurate(out, alone, exact, slack=2**-10)
+
+
+def test_mlp_token_tiles_are_as_accurate(monkeypatch):
+    """Calls longer than MLP.tile_tokens run the MLP in token tiles (checkpointed again under gradient
+    checkpointing): logits without grad, and the loss and every LoRA gradient with it, are as accurate as untiled."""
+    from test_offload import lora_model
+    from phi3.model import MLP
+    ids = random_ids(2, 50, seed=5) % 512
+
+    def run(dtype, tile):
+        monkeypatch.setattr(MLP, "tile_tokens", tile)
+        model = lora_model("cpu", dtype, dropout=0.0)  # the same weights each time (seeded)
+        with torch.no_grad():
+            logits = model(ids)
+        model.zero_grad(set_to_none=True)
+        loss = model.hidden_states(ids).square().mean()
+        loss.backward()
+        return [logits, loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
+
+    tiled, untiled, exact = run(torch.float32, 16), run(torch.float32, 10**9), run(torch.float64, 10**9)
+    assert len(tiled) > 2
+    for t, u, e in zip(tiled, untiled, exact):
+        assert_as_accurate(t, u, e)
