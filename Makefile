@@ -1,7 +1,7 @@
 # Phi-3 LoRA: common commands. `make help` lists them.
 PYTHON ?= python3
 
-.PHONY: help setup test test-gpu demo bench tiny-data tiny-model
+.PHONY: help setup test test-gpu demo bench bench-long tiny-data tiny-model
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -19,10 +19,14 @@ demo:  ## LoRA-train the embedded tiny model on the demo chat data, then score h
 	$(PYTHON) train.py --data examples/chat.jsonl
 	$(PYTHON) examples/eval_chat.py
 
-bench:  ## GPU benchmarks against transformers + peft (kernel, model load/decode, training step)
+bench:  ## GPU benchmarks against transformers + peft (kernel, model load/decode, training step, chat data)
 	$(PYTHON) bench/bench_lora.py
 	$(PYTHON) bench/bench_model.py
-	$(PYTHON) bench/bench_train.py
+	$(PYTHON) bench/bench_train.py --ablations
+	$(PYTHON) bench/bench_chat.py
+
+bench-long:  ## GPU: long-context LoRA steps (16k to 131k tokens) against transformers + peft
+	$(PYTHON) bench/bench_long.py
 
 tiny-data:  ## WordNet pretraining text + demo chats (needs Debian's wordnet-base)
 	$(PYTHON) examples/make_data.py

@@ -1,0 +1,146 @@
+"""Long-context LoRA training: one sequence per step at 16k-131k tokens, this project vs transformers + peft.
+
+    python3 bench/bench_long.py                              # Phi-3-mini-128k shapes, 16k 32k 64k 131k, 2 steps each
+    python3 bench/bench_long.py --lengths 131072 --steps 1
+    python3 bench/bench_long.py --tiny --device cpu --lengths 512 --steps 1   # smoke run of the same code on a CPU
+
+Workload (issue 13): random bf16 weights with the Phi-3-mini-128k config (LongRoPE: the long factors apply past
+4,096 positions), LoRA r=16 alpha=32 dropout 0.05 on qkv/o/gate_up/down, every token trained, AdamW, gradient
+checkpointing on both sides. This project as train.py runs it by default on a GPU: flash attention, the checkpointed
+layer inputs in pinned CPU memory, the MLP in token tiles, the chunked loss. Each system and length runs in its own
+process (clean peak memory); one that runs out of memory is reported as such. Prints tokens/s, peak GiB and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+CONFIG = REPO / "assets" / "configs" / "phi3-mini-128k-instruct" / "config.json"
+TINY = dict(hidden_size=192, intermediate_size=448, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)  # hd 96: LongRoPE factors
+
+
+def build_ours(args, device, dtype):
+    from phi3 import Phi3Config, Phi3ForCausalLM
+    from phi3.kernel_tuning import prepare
+    from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
+    from phi3.loss import cross_entropy_sum
+    from phi3.offload import CheckpointOffload
+
+    config = Phi3Config.from_json(CONFIG)
+    if args.tiny:
+        config = dataclasses.replace(config, **TINY)
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.init_weights(seed=0)
+    add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
+    mark_only_lora_as_trainable(model)
+    model.gradient_checkpointing = True
+    if device.type == "cuda":
+        model.offload = CheckpointOffload(device)
+    model.train()
+    prepare(model, args.length, dtype, device, None)  # kernel choices before the timed steps, as train.py
+
+    def loss_fn(ids, labels):
+        return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()
+    return model, loss_fn
+
+
+def build_reference(args, device, dtype):
+    import peft
+    import transformers
+
+    config = transformers.Phi3Config.from_json_file(str(CONFIG))
+    if args.tiny:
+        for k, v in TINY.items():
+            setattr(config, k, v)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = transformers.Phi3ForCausalLM(config).to(dtype)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                                       target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+    model.train()
+
+    def loss_fn(ids, labels):
+        return model(input_ids=ids, labels=ids).loss  # shifts itself: every position trained, as ours
+    return model, loss_fn
+
+
+def measure(args) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model, loss_fn = (build_ours if args.system == "ours" else build_reference)(args, device, dtype)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, 32000, (1, args.length), device=device)
+    labels = torch.roll(ids, -1, dims=1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps + 1):  # the first step warms up (allocator, compilation)
+        sync()
+        start = time.perf_counter()
+        loss_fn(ids, labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"tokens_per_s": args.length / (sum(times[1:]) / args.steps), "peak_gib": peak}
+
+
+def run_one(system: str, length: int, args) -> dict:
+    """One system at one length in a fresh process; {"oom": True} if it ran out of GPU memory."""
+    cmd = [sys.executable, __file__, "--system", system, "--length", str(length), "--steps", str(args.steps),
+           "--device", args.device] + (["--tiny"] if args.tiny else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        if "OutOfMemoryError" in out.stderr or "out of memory" in out.stderr:
+            return {"oom": True}
+        sys.exit(f"{system} at {length} tokens failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--system", choices=["ours", "reference"])
+    p.add_argument("--length", type=int)
+    p.add_argument("--lengths", default="16384,32768,65536,131072")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tiny", action="store_true", help="a 4-layer model (smoke runs on the CPU)")
+    args = p.parse_args()
+    if args.system:
+        print(json.dumps(measure(args)))
+        return
+    name = "tiny" if args.tiny else "Phi-3-mini-128k"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
+    print(f"long-context LoRA step, {name} shapes, one sequence per step, r=16, checkpointing on, {gpu}, "
+          f"mean of {args.steps} steps after one warm-up")
+    print(f"{'tokens':>8}{'ours tok/s':>12}{'ours GiB':>10}{'ref tok/s':>11}{'ref GiB':>9}{'speed':>8}{'memory':>8}")
+    show = lambda r, key, fmt: "OOM" if r.get("oom") else format(r[key], fmt)  # noqa: E731
+    for length in (int(n) for n in args.lengths.split(",")):
+        ours, ref = run_one("ours", length, args), run_one("reference", length, args)
+        both = not ours.get("oom") and not ref.get("oom")
+        speed = f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if both else "-"
+        memory = f"{ours['peak_gib'] / ref['peak_gib']:.2f}x" if both else "-"
+        print(f"{length:>8}{show(ours, 'tokens_per_s', ',.0f'):>12}{show(ours, 'peak_gib', '.2f'):>10}"
+              f"{show(ref, 'tokens_per_s', ',.0f'):>11}{show(ref, 'peak_gib', '.2f'):>9}{speed:>8}{memory:>8}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
