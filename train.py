@@ -84,7 +84,8 @@ def batch_loss_sum(loss_of, batch, device) -> torch.Tensor:
                    None if batch.document_ids is None else batch.document_ids.to(device), batch.labels.to(device))
 
 
-def accumulate_gradients(loss_of, micro_batches, device, autocast, step_trained_tokens: int | None = None) -> float:
+def accumulate_gradients(loss_of, micro_batches, device, autocast, step_trained_tokens: int | None = None,
+                         on_micro_batch=lambda index, count: None) -> float:
     """Backward over this process's micro-batches of one optimizer step; returns their loss sum / step tokens.
 
     The step's loss is the mean over all trained tokens of all its micro-batches (token-weighted), not a mean
@@ -95,6 +96,7 @@ def accumulate_gradients(loss_of, micro_batches, device, autocast, step_trained_
     trained = max(step_trained_tokens or sum(b.trained_tokens for b in micro_batches), 1)
     loss_sum = 0.0
     for i, b in enumerate(micro_batches):
+        on_micro_batch(i, len(micro_batches))
         with distributed.no_sync(loss_of, i < len(micro_batches) - 1):
             with autocast():
                 loss = batch_loss_sum(loss_of, b, device)
@@ -266,6 +268,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
 
         loss_of = distributed.data_parallel(MicroBatchLoss(model), world, device)  # after loading: no broadcast
         progress = Progress(total_steps, cfg.log_every, run_dir / "metrics.jsonl", enabled=world.is_main)
+        model.on_layer = progress.within_step  # where a long step is, on the live line
         start_step, failure = step, None
         window_tokens, window_seconds = 0, 0.0  # training time only: evals and saves are not in tokens/s
         if step == 0 and eval_batches:
@@ -284,7 +287,9 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
                 position["batch"] += 1
             torch.manual_seed(step_seed(cfg.seed, step, world.rank))
             step_tokens = sum(b.trained_tokens for b in group)
-            loss = accumulate_gradients(loss_of, group[world.rank::world.size], device, autocast, step_tokens)
+            progress.begin_step(step + 1)
+            loss = accumulate_gradients(loss_of, group[world.rank::world.size], device, autocast, step_tokens,
+                                        progress.begin_micro_batch)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
             # one collective carries the loss, the norm's finiteness and any process's stop request
             train_loss, bad, stopping = distributed.sum_scalars(

@@ -164,6 +164,9 @@ class Phi3ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False  # per-layer, non-reentrant; only while training
         self.offload: CheckpointOffload | None = None  # set: checkpointed layer inputs wait in host memory
+        # called (phase, layer index, layers) as each layer's forward is issued and as the backward pass reaches
+        # it: progress within a long step (train.py's live line); the CUDA queue runs a little behind the forward
+        self.on_layer = None
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       document_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -183,14 +186,24 @@ class Phi3ForCausalLM(nn.Module):
                 keep = offloaded is None or i == len(self.model.layers) - 1
                 with contextlib.nullcontext() if keep else offloaded.layer_input(x):
                     x = checkpoint(layer, x, cos, sin, seen, kv_cache, True, use_reentrant=False)
+                self._report(x, i)
             if offloaded is not None:
                 offloaded.prefetch_last()
         else:
-            for layer in self.model.layers:
+            for i, layer in enumerate(self.model.layers):
                 x = layer(x, cos, sin, seen, kv_cache)
+                self._report(x, i)
         if kv_cache is not None:
             kv_cache.length += T
         return self.model.norm(x)
+
+    def _report(self, x: torch.Tensor, layer: int) -> None:
+        if self.on_layer is None:
+            return
+        layers = len(self.model.layers)
+        self.on_layer("forward", layer, layers)
+        if x.requires_grad:  # the gradient of a layer's output arrives as the backward pass starts that layer
+            x.register_hook(lambda grad: self.on_layer("backward", layer, layers))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:

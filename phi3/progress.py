@@ -22,6 +22,33 @@ class Progress:
         self.metrics = open(metrics_path, "a") if enabled else None
         self.tty = sys.stderr.isatty()
         self.start = time.perf_counter()
+        # within-step reports use a clock of their own: reading it never moves train.py's timing of a step
+        self.step_started = self.last_within = time.monotonic()
+        self.current_step, self.micro_batch, self.in_step = 0, (1, 1), False
+
+    def begin_step(self, step: int) -> None:
+        """Step `step` (1-based) starts: within_step reports against it."""
+        self.current_step, self.step_started, self.micro_batch = step, time.monotonic(), (1, 1)
+        self.in_step = True  # until step() reports it: evals and saves in between are not "within" it
+
+    def begin_micro_batch(self, index: int, count: int) -> None:
+        self.micro_batch = (index + 1, count)
+
+    def within_step(self, phase: str, layer: int, layers: int) -> None:
+        """Where a long step is (model.on_layer calls this as layers finish their forward and start their backward):
+        shown once a step has run 2 s, then at most twice a second on a terminal, once a minute in a log."""
+        now = time.monotonic()
+        if not (self.enabled and self.in_step) or now - self.step_started < 2 or now - self.last_within < (0.5 if self.tty else 60):
+            return
+        self.last_within = now
+        done = layer + 1 if phase == "forward" else layers - layer
+        micro, micros = self.micro_batch
+        line = (f"step {self.current_step}/{self.total} | micro-batch {micro}/{micros} | {phase} layer {done}/{layers} "
+                f"| {now - self.step_started:.0f} s into the step")
+        if self.tty:
+            print("\r" + line.ljust(110), end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def log(self, record: dict) -> None:
         if self.enabled:
@@ -29,6 +56,7 @@ class Progress:
             self.metrics.flush()
 
     def step(self, step: int, loss: float, lr: float, tokens_per_s: float, peak_gib: float, done_steps: int) -> None:
+        self.in_step = False
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
