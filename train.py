@@ -58,6 +58,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> P
         add_lora(model, LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, parse_targets(cfg.targets), cfg.rslora))
         mark_only_lora_as_trainable(model)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.checkpoint_layers = cfg.checkpoint_layers
     if cfg.offload_checkpoints:
         model.offload = CheckpointOffload(device)
     return model
@@ -201,6 +202,8 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{sum(p.numel() for p in trainable):,} trained, {device} {str(dtype).removeprefix('torch.')}, "
         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+        + (f" for the first {cfg.checkpoint_layers} layers" if cfg.gradient_checkpointing
+           and cfg.checkpoint_layers is not None else "")
         + (" (layer inputs wait in pinned CPU memory)" if cfg.offload_checkpoints else "")
         + (f", {world.size} processes" if world.size > 1 else ""))
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,

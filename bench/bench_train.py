@@ -57,6 +57,8 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
     add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
     mark_only_lora_as_trainable(model)
     model.gradient_checkpointing = checkpointing
+    if ablation and ablation.startswith("ours-checkpoint-"):  # the middle ground: the first N layers checkpointed
+        model.checkpoint_layers = int(ablation.removeprefix("ours-checkpoint-"))
     if checkpointing and ablation != "ours-no-offload":
         model.offload = CheckpointOffload(torch.device("cuda"))  # train.py's default with checkpointing on a GPU
     model.train()
@@ -118,18 +120,22 @@ def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool) 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--system", choices=["ours", "reference", *ABLATIONS])
+    p.add_argument("--system", help="one system in this process: ours, reference, an ablation, ours-checkpoint-N")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--checkpoint-layers", default="",
+                   help="also run ours with only the first N layers checkpointed, for each N of a comma-separated list "
+                        "(tokens/s against peak memory between checkpointing all layers and none)")
     p.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                    help="also run ours with each mechanism off in turn (or only those named, comma-separated)")
     args = p.parse_args()
     if args.system:
         print(json.dumps(measure(args.system, args.batch, args.seq, args.steps, args.checkpointing)))
         return
-    systems = ("ours", "reference") + tuple(a for a in args.ablations.split(",") if a)
+    systems = ("ours", "reference") + tuple(a for a in args.ablations.split(",") if a) + tuple(
+        f"ours-checkpoint-{int(n)}" for n in args.checkpoint_layers.split(",") if n)
     results = run_each(__file__, systems, ["--batch", str(args.batch), "--seq", str(args.seq),
                        "--steps", str(args.steps), "--checkpointing" if args.checkpointing else "--no-checkpointing"])
     ours, ref = results["ours"], results["reference"]
@@ -139,6 +145,11 @@ def main() -> None:
     print(f"{'tokens/s':16}{ours['tokens_per_s']:12,.0f}{ref['tokens_per_s']:20,.0f}{ours['tokens_per_s'] / ref['tokens_per_s']:10.2f}")
     print(f"{'peak GiB':16}{ours['peak_gib']:12.2f}{ref['peak_gib']:20.2f}{ours['peak_gib'] / ref['peak_gib']:10.2f}")
     print(f"{'trainable':16}{ours['trainable']:12,}{ref['trainable']:20,}")
+    for name in (s for s in systems if s.startswith("ours-checkpoint-")):
+        r = results[name]
+        print(f"ours with the first {name.removeprefix('ours-checkpoint-')} layers checkpointed: "
+              f"{r['tokens_per_s']:,.0f} tokens/s ({r['tokens_per_s'] / ref['tokens_per_s']:.2f}x ref), "
+              f"{r['peak_gib']:.2f} GiB ({r['peak_gib'] / ref['peak_gib']:.2f}x ref)")
     for name, what in ABLATIONS.items():
         if name in results:
             off = results[name]

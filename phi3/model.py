@@ -163,6 +163,9 @@ class Phi3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False  # per-layer, non-reentrant; only while training
+        # with checkpointing: only the first N layers are checkpointed (None: all); the others keep their activations,
+        # which skips their recompute (faster) for about 1 GiB each at batch 4 x 2048 on Phi-3-mini
+        self.checkpoint_layers: int | None = None
         self.offload: CheckpointOffload | None = None  # set: checkpointed layer inputs wait in host memory
         # called (phase, layer index, layers) as each layer's forward is issued and as the backward pass reaches
         # it: progress within a long step (train.py's live line); the CUDA queue runs a little behind the forward
@@ -179,20 +182,21 @@ class Phi3ForCausalLM(nn.Module):
         cos, sin = self.rotary(position_ids, x.dtype)
         seen = Visibility.of(B, T, offset, self.config.sliding_window, document_ids, x.dtype, x.device,
                              self.config.head_dim)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            offloaded = self.offload.new_pass() if self.offload is not None else None
-            for i, layer in enumerate(self.model.layers):
-                # the last layer's input stays: the backward pass starts with it
-                keep = offloaded is None or i == len(self.model.layers) - 1
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        layers = len(self.model.layers)
+        checkpointed = min(self.checkpoint_layers, layers) if self.checkpoint_layers is not None else layers
+        offloaded = self.offload.new_pass() if checkpointing and self.offload is not None else None
+        for i, layer in enumerate(self.model.layers):
+            if checkpointing and i < checkpointed:
+                # the last checkpointed layer's input stays: of those the backward pass reaches it first
+                keep = offloaded is None or i == checkpointed - 1
                 with contextlib.nullcontext() if keep else offloaded.layer_input(x):
                     x = checkpoint(layer, x, cos, sin, seen, kv_cache, True, use_reentrant=False)
-                self._report(x, i)
-            if offloaded is not None:
-                offloaded.prefetch_last()
-        else:
-            for i, layer in enumerate(self.model.layers):
+            else:
                 x = layer(x, cos, sin, seen, kv_cache)
-                self._report(x, i)
+            self._report(x, i)
+        if offloaded is not None:
+            offloaded.prefetch_last()
         if kv_cache is not None:
             kv_cache.length += T
         return self.model.norm(x)

@@ -52,6 +52,9 @@ class TrainConfig:
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on for CUDA, off on CPU"})
     offload_checkpoints: bool | None = field(default=None, metadata={
         "help": "keep checkpointed layer inputs in pinned CPU memory (default: on with checkpointing on CUDA)"})
+    checkpoint_layers: int | None = field(default=None, metadata={
+        "help": "with gradient checkpointing, checkpoint only the first N layers: the others keep their activations "
+                "(faster; about 1 GiB more per layer on Phi-3-mini at 8k tokens per micro-batch); default: all"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            kind = {"int": int, "float": float}.get(f.type, str)
+            kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"), help=help_text)
     return parser
 
@@ -91,6 +94,9 @@ class FlagError(ValueError):
 
 # Flags that shape the trained tensors or the sequence of batches: a resumed run keeps the saved values (it
 # would otherwise fail to load, or silently train on other batches than the run it continues).
+# Fields added after version 1 of train_config.json: a run saved before them resumes with their defaults.
+ADDED_LATER = ("offload_checkpoints", "checkpoint_layers")
+
 RESUME_FIXED = ("full", "init", "rank", "alpha", "dropout", "targets", "rslora", "train_on", "max_seq_len",
                 "packing", "batch_size", "grad_accum", "seed", "eval_fraction")
 
@@ -103,12 +109,15 @@ def config_from_json(path: Path) -> TrainConfig:
         raise FlagError(f"{path}: unreadable ({e}); start a new run, or resume another run folder") from None
     fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     problem = None
-    if not isinstance(saved, dict) or set(saved) != set(fields):
+    if not isinstance(saved, dict) or not set(fields) - set(ADDED_LATER) <= set(saved) <= set(fields):
         problem = "not the train_config.json of this version (fields differ)"
     else:
         for name, kind in fields.items():
+            if name not in saved:
+                continue  # one of ADDED_LATER: its default
             value = saved[name]
             ok = {"str": type(value) is str, "int": type(value) is int, "bool": type(value) is bool,
+                  "int | None": value is None or type(value) is int,
                   "float": type(value) in (int, float), "str | None": value is None or type(value) is str,
                   "bool | None": value is None or type(value) is bool}[kind]
             if not ok:
@@ -179,6 +188,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         problems.append("--dropout must be in [0, 1)")
     if not 0 <= cfg.eval_fraction < 1:
         problems.append("--eval-fraction must be in [0, 1)")
+    if cfg.checkpoint_layers is not None and cfg.checkpoint_layers < 0:
+        problems.append("--checkpoint-layers must be >= 0 (0: checkpoint none, like --no-gradient-checkpointing)")
     try:
         parse_targets(cfg.targets)
     except ValueError as e:

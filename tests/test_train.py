@@ -201,15 +201,16 @@ def test_loss_is_token_weighted_across_accumulation(base, lora_model):
 def test_gradient_checkpointing_gives_the_same_gradients(base, lora_model):
     batch = batches_of(base, 3, 3)
     results = []
-    for checkpointing in (False, True):
-        lora_model.gradient_checkpointing = checkpointing
+    for checkpointing, layers in ((False, None), (True, None), (True, 1), (True, 0)):  # (1: the first layer only)
+        lora_model.gradient_checkpointing, lora_model.checkpoint_layers = checkpointing, layers
         lora_model.zero_grad()
         torch.manual_seed(11)  # same dropout masks; checkpoint replays the RNG on recompute
         results.append((train.accumulate_gradients(lora_model, batch, "cpu", no_autocast), grads(lora_model)))
-    (l0, g0), (l1, g1) = results
-    assert l0 == pytest.approx(l1, abs=1e-6) and g0.keys() == g1.keys()
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
+    (l0, g0), *others = results
+    for l1, g1 in others:
+        assert l0 == pytest.approx(l1, abs=1e-6) and g0.keys() == g1.keys()
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
 
 
 def test_packed_and_unpacked_batches_give_the_same_loss(base, lora_model):
@@ -474,6 +475,11 @@ HOSTILE_CHECKPOINTS = [
     ("config nan lr", lambda c: (c / "train_config.json").write_text(
         (c / "train_config.json").read_text().replace('"lr": 0.0002', '"lr": NaN')), "finite"),
     ("no config", lambda c: (c / "train_config.json").unlink(), "missing"),
+    ("config unknown field", lambda c: (c / "train_config.json").write_text(
+        (c / "train_config.json").read_text().replace('"rank": 4', '"rank": 4, "run_this": "rm -rf /"')), "fields differ"),
+    ("config bad checkpoint layers", lambda c: (c / "train_config.json").write_text(
+        (c / "train_config.json").read_text().replace('"checkpoint_layers": null', '"checkpoint_layers": "all"')),
+     "checkpoint_layers"),
     ("tuning not json", lambda c: (c / "kernel_tuning.json").write_text("[1"), "kernel_tuning.json: not valid JSON"),
     ("tuning not a record", lambda c: (c / "kernel_tuning.json").write_text('{"record": 1}'), "not a kernel_tuning"),
 ]
@@ -493,6 +499,18 @@ def test_hostile_checkpoint_is_one_clear_line(finished_run, tmp_path, name, tamp
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("error: ") and what.lower() in message.lower(), message
     assert not list_checkpoints(run_dir)[-1].name.endswith("-3")
+
+
+def test_a_run_saved_before_the_newer_flags_resumes_with_their_defaults(finished_run, tmp_path, capsys):
+    """train_config.json of an earlier version (no offload_checkpoints, no checkpoint_layers) still resumes."""
+    run_dir = tmp_path / "old"
+    shutil.copytree(finished_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoint-4")
+    saved = run_dir / "checkpoint-2" / "train_config.json"
+    old = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("offload_checkpoints", "checkpoint_layers")}
+    saved.write_text(json.dumps(old))
+    assert run("--resume", run_dir / "checkpoint-2") == 0, capsys.readouterr().err
+    assert "checkpoint-4" in [p.name for p in list_checkpoints(run_dir)]
 
 
 def test_resume_with_a_flag_that_reshapes_the_run_is_refused(finished_run, capsys):
@@ -580,6 +598,8 @@ def test_failed_write_is_one_line_and_keeps_the_last_checkpoint(base, small_chat
     (["--alpha", "nan"], "--alpha must be a finite number"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number"),
     (["--epochs", "0"], "--epochs must be > 0"),
+    (["--checkpoint-layers", "-1"], "--checkpoint-layers must be >= 0"),
+    (["--checkpoint-layers", "all"], "invalid int value"),
     (["--lr", "0"], "--lr must be > 0"),
     (["--max-steps", "0"], "--max-steps must be > 0"),
     (["--seed", "-1"], "--seed must be in"),
