@@ -6,16 +6,12 @@ import errno
 import gzip
 import json
 import os
-import random
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from phi3 import data
-from phi3.data import (Batch, DataError, DataStats, Example, make_batches, pad_token_for, read_jsonl,
-                       split_eval)
+from phi3.data import DataError, read_jsonl
 from phi3.tokenizer import load_tokenizer
 
 TOK_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
