@@ -65,6 +65,33 @@ def test_an_unwritable_cache_is_a_warning(tmp_path, monkeypatch):
     assert len(said) == 1 and "cannot keep kernel choices" in said[0] and "PHI3_KERNEL_CACHE" in said[0]
 
 
+def test_prepare_keeps_choices_for_the_next_run_and_a_resumed_record_wins(monkeypatch, tmp_path):
+    """prepare()'s GPU flow with the GPU faked: the first run writes its choices to the cache, a new process reads
+    them before tuning (which then finds them made), and a resumed run's own record overrides the cache's."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    seen_by_tuning = []
+
+    def tune(model, max_tokens, dtype):  # stands in for timing: records what was already chosen, chooses "tma"
+        seen_by_tuning.append(dict(ll._chosen_kinds))
+        ll._chosen_kinds.setdefault(KIND_KEY, "tma")
+    monkeypatch.setattr(kernel_tuning, "tune_lora_layers", tune)
+    cuda = torch.device("cuda")
+    first = kernel_tuning.prepare(None, 8192, torch.bfloat16, cuda, None, log=pytest.fail)
+    assert first["kinds"] == {KIND_KEY: "tma"} and seen_by_tuning == [{}]
+    assert kernel_tuning.read_cache(kernel_tuning.cache_file("NVIDIA H200", (9, 0)), pytest.fail) == first
+    monkeypatch.setattr(ll, "_chosen_kinds", {})  # a new process
+    assert kernel_tuning.prepare(None, 8192, torch.bfloat16, cuda, None, log=pytest.fail) == first
+    assert seen_by_tuning[-1] == {KIND_KEY: "tma"}  # the cache's choice was in place before tuning
+    monkeypatch.setattr(ll, "_chosen_kinds", {})
+    resumed = {"version": 1, "kinds": {KIND_KEY: "cublas"}, "configs": {}}
+    assert kernel_tuning.prepare(None, 8192, torch.bfloat16, cuda, resumed, log=pytest.fail)["kinds"] == {
+        KIND_KEY: "cublas"}  # the run's own choice, not the cache's
+    # and the cache now holds that choice for later runs (the last run's choices are kept)
+    assert kernel_tuning.read_cache(kernel_tuning.cache_file("NVIDIA H200", (9, 0)), pytest.fail)["kinds"] == {
+        KIND_KEY: "cublas"}
+
+
 class NoNewChoices(dict):
     def __setitem__(self, key, value):
         raise AssertionError(f"timed again although the cache had every choice: {key}")
