@@ -30,11 +30,17 @@ ABLATIONS = {  # this project with one mechanism switched off: what each buys in
     "ours-no-flash": "attention through SDPA with a dense mask instead of flash attention",
     "ours-torch-rope": "RoPE as torch ops instead of kernels/rope.py",
     "ours-torch-norm-swiglu": "RMSNorm, residual add and SwiGLU as torch ops instead of their kernels",
+    # the LoRA kernel's own mechanisms (issue 12: each must pay for itself in the whole step)
+    "ours-no-concat": "no spare weight columns, so no concat GEMM kind ([x | S] [W | sB]^T) to choose",
+    "ours-no-fast-launch": "every Triton launch through Triton's own launcher (LORA_FAST_LAUNCH=0)",
+    "ours-untimed": "kernel configs and GEMM kinds by rule instead of timed per shape (LORA_AUTOTUNE=0)",
 }
 
 
 def build_ours(checkpointing: bool, ablation: str | None = None):
+    import kernels.launch
     import phi3.attention
+    import phi3.lora
     import phi3.model
     from kernels import rms_norm_reference, swiglu_reference
     from kernels.rope import rope_qk_reference
@@ -50,6 +56,12 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
     elif ablation == "ours-torch-norm-swiglu":
         phi3.model.rms_norm = rms_norm_reference
         phi3.model.swiglu = swiglu_reference
+    elif ablation == "ours-no-concat":
+        phi3.lora.with_spare_columns = lambda weight, columns: (weight, 0)
+    elif ablation == "ours-no-fast-launch":
+        kernels.launch.FAST_LAUNCH = False
+    elif ablation == "ours-untimed":
+        kernels.launch.AUTOTUNE = False
     with torch.device("meta"):
         model = Phi3ForCausalLM(Phi3Config.from_json(CONFIG))
     model = model.to_empty(device="cuda").to(torch.bfloat16)
