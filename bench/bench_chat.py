@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from side_by_side import run_each  # bench/ itself: the script's folder is on sys.path
+from systems import hf_random, ours_config, ours_lora, peft_lora
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -40,28 +40,11 @@ def step_examples(steps: int, per_step: int = 16, seed: int = 0) -> list[list[li
 
 
 def ours(args, device):
-    from phi3 import Phi3Config, Phi3ForCausalLM
     from phi3.data import Example, make_batches
-    from phi3.kernel_tuning import prepare
-    from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
-    from phi3.offload import CheckpointOffload
     from train import MicroBatchLoss, accumulate_gradients
 
-    config = Phi3Config.from_json(CONFIG)
-    if args.tiny:
-        config = dataclasses.replace(config, **TINY)
-    with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = model.to_empty(device=device).to(dtype)
-    model.init_weights(seed=0)
-    add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
-    mark_only_lora_as_trainable(model)
-    model.gradient_checkpointing = True
-    if device.type == "cuda":
-        model.offload = CheckpointOffload(device)
-    model.train()
-    prepare(model, 4 * ROW, dtype, device, None)  # every kernel choice before step 1, as train.py does
+    model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype, max_tokens=4 * ROW)
     loss_of = MicroBatchLoss(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
 
@@ -75,23 +58,8 @@ def ours(args, device):
 
 
 def reference(args, device):
-    import peft
-    import transformers
-
-    config = transformers.Phi3Config.from_json_file(str(CONFIG))
-    if args.tiny:
-        for k, v in TINY.items():
-            setattr(config, k, v)
-    config._attn_implementation = "sdpa"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.device(device):
-        model = transformers.Phi3ForCausalLM(config).to(dtype)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                                       target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model.config.use_cache = False
-    model.train()
+    model = peft_lora(hf_random(CONFIG, TINY if args.tiny else None, device, dtype))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
 
     def step(examples):

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from systems import peft_lora  # bench/ itself: the script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -50,19 +51,12 @@ def make_checkpoint(path: Path, tiny: bool, device: str) -> None:
 def reference(args) -> None:
     """transformers + peft: load, LoRA, 10 steps; prints one JSON line at the end of each step (seconds since launch
     are measured by the parent)."""
-    import peft
     import transformers
     from phi3 import load_tokenizer
     from phi3.data import make_batches, pad_token_for, read_jsonl
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = transformers.Phi3ForCausalLM.from_pretrained(args.ckpt, dtype=dtype, device_map=device)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                                       target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model.config.use_cache = False
-    model.train()
+    model = peft_lora(transformers.Phi3ForCausalLM.from_pretrained(args.ckpt, dtype=dtype, device_map=device))
     tok = load_tokenizer(args.ckpt)
     examples, _ = read_jsonl(DATA, tok, max_seq_len=2048)
     batches = make_batches(examples, 4, 2048, pad_token_for(tok), packing=False, shuffle=True, seed=0)

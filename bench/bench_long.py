@@ -14,7 +14,6 @@ process (clean peak memory); one that runs out of memory is reported as such. Pr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from systems import hf_random, ours_config, ours_lora, peft_lora  # bench/ itself: the script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -30,26 +30,9 @@ TINY = dict(hidden_size=192, intermediate_size=448, num_hidden_layers=4, num_att
 
 
 def build_ours(args, device, dtype):
-    from phi3 import Phi3Config, Phi3ForCausalLM
-    from phi3.kernel_tuning import prepare
-    from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
     from phi3.loss import cross_entropy_sum
-    from phi3.offload import CheckpointOffload
-
-    config = Phi3Config.from_json(CONFIG)
-    if args.tiny:
-        config = dataclasses.replace(config, **TINY)
-    with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
-    model.init_weights(seed=0)
-    add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
-    mark_only_lora_as_trainable(model)
-    model.gradient_checkpointing = True
-    if device.type == "cuda":
-        model.offload = CheckpointOffload(device)
-    model.train()
-    prepare(model, args.length, dtype, device, None)  # kernel choices before the timed steps, as train.py
+    # as train.py runs it on a GPU: offloaded layer inputs, MLP tiles, kernel choices made before the timed steps
+    model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype, max_tokens=args.length)
 
     def loss_fn(ids, labels):
         return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()
@@ -57,22 +40,7 @@ def build_ours(args, device, dtype):
 
 
 def build_reference(args, device, dtype):
-    import peft
-    import transformers
-
-    config = transformers.Phi3Config.from_json_file(str(CONFIG))
-    if args.tiny:
-        for k, v in TINY.items():
-            setattr(config, k, v)
-    config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = transformers.Phi3ForCausalLM(config).to(dtype)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                                       target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model.config.use_cache = False
-    model.train()
+    model = peft_lora(hf_random(CONFIG, TINY if args.tiny else None, device, dtype))
 
     def loss_fn(ids, labels):
         return model(input_ids=ids, labels=ids).loss  # shifts itself: every position trained, as ours

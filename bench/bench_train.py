@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from side_by_side import run_each  # bench/ itself: the script's folder is on sys.path
+from systems import hf_random, ours_config, ours_lora, peft_lora
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -44,10 +45,7 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
     import phi3.model
     from kernels import rms_norm_reference, swiglu_reference
     from kernels.rope import rope_qk_reference
-    from phi3 import Phi3Config, Phi3ForCausalLM
-    from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
     from phi3.loss import cross_entropy_sum
-    from phi3.offload import CheckpointOffload
 
     if ablation == "ours-no-flash":
         phi3.attention.use_flash = False
@@ -62,18 +60,9 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
         kernels.launch.FAST_LAUNCH = False
     elif ablation == "ours-untimed":
         kernels.launch.AUTOTUNE = False
-    with torch.device("meta"):
-        model = Phi3ForCausalLM(Phi3Config.from_json(CONFIG))
-    model = model.to_empty(device="cuda").to(torch.bfloat16)
-    model.init_weights(seed=0)
-    add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
-    mark_only_lora_as_trainable(model)
-    model.gradient_checkpointing = checkpointing
+    model = ours_lora(ours_config(CONFIG), "cuda", torch.bfloat16, checkpointing, offload=ablation != "ours-no-offload")
     if ablation and ablation.startswith("ours-checkpoint-"):  # the middle ground: the first N layers checkpointed
         model.checkpoint_layers = int(ablation.removeprefix("ours-checkpoint-"))
-    if checkpointing and ablation != "ours-no-offload":
-        model.offload = CheckpointOffload(torch.device("cuda"))  # train.py's default with checkpointing on a GPU
-    model.train()
 
     def loss_fn(ids, labels):
         return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()
@@ -81,20 +70,7 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
 
 
 def build_reference(checkpointing: bool):
-    import peft
-    import transformers
-
-    config = transformers.Phi3Config.from_json_file(str(CONFIG))
-    config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        model = transformers.Phi3ForCausalLM(config).to(torch.bfloat16)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                                       target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]))
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.config.use_cache = False
-    model.train()
+    model = peft_lora(hf_random(CONFIG, None, "cuda", torch.bfloat16), checkpointing)
 
     def loss_fn(ids, labels):
         # transformers shifts labels itself; pass ids as labels so every position is trained like ours

@@ -1,0 +1,70 @@
+"""The two systems the side-by-side benchmarks train, built the same way in every script.
+
+    model = ours_lora(config, device, dtype)                        # as train.py builds it on a GPU
+    reference = peft_lora(hf_random(CONFIG_PATH, overrides, device, dtype))
+
+LoRA r=16, alpha 32, dropout 0.05 on qkv/o/gate_up/down on both sides; per-layer gradient checkpointing
+(non-reentrant) unless asked otherwise; random weights (transformers' init on its side, ours' on ours: speed and
+memory do not depend on the values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool = True, max_tokens: int | None = None):
+    """This project's Phi-3 with LoRA, training mode; checkpointed layer inputs offloaded on a GPU (train.py's
+    default); with max_tokens, every kernel choice made before the first step, as train.py makes them."""
+    from phi3 import Phi3ForCausalLM
+    from phi3.kernel_tuning import prepare
+    from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
+    from phi3.offload import CheckpointOffload
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.init_weights(seed=0)
+    add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
+    mark_only_lora_as_trainable(model)
+    model.gradient_checkpointing = checkpointing
+    if checkpointing and offload and device.type == "cuda":
+        model.offload = CheckpointOffload(device)
+    model.train()
+    if max_tokens:
+        prepare(model, max_tokens, dtype, device, None)
+    return model
+
+
+def ours_config(path: Path, overrides: dict | None = None):
+    from phi3 import Phi3Config
+    return dataclasses.replace(Phi3Config.from_json(path), **(overrides or {}))
+
+
+def hf_random(path: Path, overrides: dict | None, device, dtype):
+    """transformers' Phi3ForCausalLM from a config.json (with overrides), randomly initialised, SDPA attention."""
+    import transformers
+    config = transformers.Phi3Config.from_json_file(str(path))
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        return transformers.Phi3ForCausalLM(config).to(dtype)
+
+
+def peft_lora(model, checkpointing: bool = True):
+    """peft's LoRA on a transformers model, training mode, with transformers' own gradient checkpointing."""
+    import peft
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                                       target_modules=TARGETS))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    return model.train()
