@@ -21,6 +21,7 @@ the values make a round trip, nothing is recomputed differently.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
@@ -34,6 +35,7 @@ class CheckpointOffload:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.free: list[torch.Tensor] = []  # flat host buffers not holding a layer input now
         self.allocated_bytes = 0  # host memory this offloader holds (for the log and tests)
+        self.pinned = self.cuda  # False once pinning failed: pageable buffers then (slower copies, same results)
 
     def new_pass(self) -> "OffloadedPass":
         return OffloadedPass(self)
@@ -45,7 +47,16 @@ class CheckpointOffload:
             buffer = min(fits, key=torch.Tensor.numel)
             self.free.remove(buffer)
         else:
-            buffer = torch.empty(numel, dtype=dtype, pin_memory=self.cuda)
+            buffer = None
+            if self.pinned:
+                try:
+                    buffer = torch.empty(numel, dtype=dtype, pin_memory=True)
+                except RuntimeError as e:  # the OS would not lock that much memory
+                    self.pinned = False
+                    print(f"note: pinned host memory ran out after {self.allocated_bytes / 2**30:.1f} GiB ({e}); "
+                          "further layer inputs wait in pageable memory (slower copies)", file=sys.stderr)
+            if buffer is None:
+                buffer = torch.empty(numel, dtype=dtype)
             self.allocated_bytes += buffer.numel() * buffer.element_size()
         return buffer
 

@@ -105,3 +105,20 @@ def test_offloaded_gradients_are_bit_identical_on_the_gpu():
         assert torch.equal(kept[name], moved[name]), name
     layer_input = 4 * 1024 * 1024 * 2  # bytes of one (4, 1024, 1024) bf16 layer input
     assert moved_peak <= kept_peak - 4 * layer_input, (kept_peak, moved_peak)  # 7 moved; 2 may be back at once
+
+
+def test_pinning_that_fails_falls_back_to_pageable_memory(monkeypatch, capsys):
+    offload = CheckpointOffload(torch.device("cpu"))
+    offload.pinned = True  # as on a GPU machine
+    real_empty = torch.empty
+
+    def empty(*shape, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return real_empty(*shape, **kwargs)
+    monkeypatch.setattr(torch, "empty", empty)
+    buffer = offload.host_buffer(1000, torch.bfloat16)
+    assert buffer.numel() == 1000 and not offload.pinned and offload.allocated_bytes == 2000
+    assert "pinned host memory ran out" in capsys.readouterr().err
+    offload.host_buffer(500, torch.bfloat16)  # no second attempt, no second note
+    assert capsys.readouterr().err == ""
