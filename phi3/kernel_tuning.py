@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -137,6 +138,10 @@ def write_cache(path: Path | None, record: dict, log) -> None:
             "writable folder, or to off")
 
 
+def _entries(record: dict) -> int:
+    return len(record.get("kinds", {})) + len(record.get("configs", {}))
+
+
 def prepare(model, max_tokens: int, dtype: torch.dtype, device: torch.device, saved: dict | None,
             rank: int = 0, world_size: int = 1, log=lambda text: None) -> dict:
     """Make and share every kernel choice of the run before its first step; returns the record to save.
@@ -150,7 +155,12 @@ def prepare(model, max_tokens: int, dtype: torch.dtype, device: torch.device, sa
         cached = read_cache(cache, log)
         if cached and saved:
             use_tuning_record(saved)  # the resumed run's own choices win over the cache's
+        known = _entries(tuning_record())
+        started = time.perf_counter()
         tune_lora_layers(model, max_tokens, dtype)  # times only what neither had
+        timed = _entries(tuning_record()) - known
+        log(f"kernel choices: {known} already made ({'resumed run' if saved else 'cache'}), {timed} timed now in "
+            f"{time.perf_counter() - started:.1f} s" + (f"; kept in {cache.parent}" if cache is not None else ""))
         if tuning_record() != cached:
             write_cache(cache, tuning_record(), log)
     record = share_from_main(tuning_record() if rank == 0 else {}, rank, world_size, device)

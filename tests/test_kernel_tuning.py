@@ -77,15 +77,19 @@ def test_prepare_keeps_choices_for_the_next_run_and_a_resumed_record_wins(monkey
         ll._chosen_kinds.setdefault(KIND_KEY, "tma")
     monkeypatch.setattr(kernel_tuning, "tune_lora_layers", tune)
     cuda = torch.device("cuda")
-    first = kernel_tuning.prepare(None, 8192, torch.bfloat16, cuda, None, log=pytest.fail)
+    said = []
+    first = kernel_tuning.prepare(None, 8192, torch.bfloat16, cuda, None, log=said.append)
     assert first["kinds"] == {KIND_KEY: "tma"} and seen_by_tuning == [{}]
+    assert said[0].startswith("kernel choices: 0 already made (cache), 1 timed now in "), said
     assert kernel_tuning.read_cache(kernel_tuning.cache_file("NVIDIA H200", (9, 0)), pytest.fail) == first
     monkeypatch.setattr(ll, "_chosen_kinds", {})  # a new process
-    assert kernel_tuning.prepare(None, 8192, torch.bfloat16, cuda, None, log=pytest.fail) == first
+    said.clear()
+    assert kernel_tuning.prepare(None, 8192, torch.bfloat16, cuda, None, log=said.append) == first
+    assert said[0].startswith("kernel choices: 1 already made (cache), 0 timed now in "), said
     assert seen_by_tuning[-1] == {KIND_KEY: "tma"}  # the cache's choice was in place before tuning
     monkeypatch.setattr(ll, "_chosen_kinds", {})
     resumed = {"version": 1, "kinds": {KIND_KEY: "cublas"}, "configs": {}}
-    assert kernel_tuning.prepare(None, 8192, torch.bfloat16, cuda, resumed, log=pytest.fail)["kinds"] == {
+    assert kernel_tuning.prepare(None, 8192, torch.bfloat16, cuda, resumed, log=lambda text: None)["kinds"] == {
         KIND_KEY: "cublas"}  # the run's own choice, not the cache's
     # and the cache now holds that choice for later runs (the last run's choices are kept)
     assert kernel_tuning.read_cache(kernel_tuning.cache_file("NVIDIA H200", (9, 0)), pytest.fail)["kinds"] == {
@@ -103,9 +107,10 @@ def test_a_second_run_on_the_same_gpu_times_nothing(monkeypatch):
     from test_offload import lora_model
     model = lora_model("cuda", torch.bfloat16, layers=2, hidden=1024, heads=8)
     device = torch.device("cuda")
-    first = kernel_tuning.prepare(model, 8192, torch.bfloat16, device, None, log=pytest.fail)
+    first = kernel_tuning.prepare(model, 8192, torch.bfloat16, device, None, log=lambda text: None)
     assert first["kinds"] and first["configs"]  # something was timed and kept
     monkeypatch.setattr(ll, "_chosen_kinds", NoNewChoices())  # a new process: no choices, and none may be timed
     monkeypatch.setattr(launch, "_best", NoNewChoices())
-    second = kernel_tuning.prepare(model, 8192, torch.bfloat16, device, None, log=pytest.fail)
-    assert second == first
+    said = []
+    second = kernel_tuning.prepare(model, 8192, torch.bfloat16, device, None, log=said.append)
+    assert second == first and ", 0 timed now in " in said[0], said
