@@ -233,8 +233,11 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup_steps, total_steps),
                                                   last_epoch=step - 1)  # its first step() sets lr = cfg.lr * f(step)
     try:
-        tuning = kernel_tuning.prepare(model, cfg.batch_size * cfg.max_seq_len, dtype, device, saved_tuning,
-                                       world.rank, world.size, log)
+        def token_counts():  # the tokens of every micro-batch this run can take (all processes), train and eval
+            epochs = math.ceil(total_steps * group_size / len(batches))  # (the same number of batches each epoch)
+            return {"train": {b.input_ids.numel() for e in range(epochs) for b in epoch_batches(e)},
+                    "eval": {b.input_ids.numel() for b in eval_batches}}
+        tuning = kernel_tuning.prepare(model, token_counts, dtype, device, saved_tuning, world.rank, world.size, log)
     except ValueError as e:  # the resumed record is not one (a stranger's or damaged file)
         if saved_tuning is None:
             raise

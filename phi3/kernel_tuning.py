@@ -54,9 +54,23 @@ def token_buckets(max_tokens: int) -> list[int]:
     return [m for m in (AUTOTUNE_MIN_M << i for i in range(40)) if m <= m_bucket(max_tokens)]
 
 
-def tune_lora_layers(model: torch.nn.Module, max_tokens: int, dtype: torch.dtype) -> None:
-    """Run forward + backward of each distinct LoRA layer shape once per bucket, training mode (dropout on) and
-    eval mode, on random inputs: this makes every timing choice the run will need. Gradients are dropped."""
+def reached_buckets(token_counts) -> list[int]:
+    """For the token counts micro-batches actually have, the largest count of each tuned bucket they fall in:
+    one problem per bucket makes that bucket's choices (the autotuner keys on the bucket, not the count)."""
+    largest = {}
+    for n in token_counts:
+        if m_bucket(n) >= AUTOTUNE_MIN_M:
+            largest[m_bucket(n)] = max(largest.get(m_bucket(n), 0), n)
+    return sorted(largest.values())
+
+
+def tune_lora_layers(model: torch.nn.Module, token_counts, dtype: torch.dtype) -> None:
+    """Run forward + backward of each distinct LoRA layer shape once per bucket the run reaches, training mode
+    (dropout on) and eval mode, on random inputs: this makes every timing choice the run will need.
+    token_counts: {"train": counts, "eval": counts} (the tokens of each micro-batch of the run), or an int, the
+    largest micro-batch, for every bucket up to it in both modes. Gradients are dropped."""
+    if isinstance(token_counts, int):
+        token_counts = {mode: [min(m, token_counts) for m in token_buckets(token_counts)] for mode in ("train", "eval")}
     was_training = model.training
     seen = set()
     for module in lora_modules(model).values():
@@ -64,9 +78,8 @@ def tune_lora_layers(model: torch.nn.Module, max_tokens: int, dtype: torch.dtype
         if shape in seen:
             continue
         seen.add(shape)
-        for tokens in token_buckets(max_tokens):
-            tokens = min(tokens, max_tokens)  # stays in its bucket: max_tokens is above half of every bucket
-            for training in (True, False):
+        for training in (True, False):
+            for tokens in reached_buckets(token_counts["train" if training else "eval"]):
                 module.train(training)
                 x = torch.randn(tokens, module.in_features, device=module.weight.device, dtype=dtype,
                                 requires_grad=training)
@@ -142,9 +155,10 @@ def _entries(record: dict) -> int:
     return len(record.get("kinds", {})) + len(record.get("configs", {}))
 
 
-def prepare(model, max_tokens: int, dtype: torch.dtype, device: torch.device, saved: dict | None,
+def prepare(model, token_counts, dtype: torch.dtype, device: torch.device, saved: dict | None,
             rank: int = 0, world_size: int = 1, log=lambda text: None) -> dict:
     """Make and share every kernel choice of the run before its first step; returns the record to save.
+    token_counts: as tune_lora_layers takes them (a callable returning them: computed only where tuning happens).
     saved: the record of the run being resumed (validated by use_tuning_record; ValueError if it is not one)."""
     if device.type != "cuda":
         return {}  # the CPU path runs torch, not the timed kernels
@@ -157,7 +171,8 @@ def prepare(model, max_tokens: int, dtype: torch.dtype, device: torch.device, sa
             use_tuning_record(saved)  # the resumed run's own choices win over the cache's
         known = _entries(tuning_record())
         started = time.perf_counter()
-        tune_lora_layers(model, max_tokens, dtype)  # times only what neither had
+        counts = token_counts() if callable(token_counts) else token_counts
+        tune_lora_layers(model, counts, dtype)  # times only what neither the cache nor the resumed run had
         timed = _entries(tuning_record()) - known
         log(f"kernel choices: {known} already made ({'resumed run' if saved else 'cache'}), {timed} timed now in "
             f"{time.perf_counter() - started:.1f} s" + (f"; kept in {cache.parent}" if cache is not None else ""))

@@ -114,3 +114,38 @@ def test_a_second_run_on_the_same_gpu_times_nothing(monkeypatch):
     said = []
     second = kernel_tuning.prepare(model, 8192, torch.bfloat16, device, None, log=said.append)
     assert second == first and ", 0 timed now in " in said[0], said
+
+
+def test_only_the_buckets_the_run_reaches_are_tuned():
+    # 100: below the tuned sizes; 3000 and 4096 share the 4096 bucket, 5000 and 8192 the 8192 one; 9000 -> 16384
+    assert kernel_tuning.reached_buckets([100, 2048, 3000, 4096, 5000, 8192, 9000]) == [2048, 4096, 8192, 9000]
+    assert kernel_tuning.reached_buckets([]) == []
+
+
+def test_train_py_hands_the_token_counts_of_every_micro_batch(monkeypatch, tmp_path):
+    """train.py tunes for the micro-batches of all the epochs it will run and of its eval set, nothing else."""
+    import train
+    from phi3 import load_tokenizer
+    from phi3.data import make_batches, pad_token_for, read_jsonl, split_eval
+    from test_train import CHAT, REPO  # noqa: F401  (the demo data and the repository)
+    seen = {}
+
+    def prepare(model, token_counts, *args, **kwargs):
+        seen.update(token_counts())
+        return {}
+    monkeypatch.setattr(train.kernel_tuning, "prepare", prepare)
+    model = REPO / "models" / "tiny-phi3"
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(CHAT.read_text().splitlines(keepends=True)[:60]))
+    assert train.main(["--data", str(data), "--model", str(model), "--out", str(tmp_path / "o"), "--max-steps", "10",
+                       "--batch-size", "8", "--eval-fraction", "0.1", "--save-every", "0"]) == 0
+    tok = load_tokenizer(model)
+    examples, _ = read_jsonl(data, tok, "assistant", 2048)
+    examples, held_out = split_eval(examples, 0.1, 0)
+    batches = lambda epoch: make_batches(examples, 8, 2048, pad_token_for(tok), False, shuffle=True, seed=0,
+                                         epoch=epoch)
+    epochs = -(-10 // len(batches(0)))
+    assert epochs >= 2  # the test covers more than one epoch's shuffle
+    assert seen["train"] == {b.input_ids.numel() for e in range(epochs) for b in batches(e)}
+    assert seen["eval"] == {b.input_ids.numel() for b in make_batches(held_out, 8, 2048, pad_token_for(tok), False,
+                                                                      shuffle=False, seed=0)}
