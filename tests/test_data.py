@@ -6,12 +6,16 @@ import errno
 import gzip
 import json
 import os
+import random
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from phi3 import data
-from phi3.data import DataError, read_jsonl
+from phi3.data import (Batch, DataError, DataStats, Example, make_batches, pad_token_for, read_jsonl,
+                       split_eval)
 from phi3.tokenizer import load_tokenizer
 
 TOK_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
@@ -311,3 +315,214 @@ def test_a_long_document_is_cut_and_the_cut_counted(tmp_path, tok):
     n = len(tok.render_text(text)[0])
     assert n > 500_000 and len(ex[0].ids) == 131_072 and stats.cut_tokens == n - 131_072
     assert f"1 truncated to 131072 tokens ({n - 131_072:,} tokens cut)" in stats.summary()
+
+
+# --- examples with nothing to train -------------------------------------------------------------------------
+
+def _first_target(tok, messages) -> int:
+    """Index of the first trained token of a chat: max_seq_len must be at least this + 1 to keep it."""
+    return tok.render(messages)[1].index(True, 1)
+
+
+@pytest.mark.parametrize("cut", ["one_token", "just_short"])
+def test_every_record_dropped_is_an_error(tmp_path, tok, cut):
+    need = _first_target(tok, CHAT["messages"]) + 1
+    max_len = 1 if cut == "one_token" else need - 1
+    p = _write(tmp_path, [CHAT, "", CHAT])
+    with pytest.raises(DataError) as e:
+        read_jsonl(p, tok, max_seq_len=max_len)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: all 2 records were dropped: none has a trained token within max_seq_len ({max_len})")
+    assert f"Raise --max-seq-len to at least {need} to keep one" in msg
+    assert ("--train-on all" in msg) == (max_len >= 2)  # with 1 token nothing is predicted, whatever is trained
+    ex, stats = read_jsonl(p, tok, max_seq_len=need)  # the suggestion is exact: one target each is left
+    assert len(ex) == 2 and stats.trained_tokens == 2 and stats.dropped == 0
+
+
+def test_every_token_trained_needs_two_tokens(tmp_path, tok):
+    p = _write(tmp_path, [CHAT])
+    with pytest.raises(DataError, match="at least 2 to keep one$"):
+        read_jsonl(p, tok, train_on="all", max_seq_len=1)
+    (e,), stats = read_jsonl(p, tok, train_on="all", max_seq_len=2)
+    assert len(e.ids) == 2 and stats.trained_tokens == 1
+
+
+def test_held_out_file_all_dropped_is_an_error_too(tmp_path, tok):
+    # train.py reads --eval-data with the same call; a held-out split always leaves training one example
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "ok"}]}
+    with pytest.raises(DataError, match="the only record was dropped: it has no trained token within max_seq_len"):
+        read_jsonl(_write(tmp_path, [long_prompt], "eval.jsonl"), tok, max_seq_len=20)
+    ex, _ = read_jsonl(_write(tmp_path, [CHAT]), tok, max_seq_len=64)
+    assert split_eval(ex, 0.5, seed=0) == (ex, [])
+
+
+class OneToken:
+    """A tokenizer whose texts render to one token: nothing to predict it from."""
+    supports_system = True
+
+    def render_text(self, text):
+        return [7], [True]
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """The real tokenizer with the medium chat template (system messages left out, no leading <s>)."""
+    d = tmp_path_factory.mktemp("medium")
+    shutil.copy(TOK_DIR / "tokenizer.json", d / "tokenizer.json")
+    shutil.copy(TOK_DIR.parent / "configs/phi3-medium-4k-instruct/tokenizer_config.json", d / "tokenizer_config.json")
+    return load_tokenizer(d)
+
+
+NOTHING_TO_TRAIN = [  # (tokenizer, train_on, a good record or None, the record with nothing to train)
+    ("medium", "assistant", CHAT, {"messages": [{"role": "assistant", "content": ""}]}),  # renders to <|end|>
+    ("medium", "all", CHAT, {"messages": [{"role": "system", "content": "Be brief."}]}),  # renders to nothing
+    ("one_token", "all", None, {"text": "a"}),
+]
+
+
+@pytest.mark.parametrize("which,train_on,good,record", NOTHING_TO_TRAIN,
+                         ids=["empty_reply_first", "system_only", "one_token_text"])
+def test_record_with_nothing_to_train_is_a_bad_line(tmp_path, request, which, train_on, good, record):
+    tok = OneToken() if which == "one_token" else request.getfixturevalue(which)
+    if "messages" in record:  # the premise, from the tokenizer itself
+        ids, mask = tok.render(record["messages"])
+        assert len(ids) <= 1 and not any(mask[1:])
+    p = _write(tmp_path, ([good] if good else []) + [record, record])
+    first = 2 if good else 1
+    with pytest.raises(DataError) as e:
+        read_jsonl(p, tok, train_on=train_on, max_seq_len=64)
+    assert str(e.value).startswith(f"{p}:{first}: nothing to train: the record renders to ")
+    assert str(e.value).endswith(f"(1 more bad lines: {first + 1})")
+
+
+# --- batching -----------------------------------------------------------------------------------------------
+
+def _random_examples(n, seed=0, lo=2, hi=40):
+    r = random.Random(seed)
+    out = []
+    for k in range(n):
+        L = r.randint(lo, hi)
+        out.append(Example([1000 * (k + 1) + t for t in range(L)], [r.random() < 0.6 for _ in range(L)]))
+    return out
+
+
+def _expected_labels(e):
+    return [e.ids[t + 1] if e.mask[t + 1] else -100 for t in range(len(e.ids) - 1)] + [-100]
+
+
+def test_unpacked_batches(tok):
+    ex = _random_examples(7)
+    pad = pad_token_for(tok)
+    bs = make_batches(ex, batch_size=3, max_seq_len=64, pad_id=pad, packing=False, shuffle=False, seed=0)
+    assert [b.input_ids.shape[0] for b in bs] == [3, 3, 1]
+    for bi, b in enumerate(bs):
+        assert isinstance(b, Batch) and b.document_ids is None
+        assert b.input_ids.dtype == b.labels.dtype == b.position_ids.dtype == torch.long
+        T = b.input_ids.shape[1]
+        assert T == max(len(e.ids) for e in ex[3 * bi:3 * bi + 3])
+        for r in range(b.input_ids.shape[0]):
+            e = ex[3 * bi + r]
+            n = len(e.ids)
+            assert b.input_ids[r, :n].tolist() == e.ids
+            assert b.input_ids[r, n:].eq(pad).all()
+            assert b.labels[r].tolist() == _expected_labels(e) + [-100] * (T - n)
+            assert b.position_ids[r, :n].tolist() == list(range(n))
+        assert b.trained_tokens == int((b.labels != -100).sum())
+
+
+def test_packing_documents_positions_labels():
+    ex = _random_examples(60, seed=1)
+    T = 64
+    bs = make_batches(ex, batch_size=4, max_seq_len=T, pad_id=0, packing=True, shuffle=True, seed=3)
+    seen = []
+    for b in bs:
+        assert b.input_ids.shape[1] == T and b.document_ids is not None
+        for r in range(b.input_ids.shape[0]):
+            ids, lab, pos, doc = (x[r].tolist() for x in (b.input_ids, b.labels, b.position_ids, b.document_ids))
+            for t in range(T):
+                if lab[t] != -100:  # no label crosses a document boundary or lands on padding
+                    assert doc[t] == doc[t + 1] != -1 and lab[t] == ids[t + 1]
+            real = [d for d in doc if d != -1]
+            assert real == sorted(real) and doc[len(real):] == [-1] * (T - len(real))  # padding only at the end
+            for d in sorted(set(real)):
+                span = [t for t in range(T) if doc[t] == d]
+                e = next(x for x in ex if x.ids == [ids[t] for t in span])
+                assert [pos[t] for t in span] == list(range(len(span)))
+                assert [lab[t] for t in span] == _expected_labels(e)
+                seen.append(e.ids[0])
+        assert b.trained_tokens == int((b.labels != -100).sum())
+    assert sorted(seen) == sorted(e.ids[0] for e in ex)  # every example exactly once
+    assert sum(b.trained_tokens for b in bs) == sum(sum(e.mask[1:]) for e in ex)
+    rows = sum(b.input_ids.shape[0] for b in bs)
+    assert rows <= -(-sum(len(e.ids) for e in ex) // T) + 2  # packing is near-optimal
+
+
+def test_pack_large_is_fast_and_fits():
+    from phi3.data import _pack
+    r = random.Random(0)
+    lengths = [r.randint(1, 2048) for _ in range(50_000)]
+    bins = _pack(lengths, list(range(len(lengths))), 2048)
+    assert all(sum(lengths[i] for i in b) <= 2048 for b in bins)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert len(bins) <= sum(lengths) / 2048 * 1.02 + 1
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_batches_deterministic(packing):
+    ex = _random_examples(40, seed=2)
+
+    def run(seed, epoch):
+        bs = make_batches(ex, 4, 64, 0, packing=packing, shuffle=True, seed=seed, epoch=epoch)
+        return [b.input_ids.tolist() for b in bs]
+
+    assert run(0, 0) == run(0, 0)
+    assert run(0, 0) != run(0, 1)
+    assert run(0, 0) != run(1, 0)
+    a = make_batches(ex, 4, 64, 0, packing=packing, shuffle=False, seed=0, epoch=0)
+    b = make_batches(ex, 4, 64, 0, packing=packing, shuffle=False, seed=5, epoch=7)
+    assert [x.input_ids.tolist() for x in a] == [x.input_ids.tolist() for x in b]
+
+
+def test_too_long_example_rejected():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        make_batches(_random_examples(2, lo=30, hi=30), 2, 16, 0, packing=True, shuffle=False, seed=0)
+
+
+def test_pad_token_is_not_a_stop_id(tok):
+    pad = pad_token_for(tok)
+    assert tok.pad_id in tok.stop_ids  # Phi-3: pad = <|endoftext|> = a stop id
+    assert pad == 0 and pad not in tok.stop_ids
+
+    class Fake:
+        pad_id, unk_id, stop_ids = 5, 0, (2,)
+
+    assert pad_token_for(Fake()) == 5
+
+
+def test_split_eval():
+    ex = _random_examples(20)
+    tr, ev = split_eval(ex, 0.25, seed=0)
+    assert len(ev) == 5 and len(tr) == 15
+    assert {id(e) for e in tr}.isdisjoint(id(e) for e in ev)
+    assert split_eval(ex, 0.25, seed=0) == (tr, ev)
+    assert split_eval(ex, 0.0, seed=0) == (ex, [])
+    assert [len(x) for x in split_eval(ex[:2], 0.01, seed=0)] == [1, 1]
+    with pytest.raises(ValueError):
+        split_eval(ex, 1.0, seed=0)
+
+
+def test_stats_summary_format():
+    s = DataStats(examples=3, tokens=200, trained_tokens=50, truncated=0, max_seq_len=128).summary()
+    assert s == "3 examples, 200 tokens, 50 trained (25.0%), 0 truncated to 128 tokens"
+
+
+def test_system_messages_dropped_by_template_are_counted(tmp_path, tok, medium):
+    _, stats = read_jsonl(_write(tmp_path, [CHAT, CHAT]), medium, max_seq_len=64)
+    assert stats.system_dropped == 2 and "2 system messages left out" in stats.summary()
+    _, stats = read_jsonl(_write(tmp_path, [CHAT]), tok, max_seq_len=64)
+    assert stats.system_dropped == 0 and "system" not in stats.summary()
+
+
+def test_data_error_plain_message():
+    e = DataError("whole message")
+    assert str(e) == "whole message" and e.line is None
