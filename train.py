@@ -169,7 +169,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     offload_applies = cfg.gradient_checkpointing and device.type == "cuda"
     if cfg.offload_checkpoints and not offload_applies:  # given, or saved by a resumed run on a GPU
         log("note: --offload-checkpoints applies only with gradient checkpointing on a CUDA device; off here")
-    cfg.offload_checkpoints = offload_applies if cfg.offload_checkpoints is None else cfg.offload_checkpoints and offload_applies
+    cfg.offload_checkpoints = offload_applies and cfg.offload_checkpoints is not False  # (None: the default, on)
     run_dir = Path(cfg.out)
     if not cfg.resume:
         check_fresh_run_folder(run_dir)

@@ -173,11 +173,11 @@ def prepare(model, token_counts, dtype: torch.dtype, device: torch.device, saved
         started = time.perf_counter()
         counts = token_counts() if callable(token_counts) else token_counts
         tune_lora_layers(model, counts, dtype)  # times only what neither the cache nor the resumed run had
-        timed = _entries(tuning_record()) - known
-        log(f"kernel choices: {known} already made ({'resumed run' if saved else 'cache'}), {timed} timed now in "
-            f"{time.perf_counter() - started:.1f} s" + (f"; kept in {cache.parent}" if cache is not None else ""))
-        if tuning_record() != cached:
-            write_cache(cache, tuning_record(), log)
+        record = tuning_record()
+        log(f"kernel choices: {known} already made ({'resumed run' if saved else 'cache'}), {_entries(record) - known} "
+            f"timed now in {time.perf_counter() - started:.1f} s" + (f"; kept in {cache.parent}" if cache else ""))
+        if record != cached:
+            write_cache(cache, record, log)
     record = share_from_main(tuning_record() if rank == 0 else {}, rank, world_size, device)
     use_tuning_record(record)
     return record

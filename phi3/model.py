@@ -164,7 +164,7 @@ class Phi3ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False  # per-layer, non-reentrant; only while training
         # with checkpointing: only the first N layers are checkpointed (None: all); the others keep their activations,
-        # which skips their recompute (faster) for about 1 GiB each at batch 4 x 2048 on Phi-3-mini
+        # which skips their recompute (faster) for more memory (an estimated 1 GiB each at batch 4 x 2048 on Phi-3-mini)
         self.checkpoint_layers: int | None = None
         self.offload: CheckpointOffload | None = None  # set: checkpointed layer inputs wait in host memory
         # called (phase, layer index, layers) as each layer's forward is issued and as the backward pass reaches

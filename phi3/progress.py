@@ -38,13 +38,17 @@ class Progress:
         """Where a long step is (model.on_layer calls this as layers finish their forward and start their backward):
         shown once a step has run 2 s, then at most twice a second on a terminal, once a minute in a log."""
         now = time.monotonic()
-        if not (self.enabled and self.in_step) or now - self.step_started < 2 or now - self.last_within < (0.5 if self.tty else 60):
+        quiet = 0.5 if self.tty else 60
+        if not (self.enabled and self.in_step) or now - self.step_started < 2 or now - self.last_within < quiet:
             return
         self.last_within = now
         done = layer + 1 if phase == "forward" else layers - layer
         micro, micros = self.micro_batch
-        line = (f"step {self.current_step}/{self.total} | micro-batch {micro}/{micros} | {phase} layer {done}/{layers} "
-                f"| {now - self.step_started:.0f} s into the step")
+        self._show(f"step {self.current_step}/{self.total} | micro-batch {micro}/{micros} | {phase} layer "
+                   f"{done}/{layers} | {now - self.step_started:.0f} s into the step")
+
+    def _show(self, line: str) -> None:
+        """On a terminal the one live line is rewritten; elsewhere each line is printed."""
         if self.tty:
             print("\r" + line.ljust(110), end="", file=sys.stderr, flush=True)
         else:
@@ -63,10 +67,8 @@ class Progress:
         eta = elapsed / max(done_steps, 1) * (self.total - step)
         line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
                 f"ETA {int(eta // 60)}m{int(eta % 60):02d}s | peak {peak_gib:.2f} GiB")
-        if self.tty:
-            print("\r" + line.ljust(110), end="", file=sys.stderr, flush=True)
-        elif step % self.log_every == 0 or step == self.total:
-            print(line, file=sys.stderr, flush=True)
+        if self.tty or step % self.log_every == 0 or step == self.total:
+            self._show(line)
 
     def say(self, text: str) -> None:
         if self.enabled:

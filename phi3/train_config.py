@@ -54,7 +54,7 @@ class TrainConfig:
         "help": "keep checkpointed layer inputs in pinned CPU memory (default: on with checkpointing on CUDA)"})
     checkpoint_layers: int | None = field(default=None, metadata={
         "help": "with gradient checkpointing, checkpoint only the first N layers: the others keep their activations "
-                "(faster; about 1 GiB more per layer on Phi-3-mini at 8k tokens per micro-batch); default: all"})
+                "(faster; an estimated 1 GiB more per layer on Phi-3-mini at 8k tokens per micro-batch); default: all"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0
@@ -92,11 +92,11 @@ class FlagError(ValueError):
     """A command-line value that cannot work."""
 
 
-# Flags that shape the trained tensors or the sequence of batches: a resumed run keeps the saved values (it
-# would otherwise fail to load, or silently train on other batches than the run it continues).
 # Fields added after version 1 of train_config.json: a run saved before them resumes with their defaults.
 ADDED_LATER = ("offload_checkpoints", "checkpoint_layers")
 
+# Flags that shape the trained tensors or the sequence of batches: a resumed run keeps the saved values (it
+# would otherwise fail to load, or silently train on other batches than the run it continues).
 RESUME_FIXED = ("full", "init", "rank", "alpha", "dropout", "targets", "rslora", "train_on", "max_seq_len",
                 "packing", "batch_size", "grad_accum", "seed", "eval_fraction")
 
