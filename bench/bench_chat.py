@@ -44,7 +44,8 @@ def ours(args, device):
     from train import MicroBatchLoss, accumulate_gradients
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype, max_tokens=4 * ROW)
+    model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype,
+                      train_tokens=[rows * ROW for rows in (1, 2, 3, 4)])  # micro-batches of 1-4 packed rows
     loss_of = MicroBatchLoss(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
 

@@ -32,7 +32,7 @@ TINY = dict(hidden_size=192, intermediate_size=448, num_hidden_layers=4, num_att
 def build_ours(args, device, dtype):
     from phi3.loss import cross_entropy_sum
     # as train.py runs it on a GPU: offloaded layer inputs, MLP tiles, kernel choices made before the timed steps
-    model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype, max_tokens=args.length)
+    model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype, train_tokens=[args.length])
 
     def loss_fn(ids, labels):
         return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()

@@ -18,9 +18,10 @@ import torch
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool = True, max_tokens: int | None = None):
+def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool = True, train_tokens: list[int] = ()):
     """This project's Phi-3 with LoRA, training mode; checkpointed layer inputs offloaded on a GPU (train.py's
-    default); with max_tokens, every kernel choice made before the first step, as train.py makes them."""
+    default); with train_tokens (the token count of each micro-batch the bench trains on), every kernel choice
+    made before the first step, as train.py makes them."""
     from phi3 import Phi3ForCausalLM
     from phi3.kernel_tuning import prepare
     from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
@@ -37,8 +38,8 @@ def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool =
     if checkpointing and offload and device.type == "cuda":
         model.offload = CheckpointOffload(device)
     model.train()
-    if max_tokens:
-        prepare(model, max_tokens, dtype, device, None)
+    if train_tokens:
+        prepare(model, {"train": train_tokens, "eval": []}, dtype, device, None)
     return model
 
 

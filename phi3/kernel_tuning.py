@@ -27,6 +27,7 @@ from kernels import tuning_record, use_tuning_record
 from kernels.launch import AUTOTUNE_MIN_M, m_bucket
 from phi3.atomic import atomic_file
 from phi3.lora import lora_modules
+from phi3.model import MLP
 
 TUNING_FILE = "kernel_tuning.json"
 SETTINGS = ("LORA_GEMM", "LORA_AUTOTUNE")  # environment switches that decide whether choices are timed at all
@@ -64,6 +65,25 @@ def reached_buckets(token_counts) -> list[int]:
     return sorted(largest.values())
 
 
+def counts_seen(model, name: str, token_counts, training: bool) -> set[int]:
+    """The token counts the LoRA layer `name` is called with for micro-batches of `token_counts` tokens: an MLP's
+    layers see tiles of MLP.tile_tokens when the MLP runs without autograd (eval) or under checkpointing
+    (phi3/model.py); with only some layers checkpointed, the others see whole micro-batches."""
+    if ".mlp." not in name:
+        return set(token_counts)
+    checkpointing = model.gradient_checkpointing
+    tiled = not training or checkpointing
+    untiled = training and (not checkpointing or model.checkpoint_layers is not None)
+    tile = MLP.tile_tokens
+    seen = set()
+    for n in token_counts:
+        if n <= tile or untiled:
+            seen.add(n)
+        if n > tile and tiled:
+            seen |= {tile, n % tile} - {0}
+    return seen
+
+
 def tune_lora_layers(model: torch.nn.Module, token_counts, dtype: torch.dtype) -> None:
     """Run forward + backward of each distinct LoRA layer shape once per bucket the run reaches, training mode
     (dropout on) and eval mode, on random inputs: this makes every timing choice the run will need.
@@ -73,13 +93,14 @@ def tune_lora_layers(model: torch.nn.Module, token_counts, dtype: torch.dtype) -
         token_counts = {mode: [min(m, token_counts) for m in token_buckets(token_counts)] for mode in ("train", "eval")}
     was_training = model.training
     seen = set()
-    for module in lora_modules(model).values():
+    for name, module in lora_modules(model).items():
         shape = (module.in_features, module.out_features, module.rank, tuple(module.slices), module.dropout)
-        if shape in seen:
-            continue
-        seen.add(shape)
         for training in (True, False):
-            for tokens in reached_buckets(token_counts["train" if training else "eval"]):
+            buckets = reached_buckets(counts_seen(model, name, token_counts["train" if training else "eval"], training))
+            if (shape, training, tuple(buckets)) in seen:
+                continue
+            seen.add((shape, training, tuple(buckets)))
+            for tokens in buckets:
                 module.train(training)
                 x = torch.randn(tokens, module.in_features, device=module.weight.device, dtype=dtype,
                                 requires_grad=training)

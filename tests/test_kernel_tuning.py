@@ -116,6 +116,24 @@ def test_a_second_run_on_the_same_gpu_times_nothing(monkeypatch):
     assert second == first and ", 0 timed now in " in said[0], said
 
 
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (`pytest -m cuda`)")
+def test_after_prepare_training_and_eval_past_the_mlp_tile_time_nothing(monkeypatch):
+    """The choices prepare makes are all a run needs, also when the MLP cuts a micro-batch into tiles."""
+    from phi3.model import MLP
+    from test_offload import lora_model
+    monkeypatch.setattr(MLP, "tile_tokens", 4096)
+    model = lora_model("cuda", torch.bfloat16, layers=2, hidden=1024, heads=8)
+    ids = torch.randint(0, 512, (3, 3000), device="cuda")  # 9000 tokens: MLP tiles of 4096, 4096 and 808
+    kernel_tuning.prepare(model, {"train": [ids.numel()], "eval": [ids.numel()]}, torch.bfloat16,
+                          torch.device("cuda"), None)
+    monkeypatch.setattr(ll, "_chosen_kinds", NoNewChoices(ll._chosen_kinds))
+    monkeypatch.setattr(launch, "_best", NoNewChoices(launch._best))
+    model(ids).float().square().mean().backward()
+    with torch.no_grad():
+        model.eval()(ids)
+
 def test_only_the_buckets_the_run_reaches_are_tuned():
     # 100: below the tuned sizes; 3000 and 4096 share the 4096 bucket, 5000 and 8192 the 8192 one; 9000 -> 16384
     assert kernel_tuning.reached_buckets([100, 2048, 3000, 4096, 5000, 8192, 9000]) == [2048, 4096, 8192, 9000]
@@ -149,3 +167,22 @@ def test_train_py_hands_the_token_counts_of_every_micro_batch(monkeypatch, tmp_p
     assert seen["train"] == {b.input_ids.numel() for e in range(epochs) for b in batches(e)}
     assert seen["eval"] == {b.input_ids.numel() for b in make_batches(held_out, 8, 2048, pad_token_for(tok), False,
                                                                       shuffle=False, seed=0)}
+
+
+def test_mlp_layers_are_tuned_for_the_tiles_they_see():
+    """Past MLP.tile_tokens the MLP runs in tiles under checkpointing and in eval: its LoRA layers are called with
+    a tile's tokens and the remainder, never the whole count; attention's layers see the whole count."""
+    from phi3.model import MLP
+    tile = MLP.tile_tokens
+    model = torch.nn.Module()
+    model.gradient_checkpointing, model.checkpoint_layers = True, None
+    counts = [1000, 3 * tile + 5, 2 * tile]
+    mlp, attn = "model.layers.0.mlp.gate_up_proj", "model.layers.0.self_attn.qkv_proj"
+    assert kernel_tuning.counts_seen(model, attn, counts, training=True) == set(counts)
+    assert kernel_tuning.counts_seen(model, mlp, counts, training=True) == {1000, tile, 5}
+    assert kernel_tuning.counts_seen(model, mlp, counts, training=False) == {1000, tile, 5}
+    model.checkpoint_layers = 4  # the layers past the 4th keep their activations: whole micro-batches
+    assert kernel_tuning.counts_seen(model, mlp, counts, training=True) == {1000, tile, 5, 3 * tile + 5, 2 * tile}
+    model.gradient_checkpointing = False
+    assert kernel_tuning.counts_seen(model, mlp, counts, training=True) == set(counts)
+    assert kernel_tuning.counts_seen(model, mlp, counts, training=False) == {1000, tile, 5}
