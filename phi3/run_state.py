@@ -2,7 +2,8 @@
 
 A checkpoint folder holds the adapter in the PEFT layout (or the full model in Hugging Face layout), the exact
 trainable tensors (trainable.safetensors), the optimizer's tensors (optimizer.safetensors) and state.json (step,
-data position). Nothing is pickled: a checkpoint may come from someone else, and reading it runs no code.
+data position, processes). Tensors are always whole, also when torchrun processes each held a shard (--full), so a
+run resumes on any number of processes. Nothing is pickled: a checkpoint may come from someone else, and reading it runs no code.
 Everything else a resumed run needs follows from the step: the learning rate is the schedule's value there, and
 dropout masks are reseeded per step (train.step_seed), so no RNG state is stored.
 
