@@ -5,6 +5,7 @@
     python train.py --resume runs/a                              # continue from the newest checkpoint
     python sample.py --adapter runs/a                            # chat with the result
     torchrun --nproc_per_node 2 train.py --data chat.jsonl ...   # data parallel on 2 GPUs (phi3/distributed.py)
+    torchrun --nproc_per_node 2 train.py --full ...              # full training, sharded over 2 GPUs (FSDP2)
 
 Every flag is a field of TrainConfig (phi3/train_config.py; `--max-seq-len` sets max_seq_len). The resolved configuration
 is printed and saved as train_config.json in the run folder, next to metrics.jsonl, the final adapter
@@ -38,7 +39,7 @@ from phi3.loss import cross_entropy_sum
 from phi3.offload import CheckpointOffload
 from phi3.progress import Progress, peak_memory_gib, plot_loss
 from phi3.run_state import (RunStateError, clean_stale_writes, find_checkpoint, load_checkpoint, lr_lambda,
-                            save_checkpoint, write_json_atomic)
+                            optimizer_tensors, save_checkpoint, trainable_tensors, write_json_atomic)
 from phi3.train_config import (FlagError, TrainConfig, check_against_model, check_fresh_run_folder,
                                resolve_config)
 from phi3.tokenizer import TokenizerError
@@ -65,8 +66,10 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> P
 
 
 class MicroBatchLoss(torch.nn.Module):
-    """One micro-batch's summed token loss as a module's forward. Under torchrun this is what DDP wraps, so that its
-    hooks see the whole forward and backward and reduce gradients in buckets while backward still runs."""
+    """One micro-batch's summed token loss as a module's forward. Under torchrun this is what DDP wraps (LoRA), or
+    FSDP's root (--full), so that their hooks see the whole forward and backward: DDP reduces gradients in buckets
+    while backward still runs; FSDP gathers the embeddings, final norm and lm_head that this forward uses besides
+    the layers."""
 
     def __init__(self, model: Phi3ForCausalLM):
         super().__init__()
@@ -92,7 +95,7 @@ def accumulate_gradients(loss_of, micro_batches, device, autocast, step_trained_
     The step's loss is the mean over all trained tokens of all its micro-batches (token-weighted), not a mean
     of per-batch means: each micro-batch's loss sum is divided by the step's total trained tokens, which
     under torchrun includes the other processes' micro-batches (DDP sums the gradients during the last
-    micro-batch's backward; the earlier ones only accumulate locally).
+    micro-batch's backward, the earlier ones only accumulate locally; FSDP sums each micro-batch's into the shards).
     """
     trained = max(step_trained_tokens or sum(b.trained_tokens for b in micro_batches), 1)
     loss_sum = 0.0
@@ -106,15 +109,20 @@ def accumulate_gradients(loss_of, micro_batches, device, autocast, step_trained_
     return float(loss_sum) / trained
 
 
-def evaluate(model, batches, device, autocast, world=distributed.World()) -> tuple[float, float]:
-    """Token-weighted mean loss and perplexity over all eval batches (shared out among torchrun processes)."""
-    model.eval()
+def evaluate(loss_of, batches, device, autocast, world=distributed.World()) -> tuple[float, float]:
+    """Token-weighted mean loss and perplexity over all eval batches (shared out among torchrun processes).
+    Every process runs the same number of forwards, as a sharded model needs (each gathers every layer's weights
+    with all the others): one with a batch fewer runs the last batch again and does not count it."""
+    loss_of.eval()
     total, count = 0.0, 0
     with torch.no_grad(), autocast():
-        for b in batches[world.rank::world.size]:
-            total += batch_loss_sum(model, b, device).item()
-            count += b.trained_tokens
-    model.train()
+        for i in range(world.rank, math.ceil(len(batches) / world.size) * world.size, world.size):
+            b = batches[min(i, len(batches) - 1)]
+            loss = batch_loss_sum(loss_of, b, device).item()
+            if i < len(batches):
+                total, count = total + loss, count + b.trained_tokens
+    distributed.reshard(loss_of)
+    loss_of.train()
     total, count = distributed.sum_scalars([total, count], world, device)
     loss = total / max(count, 1)
     return loss, math.exp(min(loss, 50))
@@ -198,14 +206,19 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
                         f"more than the {len(batches)} of a whole epoch of {cfg.data}; lower --grad-accum or --batch-size")
 
     model = build_model(cfg, device, dtype).train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    compute_loss = MicroBatchLoss(model)
+    if cfg.full:  # under torchrun, each process keeps 1/N of the weights, gradients and (built below) AdamW moments
+        distributed.shard(compute_loss, model.model.layers, world, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # (after sharding: the shards)
+    held = sum(distributed.local(p).numel() for p in model.parameters())  # (this process's part)
     log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{sum(p.numel() for p in trainable):,} trained, {device} {str(dtype).removeprefix('torch.')}, "
         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
         + (f" for the first {cfg.checkpoint_layers} layers" if cfg.gradient_checkpointing
            and cfg.checkpoint_layers is not None else "")
         + (" (layer inputs wait in pinned CPU memory)" if cfg.offload_checkpoints else "")
-        + (f", {world.size} processes" if world.size > 1 else ""))
+        + (f", {world.size} processes" if world.size > 1 else "")
+        + (f", sharded: {held:,} parameters in this process" if cfg.full and world.size > 1 else ""))
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     steps_per_epoch = math.ceil(len(batches) / group_size)
@@ -256,29 +269,33 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
             drop_metrics_after(run_dir / "metrics.jsonl", step)
         tuning_text = {kernel_tuning.TUNING_FILE: kernel_tuning.to_file(tuning)} if tuning else {}
 
-        def write_model_files(folder: Path) -> None:
+        def write_model_files(folder: Path, trained: dict[str, torch.Tensor]) -> None:
+            """trained: the trained parameters, whole, on the CPU (the model itself may hold only shards)."""
             (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
             if cfg.full:
-                write_hf_files(model, folder, dtype=dtype, tokenizer_from=cfg.model)
+                write_hf_files(model, folder, dtype=dtype, tokenizer_from=cfg.model, state=trained)
             else:
                 save_adapter(model, folder, base_model=Path(cfg.model).resolve())
 
-        def save_now() -> Path:
-            """Written by the main process only; the others wait so that no process runs ahead of a save."""
+        def save_now() -> tuple[Path, dict[str, torch.Tensor]]:
+            """Written by the main process only, after every process took part in gathering the sharded tensors;
+            the others wait so that no process runs ahead of a save. Returns the folder and the trained tensors."""
             final = run_dir / f"checkpoint-{step}"
+            trained = distributed.gather_to_cpu(trainable_tensors(model), world.is_main)
+            moments = distributed.gather_to_cpu(optimizer_tensors(model, optimizer), world.is_main)
             if world.is_main and not (final / "state.json").is_file():  # this step's state is already there
-                save_checkpoint(run_dir, step, model, optimizer, dict(position), write_model_files, cfg.keep, tuning_text,
-                                world.size)
+                save_checkpoint(run_dir, step, trained, moments, dict(position),
+                                lambda folder: write_model_files(folder, trained), cfg.keep, tuning_text, world.size)
             distributed.barrier(world)
-            return final
+            return final, trained
 
-        loss_of = distributed.data_parallel(MicroBatchLoss(model), world, device)  # after loading: no broadcast
+        loss_of = distributed.data_parallel(compute_loss, world, device)  # after loading: no broadcast
         progress = Progress(total_steps, cfg.log_every, run_dir / "metrics.jsonl", enabled=world.is_main)
         model.on_layer = progress.within_step  # where a long step is, on the live line
         start_step, failure = step, None
         window_tokens, window_seconds = 0, 0.0  # training time only: evals and saves are not in tokens/s
         if step == 0 and eval_batches:
-            loss, ppl = evaluate(model, eval_batches, device, autocast, world)
+            loss, ppl = evaluate(compute_loss, eval_batches, device, autocast, world)
             progress.say(f"eval before training: loss {loss:.4f} ppl {ppl:.2f}")
             progress.log({"step": 0, "eval_loss": loss, "eval_ppl": ppl})
         while step < total_steps and not stop.requested:
@@ -296,7 +313,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
             progress.begin_step(step + 1)
             loss = accumulate_gradients(loss_of, group[world.rank::world.size], device, autocast, step_tokens,
                                         progress.begin_micro_batch)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+            grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)))
             # one collective carries the loss, the norm's finiteness and any process's stop request
             train_loss, bad, stopping = distributed.sum_scalars(
                 [loss, float(not math.isfinite(loss + grad_norm)), float(stop.requested)], world, device)
@@ -324,16 +341,17 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
                               "tokens_per_s": tokens_per_s, "peak_gib": peak, "epoch": position["epoch"]})
                 window_tokens, window_seconds = 0, 0.0
             if eval_batches and (step % eval_every == 0 or step == total_steps):
-                loss, ppl = evaluate(model, eval_batches, device, autocast, world)
+                loss, ppl = evaluate(compute_loss, eval_batches, device, autocast, world)
                 progress.say(f"eval at step {step}: loss {loss:.4f} ppl {ppl:.2f}")
                 progress.log({"step": step, "eval_loss": loss, "eval_ppl": ppl})
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 save_now()
 
-        if failure and not all(torch.isfinite(p).all() for p in trainable):
+        if failure and distributed.sum_scalars(  # (each process checks its shards; all take part)
+                [float(not all(torch.isfinite(distributed.local(p)).all() for p in trainable))], world, device)[0]:
             raise NonFiniteLoss(f"{failure}, and the weights already hold NaN or inf; resume from an earlier "
                                 f"checkpoint in {run_dir} with a lower --lr")
-        final = save_now()  # signals only set stop.requested from here on: this save always completes
+        final, trained = save_now()  # signals only set stop.requested from here on: this save always completes
         if failure:
             raise NonFiniteLoss(f"{failure}; saved the last good state as {final}. Lower the learning rate "
                                 f"(python train.py --resume {run_dir} --lr ...), or start again with a lower --alpha")
@@ -341,7 +359,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
             progress.say(f"interrupted: saved {final}; continue with: python train.py --resume {run_dir}")
             return 130
         if world.is_main:
-            write_model_files(run_dir)
+            write_model_files(run_dir, trained)
             progress.say(f"done: {'model' if cfg.full else 'adapter'} in {run_dir}, checkpoint {final}")
             if cfg.export_merged and not cfg.full:
                 merge_lora(model)

@@ -255,11 +255,14 @@ def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_hf_files(model: Phi3ForCausalLM, folder: Path, dtype: torch.dtype | str | None = None,
-                   max_shard_bytes: int = 5 * 2**30, tokenizer_from: str | Path | None = None) -> None:
+                   max_shard_bytes: int = 5 * 2**30, tokenizer_from: str | Path | None = None,
+                   state: dict[str, torch.Tensor] | None = None) -> None:
     """config.json + safetensors (sharded above max_shard_bytes, with an index) + tokenizer files into `folder`,
-    each file written atomically. LoRA parameters are not saved: merge them first to export them."""
+    each file written atomically. LoRA parameters are not saved: merge them first to export them. state: the
+    tensors to write (default: base_state_dict(model)); a model sharded over processes passes whole copies."""
     dtype = parse_dtype(dtype)
-    state = {n: (t.to(dtype) if dtype and t.is_floating_point() else t).cpu() for n, t in base_state_dict(model).items()}
+    state = base_state_dict(model) if state is None else state
+    state = {n: (t.to(dtype) if dtype and t.is_floating_point() else t).cpu() for n, t in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for name, t in state.items():

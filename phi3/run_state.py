@@ -2,7 +2,8 @@
 
 A checkpoint folder holds the adapter in the PEFT layout (or the full model in Hugging Face layout), the exact
 trainable tensors (trainable.safetensors), the optimizer's tensors (optimizer.safetensors) and state.json (step,
-data position). Nothing is pickled: a checkpoint may come from someone else, and reading it runs no code.
+data position, processes). Tensors are always whole, also when torchrun processes each held a shard (--full), so a
+run resumes on any number of processes. Nothing is pickled: a checkpoint may come from someone else, and reading it runs no code.
 Everything else a resumed run needs follows from the step: the learning rate is the schedule's value there, and
 dropout masks are reseeded per step (train.step_seed), so no RNG state is stored.
 
@@ -25,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from phi3.atomic import TEMPORARY_RE, atomic_dir, atomic_file
+from phi3.distributed import shard_like
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 STATE_FILE, TRAINABLE_FILE, OPTIMIZER_FILE = "state.json", "trainable.safetensors", "optimizer.safetensors"
@@ -51,26 +53,32 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
 # ---- writing -------------------------------------------------------------------------------------------------
 
-def _optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
-    """AdamW's per-parameter state under the parameter's name: '<name>:exp_avg', '<name>:exp_avg_sq', '<name>:step'."""
-    names = {p: n for n, p in model.named_parameters()}
+def trainable_tensors(model) -> dict[str, torch.Tensor]:
+    """The trained parameters by name (shards of them when the model is sharded: phi3/distributed.gather_to_cpu)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state under the parameter's name: '<name>:exp_avg', '<name>:exp_avg_sq', '<name>:step',
+    in the model's parameter order (the same on every process: sharded moments are gathered in this order)."""
     out = {}
-    for p, state in optimizer.state.items():
-        for key, t in state.items():
-            out[f"{names[p]}:{key}"] = t.detach().contiguous().cpu()
+    for name, p in model.named_parameters():
+        for key, t in optimizer.state.get(p, {}).items():
+            out[f"{name}:{key}"] = t
     return out
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, position: dict, write_model_files, keep: int,
-                    extra_files: dict[str, str] | None = None, processes: int = 1) -> Path:
-    """Write run_dir/checkpoint-STEP atomically; delete the oldest so that `keep` remain. extra_files: name -> text;
-    processes: how many torchrun processes shared each step (a resumed run on another count keeps the step's size)."""
+def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], moments: dict[str, torch.Tensor],
+                    position: dict, write_model_files, keep: int, extra_files: dict[str, str] | None = None,
+                    processes: int = 1) -> Path:
+    """Write run_dir/checkpoint-STEP atomically; delete the oldest so that `keep` remain. trainable and moments: whole
+    CPU tensors (trainable_tensors and optimizer_tensors, gathered); extra_files: name -> text; processes: how many
+    torchrun processes shared each step (a resumed run on another count keeps the step's size)."""
     final = run_dir / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         write_model_files(tmp)  # adapter (PEFT) or full model (HF layout), for users
-        trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, tmp / TRAINABLE_FILE)
-        save_file(_optimizer_tensors(model, optimizer), tmp / OPTIMIZER_FILE)
+        save_file(moments, tmp / OPTIMIZER_FILE)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         state = {"format": FORMAT, "step": step, "position": {k: int(v) for k, v in position.items()},
@@ -190,9 +198,10 @@ def _check_same(path: Path, found: dict[str, torch.Tensor], expected: dict[str, 
 
 def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, dict]:
     """Restore trainable tensors and AdamW state; return (step, data position). Every file is checked before
-    anything is changed: names, shapes and dtypes must be exactly what this run's model has."""
+    anything is changed: names, shapes and dtypes must be exactly what this run's model has. The files hold whole
+    tensors, whatever number of processes wrote them: a sharded model takes its shard of each."""
     step, position, _ = read_state(folder)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = trainable_tensors(model)
     tensors = _read_tensors(folder / TRAINABLE_FILE)
     _check_same(folder / TRAINABLE_FILE, tensors, {n: p.shape for n, p in params.items()}, "model")
     moments = _read_tensors(folder / OPTIMIZER_FILE)
@@ -204,10 +213,11 @@ def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, dict]:
     _check_same(folder / OPTIMIZER_FILE, moments, expected, "optimizer")
     with torch.no_grad():
         for name, t in tensors.items():
-            params[name].copy_(t)
+            params[name].copy_(shard_like(t, params[name]))
     index = {p: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     state = optimizer.state_dict()  # the fresh optimizer's groups (hyperparameters come from this run's flags)
-    state["state"] = {index[p]: {k: moments[f"{n}:{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+    state["state"] = {index[p]: {"step": moments[f"{n}:step"], "exp_avg": shard_like(moments[f"{n}:exp_avg"], p),
+                                 "exp_avg_sq": shard_like(moments[f"{n}:exp_avg_sq"], p)}
                       for n, p in params.items() if f"{n}:step" in moments}
     optimizer.load_state_dict(state)
     return step, position
