@@ -83,6 +83,8 @@ def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool) 
     if system == "reference":
         model, loss_fn = build_reference(checkpointing)
     else:
+        # the middle ground checkpoints its first N layers also in a --no-checkpointing run (the sweep's point)
+        checkpointing = checkpointing or system.startswith("ours-checkpoint-")
         model, loss_fn = build_ours(checkpointing, None if system == "ours" else system)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
