@@ -21,10 +21,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -32,8 +30,8 @@ import torch
 from safetensors.torch import load_file
 
 from phi3 import load_model
-from phi3.run_state import find_checkpoint, list_checkpoints
 from tiny import save_hf, transformers_or_skip
+from torchrun_kill import kill_a_worker_past_step
 
 REPO = Path(__file__).parent.parent
 CHAT = REPO / "examples" / "chat.jsonl"
@@ -147,21 +145,7 @@ def test_killed_worker_stops_the_run_which_resumes_exactly_on_one_and_on_two_pro
     exactly like one process with --grad-accum 2 from the start."""
     flags = [*common(small_chat, base), "--lr-schedule", "constant", "--warmup", 0, "--eval-fraction", 0]  # lr: no total
     out = tmp_path / "killed"
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              str(REPO / "train.py"), *map(str, flags), "--max-steps", "100000", "--save-every", "2",
-                              "--out", str(out)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
-    deadline = time.time() + 300
-    past_step_4 = lambda: [p for p in list_checkpoints(out) if int(p.name.split("-")[1]) >= 4]  # noqa: E731
-    while not past_step_4() and time.time() < deadline and agent.poll() is None:  # (--keep 2: 4 may be gone)
-        time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2, workers
-    os.kill(int(workers[-1]), signal.SIGKILL)
-    _, err = agent.communicate(timeout=120)  # bounded: torchrun notices the death and stops the other process
-    assert agent.returncode != 0, err[-2000:]
-    last = int(find_checkpoint(out).name.split("-")[1])
-    assert last >= 4 and json.loads((out / f"checkpoint-{last}" / "state.json").read_text())["processes"] == 2
+    last = kill_a_worker_past_step(flags, out, 4, ENV)
     shutil.copytree(out, tmp_path / "again")  # (with whatever the kill left half-written: the resumed run removes it)
     train("--resume", out, "--max-steps", last + 2)
     assert json.loads((out / "train_config.json").read_text())["grad_accum"] == 2

@@ -19,6 +19,7 @@ from phi3.data import make_batches, pad_token_for, read_jsonl
 from phi3.lora import LoRAConfig, add_lora, load_adapter, lora_modules, mark_only_lora_as_trainable
 from phi3.run_state import find_checkpoint, list_checkpoints
 from tiny import save_hf, transformers_or_skip
+from torchrun_kill import kill_a_worker_past_step
 
 REPO = Path(__file__).parent.parent
 CHAT = REPO / "examples" / "chat.jsonl"
@@ -743,21 +744,7 @@ def test_killed_torchrun_worker_stops_the_run_which_resumes_exactly_on_one_proce
               "--lr-schedule", "constant", "--warmup", 0, "--eval-fraction", 0, "--device", "cpu"]  # lr: no total
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     out = tmp_path / "killed"
-    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              str(REPO / "train.py"), *map(str, common), "--max-steps", "100000", "--save-every", "2",
-                              "--out", str(out)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
-    deadline = time.time() + 300
-    past_step_4 = lambda: [p for p in list_checkpoints(out) if int(p.name.split("-")[1]) >= 4]  # noqa: E731
-    while not past_step_4() and time.time() < deadline and agent.poll() is None:  # (--keep 2: 4 may be gone)
-        time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2, workers
-    os.kill(int(workers[-1]), signal.SIGKILL)
-    _, err = agent.communicate(timeout=120)  # bounded: torchrun notices the death and stops the other process
-    assert agent.returncode != 0, err[-2000:]
-    last = int(find_checkpoint(out).name.split("-")[1])
-    assert last >= 4 and json.loads((out / f"checkpoint-{last}" / "state.json").read_text())["processes"] == 2
+    last = kill_a_worker_past_step(common, out, 4, env)
     resumed = subprocess.run([sys.executable, str(REPO / "train.py"), "--resume", str(out), "--max-steps",
                               str(last + 2)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
