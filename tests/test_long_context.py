@@ -7,6 +7,8 @@ our error against the exact result is at most 2x transformers' own at our precis
 GPU (`pytest -m cuda`): bf16 at 8,192 and 32,768 tokens, fp32 transformers as the exact result. CPU: the same code
 at 600 tokens on a narrow model (fp32, fp64 exact) with 256-token tiles and original_max 256 (long factors on).
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -108,3 +110,34 @@ def test_long_context_matches_transformers_on_the_gpu(tmp_path, monkeypatch, len
     check_at_length(tmp_path, "cuda", length, torch.bfloat16, torch.float32, narrow=False, monkeypatch=monkeypatch)
 
 
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_train_py_at_length_as_a_long_context_user_runs_it(tmp_path, monkeypatch, capsys, packing):
+    """train.py on a LongRoPE model (long factors past 32 positions) and documents longer than --max-seq-len, with and
+    without packing, checkpointing on and the MLP in 64-token tiles: every long-context mechanism that runs on a CPU.
+    The data summary says what the cut dropped, and the model learns the documents."""
+    import json
+    import shutil
+
+    import train
+    from tiny import save_hf
+    base = tmp_path / "base"
+    save_hf("longrope", base, seed=2)
+    for f in (Path("assets") / "tokenizer").iterdir():
+        shutil.copy(f, base / f.name)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    docs = [" ".join(words[(d + i) % len(words)] for i in range(n))  # short ones share packed rows, long ones are cut
+            for d, n in enumerate([30, 45, 60, 400, 600, 900])]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs * 2))
+    monkeypatch.setattr(MLP, "tile_tokens", 64)
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data), "--model", str(base), "--out", str(out), "--max-seq-len", "256",
+                       "--batch-size", "1", "--train-on", "all", "--gradient-checkpointing", "--max-steps", "24",
+                       "--lr", "1e-2", "--eval-fraction", "0", "--log-every", "1", "--save-every", "0"]
+                      + (["--packing"] if packing else [])) == 0
+    err = capsys.readouterr().err
+    assert "truncated to 256 tokens (" in err and " tokens cut)" in err
+    losses = [row["loss"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+    assert len(losses) == 24 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5  # the repeated words are learnt
