@@ -7,8 +7,8 @@ Workload (issue 12, item 4): each optimizer step takes 16 examples whose lengths
 400, sigma 0.9) and clipped to [50, 2048]; only real tokens count. transformers + peft: micro-batches of 4
 examples, each padded to its longest, gradient checkpointing on (its 2,843 tokens/s and 12.1 GiB on the H200 are
 the baseline). This project: the same 16 examples packed into rows of 2048 tokens (phi3/data.py, per-document
-attention, positions restarting), 4 rows per micro-batch (--rows), checkpointing on. LoRA r=16 on qkv/o/gate_up/down, AdamW.
-Each system runs in its own process.
+attention, positions restarting), 4 rows per micro-batch (--rows), checkpointing on. LoRA r=16 on
+qkv/o/gate_up/down, AdamW. Each system runs in its own process.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def main() -> None:
     a, b = results["ours"], results["reference"]
     print(f"variable-length chat, 16 examples per step (lognormal median 400, sigma 0.9, [50, 2048]), "
           f"{'tiny' if args.tiny else 'Phi-3-mini'} shapes, {args.steps} steps")
-    print(f"ours (packed, {args.rows} rows per micro-batch): {a['real_tokens_per_s']:,.0f} real tokens/s, {a['peak_gib']:.2f} GiB; transformers+peft "
-          f"(padded): {b['real_tokens_per_s']:,.0f}, {b['peak_gib']:.2f} GiB; ratio "
+    print(f"ours (packed, {args.rows} rows per micro-batch): {a['real_tokens_per_s']:,.0f} real tokens/s, "
+          f"{a['peak_gib']:.2f} GiB; transformers+peft (padded): {b['real_tokens_per_s']:,.0f}, {b['peak_gib']:.2f} GiB; ratio "
           f"{a['real_tokens_per_s'] / b['real_tokens_per_s']:.2f}x (target 6x)")
 
 

@@ -27,7 +27,7 @@ from kernels import tuning_record, use_tuning_record
 from kernels.launch import AUTOTUNE_MIN_M, m_bucket
 from phi3.atomic import atomic_file
 from phi3.lora import lora_modules
-from phi3.model import MLP
+from phi3.model import MLP, token_tiles
 
 TUNING_FILE = "kernel_tuning.json"
 SETTINGS = ("LORA_GEMM", "LORA_AUTOTUNE")  # environment switches that decide whether choices are timed at all
@@ -74,13 +74,12 @@ def counts_seen(model, name: str, token_counts, training: bool) -> set[int]:
     checkpointing = model.gradient_checkpointing
     tiled = not training or checkpointing
     untiled = training and (not checkpointing or model.checkpoint_layers is not None)
-    tile = MLP.tile_tokens
     seen = set()
     for n in token_counts:
-        if n <= tile or untiled:
+        if tiled:
+            seen.update(token_tiles(n, MLP.tile_tokens))  # (n itself when it fits in one tile)
+        if untiled:
             seen.add(n)
-        if n > tile and tiled:
-            seen |= {tile, n % tile} - {0}
     return seen
 
 

@@ -107,6 +107,11 @@ class Attention(nn.Module):
         return self.o_proj(attend(q, k, v, seen))
 
 
+def token_tiles(tokens: int, tile: int) -> list[int]:
+    """The sizes of the tiles `tokens` tokens are cut into: whole tiles, then the rest (one tile if they fit)."""
+    return [min(tile, tokens - start) for start in range(0, tokens, tile)]
+
+
 class MLP(nn.Module):
     # Calls with more tokens than this run in token tiles, so that only one tile's (tokens, 2 x intermediate)
     # activations exist at a time: at 131,072 tokens gate_up's output alone is 4 GiB on Phi-3-mini. With gradient
@@ -128,7 +133,7 @@ class MLP(nn.Module):
             return self.untiled(x)
         def run(tile):
             return checkpoint(self.untiled, tile, use_reentrant=False) if torch.is_grad_enabled() else self.untiled(tile)
-        tiles = x.reshape(tokens, x.shape[-1]).split(self.tile_tokens)
+        tiles = x.reshape(tokens, x.shape[-1]).split(token_tiles(tokens, self.tile_tokens))
         return torch.cat([run(tile) for tile in tiles]).view(*x.shape[:-1], -1)
 
 

@@ -7,10 +7,14 @@ our error against the exact result is at most 2x transformers' own at our precis
 GPU (`pytest -m cuda`): bf16 at 8,192 and 32,768 tokens, fp32 transformers as the exact result. CPU: the same code
 at 600 tokens on a narrow model (fp32, fp64 exact) with 256-token tiles and original_max 256 (long factors on).
 """
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+import train
 
 from phi3 import load_model
 from phi3.lora import load_adapter, mark_only_lora_as_trainable
@@ -18,7 +22,7 @@ from phi3.loss import cross_entropy_sum
 from phi3.model import MLP
 from phi3.offload import CheckpointOffload
 from test_model import assert_as_accurate
-from tiny import transformers_or_skip
+from tiny import save_hf, transformers_or_skip
 
 CONFIG = "assets/configs/phi3-mini-128k-instruct/config.json"
 NARROW = dict(hidden_size=192, intermediate_size=448, num_attention_heads=2, num_key_value_heads=2,
@@ -117,11 +121,6 @@ def test_train_py_at_length_as_a_long_context_user_runs_it(tmp_path, monkeypatch
     """train.py on a LongRoPE model (long factors past 32 positions) and documents longer than --max-seq-len, with and
     without packing, checkpointing on and the MLP in 64-token tiles: every long-context mechanism that runs on a CPU.
     The data summary says what the cut dropped, and the model learns the documents."""
-    import json
-    import shutil
-
-    import train
-    from tiny import save_hf
     base = tmp_path / "base"
     save_hf("longrope", base, seed=2)
     for f in (Path("assets") / "tokenizer").iterdir():
