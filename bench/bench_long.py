@@ -2,12 +2,15 @@
 
     python3 bench/bench_long.py                              # Phi-3-mini-128k shapes, 16k 32k 64k 131k, 2 steps each
     python3 bench/bench_long.py --lengths 131072 --steps 1
+    python3 bench/bench_long.py --lengths 32768 --ablation ours-no-cudnn  # also ours with flash attention only
+    python3 bench/bench_long.py --lengths 32768 --ablation ours-no-keep   # also ours recomputing attention
     python3 bench/bench_long.py --tiny --device cpu --lengths 512 --steps 1   # smoke run of the same code on a CPU
 
 Workload (issue 13): random bf16 weights with the Phi-3-mini-128k config (LongRoPE: the long factors apply past
 4,096 positions), LoRA r=16 alpha=32 dropout 0.05 on qkv/o/gate_up/down, every token trained, AdamW, gradient
-checkpointing on both sides. This project as train.py runs it by default on a GPU: flash attention, the checkpointed
-layer inputs in pinned CPU memory, the MLP in token tiles, the chunked loss. Each system and length runs in its own
+checkpointing on both sides. This project as train.py runs it by default on a GPU: cuDNN attention (flash attention
+below 16k tokens), the checkpointed layer inputs and attention outputs in pinned CPU memory (the recompute skips
+attention), the MLP in token tiles, the chunked loss. Each system and length runs in its own
 process (clean peak memory); one that runs out of memory is reported as such. Prints tokens/s, peak GiB and ratios.
 """
 
@@ -26,11 +29,17 @@ from systems import hf_random, ours_config, ours_lora, peft_lora  # bench/ itsel
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CONFIG = REPO / "assets" / "configs" / "phi3-mini-128k-instruct" / "config.json"
+ABLATIONS = ["ours-no-cudnn", "ours-no-keep"]
 TINY = dict(hidden_size=192, intermediate_size=448, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)  # hd 96: LongRoPE factors
 
 
 def build_ours(args, device, dtype):
+    import phi3.attention
     from phi3.loss import cross_entropy_sum
+    if args.system == "ours-no-cudnn":
+        phi3.attention.use_cudnn = False  # every GPU call through flash attention 2
+    elif args.system == "ours-no-keep":
+        phi3.attention.keep_outputs = False  # checkpointed layers compute attention again in their recompute
     # as train.py runs it on a GPU: offloaded layer inputs, MLP tiles, kernel choices made before the timed steps
     model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype, train_tokens=[args.length])
 
@@ -51,7 +60,7 @@ def measure(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model, loss_fn = (build_ours if args.system == "ours" else build_reference)(args, device, dtype)
+    model, loss_fn = (build_reference if args.system == "reference" else build_ours)(args, device, dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, 32000, (1, args.length), device=device)
     labels = torch.roll(ids, -1, dims=1)
@@ -85,12 +94,13 @@ def run_one(system: str, length: int, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--system", choices=["ours", "reference"])
+    p.add_argument("--system", choices=["ours", "reference"] + ABLATIONS)
     p.add_argument("--length", type=int)
     p.add_argument("--lengths", default="16384,32768,65536,131072")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="a 4-layer model (smoke runs on the CPU)")
+    p.add_argument("--ablation", choices=ABLATIONS, help="also run ours with a mechanism off (last column)")
     args = p.parse_args()
     if args.system:
         print(json.dumps(measure(args)))
@@ -99,15 +109,21 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
     print(f"long-context LoRA step, {name} shapes, one sequence per step, r=16, checkpointing on, {gpu}, "
           f"mean of {args.steps} steps after one warm-up")
-    print(f"{'tokens':>8}{'ours tok/s':>12}{'ours GiB':>10}{'ref tok/s':>11}{'ref GiB':>9}{'speed':>8}{'memory':>8}")
+    print(f"{'tokens':>8}{'ours tok/s':>12}{'ours GiB':>10}{'ref tok/s':>11}{'ref GiB':>9}{'speed':>8}{'memory':>8}"
+          + (f"  {args.ablation} tok/s, GiB" if args.ablation else ""))
     show = lambda r, key, fmt: "OOM" if r.get("oom") else format(r[key], fmt)  # noqa: E731
     for length in (int(n) for n in args.lengths.split(",")):
         ours, ref = run_one("ours", length, args), run_one("reference", length, args)
         both = not ours.get("oom") and not ref.get("oom")
         speed = f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if both else "-"
         memory = f"{ours['peak_gib'] / ref['peak_gib']:.2f}x" if both else "-"
+        off = ""
+        if args.ablation:
+            abl = run_one(args.ablation, length, args)
+            off = f"  {show(abl, 'tokens_per_s', ',.0f')}, {show(abl, 'peak_gib', '.2f')}"
         print(f"{length:>8}{show(ours, 'tokens_per_s', ',.0f'):>12}{show(ours, 'peak_gib', '.2f'):>10}"
-              f"{show(ref, 'tokens_per_s', ',.0f'):>11}{show(ref, 'peak_gib', '.2f'):>9}{speed:>8}{memory:>8}", flush=True)
+              f"{show(ref, 'tokens_per_s', ',.0f'):>11}{show(ref, 'peak_gib', '.2f'):>9}{speed:>8}{memory:>8}{off}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,28 @@
-"""Who attends to whom in one forward call, and the attention itself: flash attention on NVIDIA GPUs, SDPA elsewhere.
+"""Who attends to whom in one forward call, and the attention itself: cuDNN or flash attention on NVIDIA GPUs, SDPA
+elsewhere.
 
 Query i of a call (absolute position offset + i) sees key j iff
     j <= offset + i                      (causal)
     j >  offset + i - window             (the 4k models' sliding window, where it binds)
     document_ids[i] == document_ids[j]   (packing: no attention across examples; padding is a document of its own)
 
-Two ways to compute it, chosen once per call by `Visibility.of`:
-- flash: training and evaluation on a CUDA GPU in bf16/fp16 (no KV cache). The batch's rows, or with packing its
-  documents, become one list of sequences (cu_seqlens) for torch's flash-attention kernels with a left window. Unlike
-  SDPA with a dense bool mask (2.7x slower than its causal path at T 2048 on an H200, and O(T^2) memory), it skips
-  the masked blocks and needs no mask at all. Its output comes out (tokens, heads, hd): o_proj reads it with no copy.
+Three ways to compute it, chosen once per call by `Visibility.of`:
+- cudnn: training and evaluation on a CUDA GPU in bf16/fp16 (no KV cache) with long, plainly causal rows (no packed
+  documents, no window that binds, no GQA): every unpacked long-context call of Phi-3-mini-128k. cuDNN's kernels are
+  1.5x faster than flash attention 2 there on an H200 from 4,096 tokens a row on, but 1.2x slower at batch 4 x 2048
+  (bench/README.md), hence the length rule.
+- flash: the other calls of that kind. The batch's rows, or with packing its documents, become one list of
+  sequences (cu_seqlens) for torch's flash-attention kernels with a left window. Unlike SDPA with a dense bool mask
+  (2.7x slower than its causal path at T 2048 on an H200, and O(T^2) memory), it skips the masked blocks and needs
+  no mask at all. Its output comes out (tokens, heads, hd): o_proj reads it with no copy.
 - sdpa: everything else (CPU, fp32/fp64, decoding with a KV cache), with is_causal or a bool (B|1, 1, T, S) mask.
-  This is also the reference the flash path is tested against (tests/test_attention.py).
+  This is also the reference the other two are tested against (tests/test_attention.py).
+
+Both GPU paths call torch's kernels through autograd Functions of their own, so that a checkpointed layer can keep
+its attention output (and row log-sum-exp) from the forward pass for its recompute, instead of computing attention
+a second time: at 131k tokens that recompute is a fifth of the step. Those outputs are as large as the layer's input,
+so they are kept only where the layer input itself waits in host memory (phi3/offload.py) and the sequences are long
+enough for attention to dominate (`keep_from_tokens`).
 """
 
 from __future__ import annotations
@@ -19,10 +30,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# The flash path calls the ATen ops under torch.nn.attention.varlen.varlen_attn directly: their signatures are the
-# same in torch 2.11 and 2.13, while varlen_attn's own (causal and GQA arguments) differ between the two.
+# The GPU paths call the ATen ops under torch.nn.attention.varlen.varlen_attn and SDPA's cuDNN path directly: their
+# signatures are the same in torch 2.11 and 2.13, while varlen_attn's own (causal and GQA arguments) differ.
 _FLASH_OPS = hasattr(torch.ops.aten, "_flash_attention_forward") and hasattr(torch.ops.aten, "_flash_attention_backward")
-use_flash = True  # bench/ ablations switch it off to measure what it buys
+_CUDNN_OPS = hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
+use_flash = True  # bench/ ablations switch these off to measure what they buy
+use_cudnn = True
+keep_outputs = True
+# Rows at least this long take cuDNN (1.5x faster from here on an H200, slower at batch 4 x 2048: bench/README.md)
+cudnn_from_tokens = 4096
+# ... and sequences at least this long keep their attention output for the recompute (where the layer input is
+# offloaded): below it attention is a small part of a layer and the extra copies and host memory do not pay.
+keep_from_tokens = 8192
 
 
 def flash_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
@@ -68,34 +87,61 @@ def sequence_starts(batch: int, length: int, document_ids: torch.Tensor | None) 
     return starts.to(torch.int32), int((starts[1:] - starts[:-1]).max())
 
 
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _keeper(seen: "Visibility", layer: int):
+    """Where this layer's attention output is kept for its recompute, or None (see the module docstring)."""
+    keeper = seen.keeper
+    if keeper is None or not keep_outputs or seen.max_len < keep_from_tokens or not torch.is_grad_enabled():
+        return None
+    return keeper if keeper.holds_input_of(layer) else None
+
+
 class Visibility:
     """The attention pattern of one forward call (see the module docstring), in the form its backend needs.
 
     Made once per forward by the model and handed to every layer (and through checkpoint recompute unchanged)."""
 
-    def __init__(self, q_len: int, offset: int, window: int | None, flash: bool, mask=None, cu_seqlens=None,
+    def __init__(self, q_len: int, offset: int, window: int | None, backend: str, mask=None, cu_seqlens=None,
                  max_len: int = 0):
-        self.q_len, self.offset, self.window, self.flash = q_len, offset, window, flash
-        self.mask, self.cu_seqlens, self.max_len = mask, cu_seqlens, max_len
+        self.q_len, self.offset, self.window, self.backend = q_len, offset, window, backend  # cudnn, flash or sdpa
+        self.mask, self.cu_seqlens, self.max_len = mask, cu_seqlens, max_len  # max_len: the longest sequence
+        self.keeper = None  # an OffloadedPass: the layers whose input it holds keep their attention output there
 
     @classmethod
     def of(cls, batch: int, q_len: int, offset: int, window: int | None, document_ids: torch.Tensor | None,
-           dtype: torch.dtype, device: torch.device, head_dim: int) -> "Visibility":
+           dtype: torch.dtype, device: torch.device, head_dim: int, gqa: bool = False) -> "Visibility":
         if offset == 0 and flash_supported(dtype, device, head_dim):
+            plain_causal = document_ids is None and (window is None or q_len <= window)
+            if plain_causal and use_cudnn and _CUDNN_OPS and not gqa and q_len >= cudnn_from_tokens:
+                return cls(q_len, offset, window, "cudnn", max_len=q_len)
             cu_seqlens, max_len = sequence_starts(batch, q_len, document_ids)
-            return cls(q_len, offset, window, True, cu_seqlens=cu_seqlens.to(device), max_len=max_len)
-        return cls(q_len, offset, window, False, mask=attention_mask(q_len, offset, window, document_ids, device))
+            return cls(q_len, offset, window, "flash", cu_seqlens=cu_seqlens.to(device), max_len=max_len)
+        return cls(q_len, offset, window, "sdpa", mask=attention_mask(q_len, offset, window, document_ids, device))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: Visibility) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: Visibility, layer: int = 0) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + mask) v for q (B, nh, T, hd), k and v (B, nkv, S, hd) (GQA: nh a multiple of nkv);
-    returns (B, T, nh * hd), o_proj's input."""
+    returns (B, T, nh * hd), o_proj's input. `layer`: whose output this is, for keeping it (see the docstring)."""
     B, nh, T, hd = q.shape
-    if seen.flash:
+    if seen.backend == "flash":
         tokens = lambda t: t.transpose(1, 2).reshape(B * T, t.shape[1], hd)  # a view for rope_qk's outputs
         left = seen.window - 1 if seen.window is not None else -1  # keys i - (window - 1) .. i
-        y = FlashAttention.apply(tokens(q), tokens(k), tokens(v), seen.cu_seqlens, seen.max_len, left)
+        y = FlashAttention.apply(tokens(q), tokens(k), tokens(v), seen.cu_seqlens, seen.max_len, left,
+                                 _keeper(seen, layer), layer)
         return y.view(B, T, nh * hd)
+    if seen.backend == "cudnn":
+        y = CudnnAttention.apply(q, k, v, _keeper(seen, layer), layer)  # (B, nh, T, hd) over (B, T, nh, hd) memory
+        return y.transpose(1, 2).reshape(B, T, nh * hd)
     is_causal = isinstance(seen.mask, str)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if is_causal else seen.mask, is_causal=is_causal,
                                        enable_gqa=k.shape[1] != nh)  # scale 1/sqrt(hd)
@@ -105,13 +151,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: Visibility) 
 class FlashAttention(torch.autograd.Function):
     """Causal flash attention over packed sequences: q (N, nh, hd), k and v (N, nkv, hd), cu_seqlens (n_seq + 1,)
     int32; each query sees the keys of its own sequence from `left` positions back (-1: all) to itself.
-    Saves q, k, v, the output and the row log-sum-exp (fp32, N x nh): the backward recomputes the probabilities."""
+    Saves q, k, v, the output and the row log-sum-exp (fp32, N x nh): the backward recomputes the probabilities.
+    With a keeper (an OffloadedPass), the first call for `layer` keeps the output and log-sum-exp there and the
+    recompute's call takes them back instead of computing them again. torch's attention ops advance the random
+    generator even without dropout, so the generator's state after the op is kept too: checkpoint's recompute
+    replays the layer's dropout masks only if every draw comes from the same state as in the forward pass."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_len, left):
-        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False,
-            window_size_left=left, window_size_right=0)
+    def forward(ctx, q, k, v, cu_seqlens, max_len, left, keeper, layer):
+        kept = keeper.take_kept(layer) if keeper is not None else None
+        if kept is None:
+            out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+                q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False,
+                window_size_left=left, window_size_right=0)
+            if keeper is not None:
+                keeper.keep(layer, (out, lse, rng_state, unused, _rng_state(q.device)))
+        else:
+            out, lse, rng_state, unused, generator = kept
+            # the recompute draws the layer's later dropout masks from where the skipped op left the generator
+            _set_rng_state(generator, q.device)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
         ctx.max_len, ctx.left = max_len, left
         return out
@@ -122,4 +180,32 @@ class FlashAttention(torch.autograd.Function):
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_len, ctx.max_len, 0.0, True,
             rng_state, unused, window_size_left=ctx.left, window_size_right=0)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None, None
+
+
+class CudnnAttention(torch.autograd.Function):
+    """Causal attention by cuDNN over whole rows: q, k, v (B, nh, T, hd), as many key as query heads. It saves
+    and keeps what FlashAttention does; the ops are those SDPA's cuDNN path calls, called directly so that the
+    forward can be skipped."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keeper, layer):
+        kept = keeper.take_kept(layer) if keeper is not None else None
+        if kept is None:
+            out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k, v, None, True, 0.0, True, False)
+            if keeper is not None:
+                keeper.keep(layer, (out, lse, seed, offset, _rng_state(q.device)))
+        else:
+            out, lse, seed, offset, generator = kept
+            _set_rng_state(generator, q.device)  # as FlashAttention
+        ctx.save_for_backward(q, k, v, out, lse, seed, offset)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, seed, offset = ctx.saved_tensors
+        T = q.shape[2]
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad_out, q, k, v, out, lse, seed, offset, None, None, None, T, T, 0.0, True)
+        return dq, dk, dv, None, None

@@ -104,7 +104,7 @@ class Attention(nn.Module):
         q, k, v = rope_qk(self.qkv_proj(x), cos, sin, self.n_head, self.n_kv_head, self.head_dim)  # (B, heads, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        return self.o_proj(attend(q, k, v, seen))
+        return self.o_proj(attend(q, k, v, seen, self.layer_idx))
 
 
 def token_tiles(tokens: int, tile: int) -> list[int]:
@@ -185,17 +185,19 @@ class Phi3ForCausalLM(nn.Module):
             position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rotary(position_ids, x.dtype)
-        seen = Visibility.of(B, T, offset, self.config.sliding_window, document_ids, x.dtype, x.device,
-                             self.config.head_dim)
+        config = self.config
+        seen = Visibility.of(B, T, offset, config.sliding_window, document_ids, x.dtype, x.device, config.head_dim,
+                             gqa=config.num_key_value_heads != config.num_attention_heads)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         layers = len(self.model.layers)
         checkpointed = min(self.checkpoint_layers, layers) if self.checkpoint_layers is not None else layers
         offloaded = self.offload.new_pass() if checkpointing and self.offload is not None else None
+        seen.keeper = offloaded  # where layer inputs wait, long attention outputs may wait too (phi3/attention.py)
         for i, layer in enumerate(self.model.layers):
             if checkpointing and i < checkpointed:
                 # the last checkpointed layer's input stays: of those the backward pass reaches it first
                 keep = offloaded is None or i == checkpointed - 1
-                with contextlib.nullcontext() if keep else offloaded.layer_input(x):
+                with contextlib.nullcontext() if keep else offloaded.layer_input(x, i):
                     x = checkpoint(layer, x, cos, sin, seen, kv_cache, True, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, seen, kv_cache)

@@ -8,14 +8,18 @@ layers' compute, and the GPU holds about two layer inputs instead of all of them
 
     offload = CheckpointOffload(device)
     saved = offload.new_pass()                 # one per forward pass (micro-batch)
-    for layer in layers:
-        with saved.layer_input(x):              # hooks torch.utils.checkpoint's saving of x
+    for i, layer in enumerate(layers):
+        with saved.layer_input(x, i):           # hooks torch.utils.checkpoint's saving of x
             x = checkpoint(layer, x, ...)
     saved.prefetch_last()                       # the last layer's input is needed first in backward
 
 Only the tensor named in layer_input moves (checkpoint also saves cos/sin, shared by all layers, which stay). On the
 CPU (tests) the same code runs with plain copies and no streams. Results are bit for bit those without offloading:
 the values make a round trip, nothing is recomputed differently.
+
+A layer whose input waits here can also leave what it computed once for its recompute to take back instead of
+computing it again (`keep` / `take_kept`: attention's output at long context, phi3/attention.py). Those tensors
+travel with the layer's input: they come back together, one layer ahead of the backward pass.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ class CheckpointOffload:
 
     def host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """The smallest free buffer that fits (a micro-batch of fewer rows reuses a larger one), else a new one."""
-        fits = [b for b in self.free if b.dtype == dtype and b.numel() >= numel]
+        fits = [i for i, b in enumerate(self.free) if b.dtype == dtype and b.numel() >= numel]
         if fits:
-            buffer = min(fits, key=torch.Tensor.numel)
-            self.free.remove(buffer)
+            # by position: list.remove would compare tensors with ==, element by element
+            buffer = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
         else:
             buffer = None
             if self.pinned:
@@ -67,33 +71,54 @@ class CheckpointOffload:
 class _Saved:
     """One layer input: on the host after the forward, back on the device (`device_copy`) once prefetched."""
 
-    def __init__(self, buffer: torch.Tensor, host: torch.Tensor):
+    def __init__(self, buffer: torch.Tensor, host: torch.Tensor, layer: int):
         self.buffer, self.host, self.shape = buffer, host, host.shape  # host: a view of the pooled flat buffer
+        self.layer = layer
         self.device_copy: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None  # the host-to-device copy is done
 
 
 class OffloadedPass:
-    """The layer inputs of one forward pass, in layer order; the backward takes them back in reverse."""
+    """The layer inputs of one forward pass (and what those layers keep), in layer order; the backward takes them
+    back in reverse."""
+
+    # kept tensors smaller than this stay on the device (attention's random-number state: a copy would cost more)
+    small_bytes = 1 << 20
 
     def __init__(self, offload: CheckpointOffload):
         self.offload = offload
         self.saved: list[_Saved] = []
+        self.of_layer: dict[int, list[int]] = {}  # layer -> its entries in `saved`
+        self.kept: dict[int, list] = {}  # layer -> what it keeps: entries in `saved` (int) or device tensors
 
     @contextlib.contextmanager
-    def layer_input(self, x: torch.Tensor):
+    def layer_input(self, x: torch.Tensor, layer: int):
         """While active, checkpoint's saving of exactly `x` goes to the host; anything else is kept as it is."""
         # x by its address, not by reference: autograd keeps the hooks as long as what they packed, and a hook that
         # referred to x would keep it on the GPU just the same
         key = (x.data_ptr(), x.shape, x.dtype)
 
         def pack(t: torch.Tensor):
-            return self._to_host(t) if (t.data_ptr(), t.shape, t.dtype) == key else t
+            return self._to_host(t, layer) if (t.data_ptr(), t.shape, t.dtype) == key else t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
             yield
 
-    def _to_host(self, t: torch.Tensor) -> int:
+    def holds_input_of(self, layer: int) -> bool:
+        """Whether this layer's input waits here: only such layers keep anything (their recompute is certain)."""
+        return layer in self.of_layer
+
+    def keep(self, layer: int, tensors) -> None:
+        """Tensors the layer computed in its forward, for `take_kept` in its recompute; the large ones wait here."""
+        self.kept[layer] = [self._to_host(t, layer) if t.numel() * t.element_size() >= self.small_bytes else t
+                            for t in tensors]
+
+    def take_kept(self, layer: int) -> list[torch.Tensor] | None:
+        """What `keep` stored for this layer, back on the device, once; None if it kept nothing."""
+        entries = self.kept.pop(layer, None)
+        return None if entries is None else [self._take(e) if isinstance(e, int) else e for e in entries]
+
+    def _to_host(self, t: torch.Tensor, layer: int) -> int:
         offload = self.offload
         buffer = offload.host_buffer(t.numel(), t.dtype)
         host = buffer[:t.numel()].view(t.shape)
@@ -104,7 +129,8 @@ class OffloadedPass:
             t.record_stream(offload.stream)  # its memory is reused only after the copy has read it
         else:
             host.copy_(t)
-        self.saved.append(_Saved(buffer, host))
+        self.saved.append(_Saved(buffer, host, layer))
+        self.of_layer.setdefault(layer, []).append(len(self.saved) - 1)
         return len(self.saved) - 1
 
     def _prefetch(self, index: int) -> None:
@@ -127,14 +153,20 @@ class OffloadedPass:
         else:
             entry.device_copy.copy_(entry.host)
 
+    def _prefetch_layer(self, layer: int) -> None:
+        for index in self.of_layer.get(layer, ()):
+            if self.saved[index].host is not None:  # not taken back yet
+                self._prefetch(index)
+
     def prefetch_last(self) -> None:
-        """Start bringing back the last layer input: the backward pass needs it first."""
-        if self.saved:
-            self._prefetch(len(self.saved) - 1)
+        """Start bringing back the last layer's entries: the backward pass needs them first."""
+        if self.of_layer:
+            self._prefetch_layer(max(self.of_layer))
 
     def _unpack(self, packed):
-        if not isinstance(packed, int):
-            return packed
+        return self._take(packed) if isinstance(packed, int) else packed
+
+    def _take(self, packed: int) -> torch.Tensor:
         self._prefetch(packed)  # no-op when prefetched, as it is in layer order
         entry = self.saved[packed]
         if entry.ready is not None:
@@ -143,6 +175,5 @@ class OffloadedPass:
         # the host buffer is free again once its copy has run: later copies into it queue on the same stream
         self.offload.free.append(entry.buffer)
         entry.buffer = entry.host = None
-        if packed > 0:
-            self._prefetch(packed - 1)  # overlaps this layer's recompute and backward
+        self._prefetch_layer(entry.layer - 1)  # overlaps this layer's recompute and backward
         return t

@@ -78,7 +78,26 @@ def test_rows_that_continue_a_document_id_are_still_separate():
 def test_the_cpu_takes_sdpa():
     assert not flash_supported(torch.bfloat16, torch.device("cpu"), 96)
     seen = Visibility.of(2, 8, 0, 4, None, torch.bfloat16, torch.device("cpu"), 96)
-    assert not seen.flash and seen.mask.shape == (1, 1, 8, 8)
+    assert seen.backend == "sdpa" and seen.mask.shape == (1, 1, 8, 8)
+
+
+@pytest.mark.parametrize("q_len, offset, window, packed, gqa, backend", [
+    (16384, 0, None, False, False, "cudnn"),   # the 128k models at length: no window
+    (16384, 0, 2047, False, False, "flash"),   # the 4k models' window binds
+    (16384, 0, None, True, False, "flash"),    # packed documents
+    (16384, 0, None, False, True, "flash"),    # GQA (Phi-3-medium)
+    (2048, 0, None, False, False, "flash"),    # shorter rows: flash attention is faster there
+    (1, 30, None, False, False, "sdpa"),       # decoding with a KV cache
+])
+def test_the_gpu_backend_follows_the_pattern(monkeypatch, q_len, offset, window, packed, gqa, backend):
+    import phi3.attention
+    monkeypatch.setattr(phi3.attention, "flash_supported", lambda *args: True)  # as on a CUDA GPU in bf16
+    monkeypatch.setattr(phi3.attention, "_CUDNN_OPS", True)
+    document_ids = torch.zeros(1, q_len, dtype=torch.long) if packed else None
+    if packed:
+        document_ids[:, q_len // 2:] = 1
+    seen = Visibility.of(1, q_len, offset, window, document_ids, torch.bfloat16, torch.device("cpu"), 96, gqa=gqa)
+    assert seen.backend == backend
 
 
 def reference_attention(q, k, v, mask):
@@ -94,18 +113,25 @@ def reference_attention(q, k, v, mask):
 @cuda
 @needs_cuda
 @pytest.mark.parametrize("heads", [(32, 32, 96), (40, 10, 128)], ids=["mini", "medium"])
-@pytest.mark.parametrize("packed", [False, True])
-def test_flash_attention_against_float64(heads, packed):
+@pytest.mark.parametrize("window, packed, backend", [(1000, False, "flash"), (1000, True, "flash"),
+                                                     (None, True, "flash"), (None, False, "cudnn"),
+                                                     (1536, False, "cudnn")])
+def test_gpu_attention_against_float64(monkeypatch, heads, window, packed, backend):
+    import phi3.attention
     nh, nkv, hd = heads
-    batch, length, window = 2, 1536, 1000  # the window binds; documents up to 512 tokens
+    if backend == "cudnn" and nkv != nh:
+        pytest.skip("cuDNN takes only as many key as query heads")
+    batch, length = 2, 1536  # a window of 1000 binds, one of 1536 does not; documents up to 512 tokens
+    # the cuDNN kernels at a length whose float64 reference fits (the rule sends only long rows there)
+    monkeypatch.setattr(phi3.attention, "cudnn_from_tokens", length)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)
     q, k, v = rand(batch, length, nh, hd), rand(batch, length, nkv, hd), rand(batch, length, nkv, hd)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd) views, as rope_qk returns them
     grad = rand(batch, length, nh * hd)
     document_ids = packed_documents(batch, length, random.Random(1)).cuda() if packed else None
-    seen = Visibility.of(batch, length, 0, window, document_ids, torch.bfloat16, q.device, hd)
-    assert seen.flash
+    seen = Visibility.of(batch, length, 0, window, document_ids, torch.bfloat16, q.device, hd, gqa=nkv != nh)
+    assert seen.backend == backend
     mask = dense_mask(batch, length, window, None if document_ids is None else document_ids.cpu())
 
     def run(fn, dtype):
@@ -115,12 +141,15 @@ def test_flash_attention_against_float64(heads, packed):
 
     got = run(lambda *t: attend(*t, seen), torch.bfloat16)
     exact = run(lambda *t: reference_attention(*t, mask), torch.float64)
-    sdpa_seen = Visibility(length, 0, window, False,
-                           mask=attention_mask(length, 0, window, document_ids, "cuda"))
+    # the noise yardstick: SDPA with a bool mask (its memory-efficient kernel), a kernel other than the one tested
+    bool_mask = attention_mask(length, 0, window, document_ids, "cuda")
+    if isinstance(bool_mask, str):
+        bool_mask = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()[None, None]
+    sdpa_seen = Visibility(length, 0, window, "sdpa", mask=bool_mask)
     sdpa = run(lambda *t: attend(*t, sdpa_seen), torch.bfloat16)
     for name, g, s, e in zip(("out", "dq", "dk", "dv"), got, sdpa, exact):
         g, s = (t.reshape(e.shape) if t.shape != e.shape else t for t in (g, s))
         assert g.dtype == torch.bfloat16 and torch.isfinite(g).all(), name
         err, sdpa_err = (g.double() - e).abs().max().item(), (s.double() - e).abs().max().item()
         slack = torch.finfo(torch.bfloat16).eps * e.abs().max().item()
-        assert err <= 2 * sdpa_err + slack, f"{name}: flash err {err:.3g} > 2 * SDPA {sdpa_err:.3g} + {slack:.3g}"
+        assert err <= 2 * sdpa_err + slack, f"{name}: {backend} err {err:.3g} > 2 * SDPA {sdpa_err:.3g} + {slack:.3g}"

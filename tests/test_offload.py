@@ -1,6 +1,8 @@
-"""phi3/offload.py: checkpointed layer inputs in host memory give bit for bit the gradients kept ones give.
+"""phi3/offload.py: checkpointed layer inputs in host memory give bit for bit the gradients kept ones give, and so
+does keeping attention's output there for the recompute (phi3/attention.py) instead of computing it again.
 
-CPU: the same code with plain copies (no streams): which tensors move, the order they come back in, buffer reuse.
+CPU: the same code with plain copies (no streams): which tensors move, the order they come back in, buffer reuse;
+the GPU attention path runs on torch's flash-attention ops written out in float math.
 GPU (`pytest -m cuda`): pinned memory and the copy stream, with dropout on and two micro-batches of different sizes;
 the peak memory falls by about the layer inputs that moved (memory is a count of bytes, not a timing).
 """
@@ -18,11 +20,11 @@ from phi3.offload import CheckpointOffload
 CUDA = torch.cuda.is_available()
 
 
-def lora_model(device, dtype, layers=4, hidden=64, heads=4, dropout=0.1):
+def lora_model(device, dtype, layers=4, hidden=64, heads=4, dropout=0.1, window=40):
     config = Phi3Config.from_json("assets/configs/phi3-mini-4k-instruct/config.json")
     config = dataclasses.replace(config, hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=layers,
                                  num_attention_heads=heads, num_key_value_heads=heads, vocab_size=512,
-                                 sliding_window=40, pad_token_id=0)
+                                 sliding_window=window, pad_token_id=0)
     with torch.device("meta"):
         model = Phi3ForCausalLM(config)
     model = model.to_empty(device=device).to(dtype)
@@ -105,6 +107,99 @@ def test_offloaded_gradients_are_bit_identical_on_the_gpu():
         assert torch.equal(kept[name], moved[name]), name
     layer_input = 4 * 1024 * 1024 * 2  # bytes of one (4, 1024, 1024) bf16 layer input
     assert moved_peak <= kept_peak - 4 * layer_input, (kept_peak, moved_peak)  # 7 moved; 2 may be back at once
+
+
+def math_attention(q, k, v, cu_seqlens, left):
+    """What torch's flash-attention forward op returns, by its definition: out (N, nh, hd), lse (nh, N)."""
+    n = q.shape[0]
+    sequence = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    seen = (j <= i) & (sequence[:, None] == sequence[None, :]) & ((left < 0) | (j >= i - left))
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~seen, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).contiguous(), scores.logsumexp(-1)
+
+
+@pytest.fixture
+def flash_on_the_cpu(monkeypatch):
+    """The GPU's flash path on the CPU (float math in place of torch's ops); counts the forward calls."""
+    import phi3.attention
+    calls = []
+
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, window_size_left=-1, window_size_right=0):
+        calls.append(q.shape)
+        torch.rand(1)  # torch's ops advance the random generator, dropout or not
+        out, lse = math_attention(q, k, v, cu_q, window_size_left)
+        return out, lse, torch.zeros(2, dtype=torch.int64), torch.empty(0), torch.empty(0)
+
+    def backward(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout, causal, rng, unused,
+                 window_size_left=-1, window_size_right=0):
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+            return torch.autograd.grad(math_attention(*inputs, cu_q, window_size_left)[0], inputs, grad)
+
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", forward)
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", backward)
+    monkeypatch.setattr(phi3.attention, "flash_supported", lambda *args: True)
+    monkeypatch.setattr(phi3.attention, "keep_from_tokens", 16)  # the test's 50-token rows keep their output
+    return calls
+
+
+def test_kept_attention_outputs_give_the_same_gradients_and_skip_the_recompute(flash_on_the_cpu, monkeypatch):
+    import phi3.attention
+    from phi3.offload import OffloadedPass
+    monkeypatch.setattr(OffloadedPass, "small_bytes", 1)  # the tiny model's outputs move to the host as large ones do
+    model, batches = lora_model("cpu", torch.float32), micro_batches("cpu")
+    plain = gradients(model, batches, None)
+    calls_plain = len(flash_on_the_cpu)
+    monkeypatch.setattr(phi3.attention, "keep_outputs", False)
+    recomputed = gradients(model, batches, CheckpointOffload(torch.device("cpu")))
+    calls_recomputed = len(flash_on_the_cpu) - calls_plain
+    monkeypatch.setattr(phi3.attention, "keep_outputs", True)
+    offload = CheckpointOffload(torch.device("cpu"))
+    kept = gradients(model, batches, offload)
+    calls_kept = len(flash_on_the_cpu) - calls_plain - calls_recomputed
+    for name in plain:
+        assert torch.equal(plain[name], recomputed[name]) and torch.equal(plain[name], kept[name]), name
+    # 3 micro-batches x 4 layers, each recomputed once; keeping: the 3 layers whose input moved skip the recompute
+    assert calls_plain == calls_recomputed == 3 * 8 and calls_kept == 3 * 5
+    # per micro-batch of 3 rows: 3 layer inputs, 3 outputs (3 x 50 x 64 floats) and 3 lse (4 heads x 150 tokens),
+    # the ops' 3 random states (2 int64) and the generator's state after each op
+    generator = torch.get_rng_state().numel()
+    assert offload.allocated_bytes == 4 * 3 * (2 * 3 * 50 * 64 + 4 * 150) + 3 * 8 * 2 + 3 * generator
+
+
+def test_buffers_of_several_sizes_and_dtypes_are_reused_by_size():
+    offload = CheckpointOffload(torch.device("cpu"))
+    made = [offload.host_buffer(n, dtype) for n, dtype in [(10, torch.float32), (30, torch.bfloat16),
+                                                            (20, torch.bfloat16), (5, torch.uint8)]]
+    offload.free.extend(made)
+    assert offload.host_buffer(15, torch.bfloat16) is made[2]  # the smallest that fits, of its dtype
+    assert offload.host_buffer(15, torch.bfloat16) is made[1]
+    assert offload.host_buffer(8, torch.float32) is made[0]
+    assert len(offload.free) == 1 and offload.free[0] is made[3]
+    assert offload.host_buffer(40, torch.bfloat16) is not made[1] and offload.allocated_bytes == 40 + 60 + 40 + 5 + 80
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU (run `pytest -m cuda` on the device machine)")
+@pytest.mark.parametrize("backend", ["flash", "cudnn"])
+def test_kept_attention_outputs_on_the_gpu(monkeypatch, backend):
+    import phi3.attention
+    monkeypatch.setattr(phi3.attention, "keep_from_tokens", 1024)  # the rules, moved to lengths a test can afford
+    monkeypatch.setattr(phi3.attention, "cudnn_from_tokens", 1024 if backend == "cudnn" else 1 << 30)
+    model = lora_model("cuda", torch.bfloat16, layers=8, hidden=1024, heads=8, window=None)
+    batches = [torch.randint(0, 512, shape, device="cuda") for shape in [(2, 2048), (1, 1024)]]
+    assert phi3.attention.Visibility.of(2, 2048, 0, None, None, torch.bfloat16, batches[0].device, 128).backend == backend
+    offload = CheckpointOffload(torch.device("cuda"))
+    runs = {}
+    for keep in (False, True, False):
+        monkeypatch.setattr(phi3.attention, "keep_outputs", keep)
+        runs.setdefault(keep, []).append(gradients(model, batches, offload))
+    (recomputed, again), (kept,) = runs[False], runs[True]
+    for name in kept:  # kept = recomputed, as far as the backward's own run-to-run noise allows (none, if it has none)
+        noise = (recomputed[name].float() - again[name].float()).abs().max()
+        assert (kept[name].float() - recomputed[name].float()).abs().max() <= 2 * noise, name
 
 
 def test_pinning_that_fails_falls_back_to_pageable_memory(monkeypatch, capsys):
