@@ -25,7 +25,8 @@ bench:  ## GPU benchmarks against transformers + peft (kernel, model load/decode
 	$(PYTHON) bench/bench_train.py --ablations
 	$(PYTHON) bench/bench_chat.py
 
-bench-long:  ## GPU: long-context LoRA steps (16k to 131k tokens) against transformers + peft
+bench-long:  ## GPU: attention kernels, and long-context LoRA steps (16k to 131k tokens) against transformers + peft
+	$(PYTHON) bench/bench_attention.py
 	$(PYTHON) bench/bench_long.py
 
 tiny-data:  ## WordNet pretraining text + demo chats (needs Debian's wordnet-base)

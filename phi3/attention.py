@@ -22,7 +22,7 @@ Both GPU paths call torch's kernels through autograd Functions of their own, so 
 its attention output (and row log-sum-exp) from the forward pass for its recompute, instead of computing attention
 a second time: at 131k tokens that recompute is a fifth of the step. Those outputs are as large as the layer's input,
 so they are kept only where the layer input itself waits in host memory (phi3/offload.py) and the sequences are long
-enough for attention to dominate (`keep_from_tokens`).
+enough for attention to dominate (`keep_from_tokens`). Not on by default yet (`keep_outputs`, see there).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ _FLASH_OPS = hasattr(torch.ops.aten, "_flash_attention_forward") and hasattr(tor
 _CUDNN_OPS = hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
 use_flash = True  # bench/ ablations switch these off to measure what they buy
 use_cudnn = True
-keep_outputs = True
+# Off until its GPU test has passed (bench/README.md, long context): measured 1.08-1.13x at 16k-32k tokens, but
+# its first GPU test run compared with an ill-conditioned loss and failed, and the rerun did not finish.
+keep_outputs = False
 # Rows at least this long take cuDNN (1.5x faster from here on an H200, slower at batch 4 x 2048: bench/README.md)
 cudnn_from_tokens = 4096
 # ... and sequences at least this long keep their attention output for the recompute (where the layer input is
@@ -85,17 +87,6 @@ def sequence_starts(batch: int, length: int, document_ids: torch.Tensor | None) 
     new[::length] = True  # every row starts a sequence, even if its first id equals the last row's last one
     starts = torch.cat([new.nonzero().flatten(), torch.tensor([n], device=ids.device)])  # one host sync per call
     return starts.to(torch.int32), int((starts[1:] - starts[:-1]).max())
-
-
-def _rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
 
 
 def _keeper(seen: "Visibility", layer: int):
@@ -153,9 +144,8 @@ class FlashAttention(torch.autograd.Function):
     int32; each query sees the keys of its own sequence from `left` positions back (-1: all) to itself.
     Saves q, k, v, the output and the row log-sum-exp (fp32, N x nh): the backward recomputes the probabilities.
     With a keeper (an OffloadedPass), the first call for `layer` keeps the output and log-sum-exp there and the
-    recompute's call takes them back instead of computing them again. torch's attention ops advance the random
-    generator even without dropout, so the generator's state after the op is kept too: checkpoint's recompute
-    replays the layer's dropout masks only if every draw comes from the same state as in the forward pass."""
+    recompute's call takes them back instead of computing them again (with no dropout in attention the op draws
+    nothing from the random generator, so skipping it leaves the recompute's later dropout masks as they were)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_len, left, keeper, layer):
@@ -165,11 +155,9 @@ class FlashAttention(torch.autograd.Function):
                 q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False,
                 window_size_left=left, window_size_right=0)
             if keeper is not None:
-                keeper.keep(layer, (out, lse, rng_state, unused, _rng_state(q.device)))
+                keeper.keep(layer, (out, lse, rng_state, unused))
         else:
-            out, lse, rng_state, unused, generator = kept
-            # the recompute draws the layer's later dropout masks from where the skipped op left the generator
-            _set_rng_state(generator, q.device)
+            out, lse, rng_state, unused = kept
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
         ctx.max_len, ctx.left = max_len, left
         return out
@@ -195,10 +183,9 @@ class CudnnAttention(torch.autograd.Function):
             out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
                 q, k, v, None, True, 0.0, True, False)
             if keeper is not None:
-                keeper.keep(layer, (out, lse, seed, offset, _rng_state(q.device)))
+                keeper.keep(layer, (out, lse, seed, offset))
         else:
-            out, lse, seed, offset, generator = kept
-            _set_rng_state(generator, q.device)  # as FlashAttention
+            out, lse, seed, offset = kept
         ctx.save_for_backward(q, k, v, out, lse, seed, offset)
         return out
 

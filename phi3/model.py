@@ -191,7 +191,9 @@ class Phi3ForCausalLM(nn.Module):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         layers = len(self.model.layers)
         checkpointed = min(self.checkpoint_layers, layers) if self.checkpoint_layers is not None else layers
-        offloaded = self.offload.new_pass() if checkpointing and self.offload is not None else None
+        offloaded = None
+        if checkpointing and self.offload is not None:  # all checkpointed layers' inputs but the last go to the host
+            offloaded = self.offload.new_pass(input_bytes=(checkpointed - 1) * x.numel() * x.element_size())
         seen.keeper = offloaded  # where layer inputs wait, long attention outputs may wait too (phi3/attention.py)
         for i, layer in enumerate(self.model.layers):
             if checkpointing and i < checkpointed:

@@ -19,15 +19,26 @@ the values make a round trip, nothing is recomputed differently.
 
 A layer whose input waits here can also leave what it computed once for its recompute to take back instead of
 computing it again (`keep` / `take_kept`: attention's output at long context, phi3/attention.py). Those tensors
-travel with the layer's input: they come back together, one layer ahead of the backward pass.
+travel with the layer's input: they come back together, one layer ahead of the backward pass. They are as large as
+the inputs (26 GiB more at 131k tokens on Phi-3-mini), so a pass keeps them only while the layer inputs and they fit
+in half of the machine's memory (`host_limit_bytes`); past that, layers compute attention again as without keeping.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import torch
+
+
+def physical_memory_bytes() -> int:
+    """This machine's RAM; 0 where the OS does not say (then nothing beyond the layer inputs is kept)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return 0
 
 
 class CheckpointOffload:
@@ -40,9 +51,12 @@ class CheckpointOffload:
         self.free: list[torch.Tensor] = []  # flat host buffers not holding a layer input now
         self.allocated_bytes = 0  # host memory this offloader holds (for the log and tests)
         self.pinned = self.cuda  # False once pinning failed: pageable buffers then (slower copies, same results)
+        self.host_limit_bytes = physical_memory_bytes() // 2  # a pass's layer inputs + kept tensors (see above)
+        self.told_limit = False
 
-    def new_pass(self) -> "OffloadedPass":
-        return OffloadedPass(self)
+    def new_pass(self, input_bytes: int = 0) -> "OffloadedPass":
+        """input_bytes: what the pass's layer inputs will take on the host (kept tensors get the rest of the limit)."""
+        return OffloadedPass(self, self.host_limit_bytes - input_bytes)
 
     def host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """The smallest free buffer that fits (a micro-batch of fewer rows reuses a larger one), else a new one."""
@@ -85,8 +99,9 @@ class OffloadedPass:
     # kept tensors smaller than this stay on the device (attention's random-number state: a copy would cost more)
     small_bytes = 1 << 20
 
-    def __init__(self, offload: CheckpointOffload):
+    def __init__(self, offload: CheckpointOffload, keep_budget_bytes: int):
         self.offload = offload
+        self.keep_budget_bytes = keep_budget_bytes  # host bytes left for kept tensors in this pass
         self.saved: list[_Saved] = []
         self.of_layer: dict[int, list[int]] = {}  # layer -> its entries in `saved`
         self.kept: dict[int, list] = {}  # layer -> what it keeps: entries in `saved` (int) or device tensors
@@ -109,9 +124,20 @@ class OffloadedPass:
         return layer in self.of_layer
 
     def keep(self, layer: int, tensors) -> None:
-        """Tensors the layer computed in its forward, for `take_kept` in its recompute; the large ones wait here."""
-        self.kept[layer] = [self._to_host(t, layer) if t.numel() * t.element_size() >= self.small_bytes else t
-                            for t in tensors]
+        """Tensors the layer computed in its forward, for `take_kept` in its recompute; the large ones wait here.
+        All or none: past the host budget nothing is kept, and the recompute computes them again."""
+        large = [t.numel() * t.element_size() >= self.small_bytes for t in tensors]
+        size = sum(t.numel() * t.element_size() for t, big in zip(tensors, large) if big)
+        if size > self.keep_budget_bytes:
+            if not self.offload.told_limit:
+                self.offload.told_limit = True
+                ram = physical_memory_bytes()
+                where = f"half of this machine's {ram / 2**30:.0f} GiB" if ram else "the OS does not report its RAM"
+                print(f"note: host memory ({where}) does not hold every layer's attention output at this length; "
+                      "the others compute attention again in their recompute (slower, same results)", file=sys.stderr)
+            return
+        self.keep_budget_bytes -= size
+        self.kept[layer] = [self._to_host(t, layer) if big else t for t, big in zip(tensors, large)]
 
     def take_kept(self, layer: int) -> list[torch.Tensor] | None:
         """What `keep` stored for this layer, back on the device, once; None if it kept nothing."""
