@@ -110,10 +110,12 @@ class Visibility:
 
     @classmethod
     def of(cls, batch: int, q_len: int, offset: int, window: int | None, document_ids: torch.Tensor | None,
-           dtype: torch.dtype, device: torch.device, head_dim: int, gqa: bool = False) -> "Visibility":
+           dtype: torch.dtype, device: torch.device, head_dim: int, gqa: bool = False,
+           cached: bool = False) -> "Visibility":
+        """cached: the call writes a KV cache (a prompt's prefill): its keys are views of the cache, not rope_qk's."""
         if offset == 0 and flash_supported(dtype, device, head_dim):
             plain_causal = document_ids is None and (window is None or q_len <= window)
-            if plain_causal and use_cudnn and _CUDNN_OPS and not gqa and q_len >= cudnn_from_tokens:
+            if plain_causal and use_cudnn and _CUDNN_OPS and not gqa and not cached and q_len >= cudnn_from_tokens:
                 return cls(q_len, offset, window, "cudnn", max_len=q_len)
             cu_seqlens, max_len = sequence_starts(batch, q_len, document_ids)
             return cls(q_len, offset, window, "flash", cu_seqlens=cu_seqlens.to(device), max_len=max_len)

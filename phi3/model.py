@@ -187,7 +187,7 @@ class Phi3ForCausalLM(nn.Module):
         cos, sin = self.rotary(position_ids, x.dtype)
         config = self.config
         seen = Visibility.of(B, T, offset, config.sliding_window, document_ids, x.dtype, x.device, config.head_dim,
-                             gqa=config.num_key_value_heads != config.num_attention_heads)
+                             gqa=config.num_key_value_heads != config.num_attention_heads, cached=kv_cache is not None)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         layers = len(self.model.layers)
         checkpointed = min(self.checkpoint_layers, layers) if self.checkpoint_layers is not None else layers

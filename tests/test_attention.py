@@ -89,15 +89,18 @@ def test_the_cpu_takes_sdpa():
     (2048, 0, None, False, False, "flash"),    # shorter rows: flash attention is faster there
     (1, 30, None, False, False, "sdpa"),       # decoding with a KV cache
 ])
-def test_the_gpu_backend_follows_the_pattern(monkeypatch, q_len, offset, window, packed, gqa, backend):
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_gpu_backend_follows_the_pattern(monkeypatch, q_len, offset, window, packed, gqa, backend, cached):
     import phi3.attention
     monkeypatch.setattr(phi3.attention, "flash_supported", lambda *args: True)  # as on a CUDA GPU in bf16
     monkeypatch.setattr(phi3.attention, "_CUDNN_OPS", True)
     document_ids = torch.zeros(1, q_len, dtype=torch.long) if packed else None
     if packed:
         document_ids[:, q_len // 2:] = 1
-    seen = Visibility.of(1, q_len, offset, window, document_ids, torch.bfloat16, torch.device("cpu"), 96, gqa=gqa)
-    assert seen.backend == backend
+    seen = Visibility.of(1, q_len, offset, window, document_ids, torch.bfloat16, torch.device("cpu"), 96, gqa=gqa,
+                         cached=cached)
+    # a prompt's prefill into a KV cache stays on flash attention: its keys are views of the cache
+    assert seen.backend == ("flash" if cached and backend == "cudnn" else backend)
 
 
 def reference_attention(q, k, v, mask):

@@ -219,7 +219,8 @@ def test_kept_attention_outputs_on_the_gpu(monkeypatch, backend):
     monkeypatch.setattr(phi3.attention, "cudnn_from_tokens", 1024 if backend == "cudnn" else 1 << 30)
     model = lora_model("cuda", torch.bfloat16, layers=8, hidden=1024, heads=8, window=None)
     batches = [torch.randint(0, 512, shape, device="cuda") for shape in [(2, 2048), (1, 1024)]]
-    assert phi3.attention.Visibility.of(2, 2048, 0, None, None, torch.bfloat16, batches[0].device, 128).backend == backend
+    seen = phi3.attention.Visibility.of(2, 2048, 0, None, None, torch.bfloat16, batches[0].device, 128)
+    assert seen.backend == backend
     offload = CheckpointOffload(torch.device("cuda"))
     model.gradient_checkpointing = False
     exact = gradients(model, batches, None)
