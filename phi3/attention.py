@@ -184,10 +184,11 @@ class CudnnAttention(torch.autograd.Function):
         if kept is None:
             out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
                 q, k, v, None, True, 0.0, True, False)
-            if keeper is not None:
-                keeper.keep(layer, (out, lse, seed, offset))
+            if keeper is not None:  # out in its own memory order, (B, T, nh, hd): it comes back with the same strides
+                keeper.keep(layer, (out.transpose(1, 2), lse, seed, offset))
         else:
-            out, lse, seed, offset = kept
+            out_tokens, lse, seed, offset = kept
+            out = out_tokens.transpose(1, 2)
         ctx.save_for_backward(q, k, v, out, lse, seed, offset)
         return out
 
