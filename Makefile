@@ -19,11 +19,17 @@ demo:  ## LoRA-train the embedded tiny model on the demo chat data, then score h
 	$(PYTHON) train.py --data examples/chat.jsonl
 	$(PYTHON) examples/eval_chat.py
 
-bench:  ## GPU benchmarks against transformers + peft (kernel, model load/decode, training step, chat data)
+bench:  ## GPU benchmarks against transformers + peft (kernel, load/decode, training steps, chat data, same math, first steps)
 	$(PYTHON) bench/bench_lora.py
 	$(PYTHON) bench/bench_model.py
 	$(PYTHON) bench/bench_train.py --ablations
+	$(PYTHON) bench/bench_train.py --batch 2 --seq 4096
+	$(PYTHON) bench/bench_train.py --no-checkpointing
+	$(PYTHON) bench/bench_train.py --checkpoint-layers 24,16,8
 	$(PYTHON) bench/bench_chat.py
+	$(PYTHON) bench/bench_chat.py --rows 8
+	$(PYTHON) bench/bench_same_math.py
+	$(PYTHON) bench/bench_first_steps.py
 
 bench-long:  ## GPU: attention kernels, and long-context LoRA steps (16k to 131k tokens) against transformers + peft
 	$(PYTHON) bench/bench_attention.py
