@@ -7,7 +7,7 @@ Query i of a call (absolute position offset + i) sees key j iff
     document_ids[i] == document_ids[j]   (packing: no attention across examples; padding is a document of its own)
 
 Three ways to compute it, chosen once per call by `Visibility.of`:
-- cudnn: training and evaluation on a CUDA GPU in bf16/fp16 (no KV cache) with long, plainly causal rows (no packed
+- cudnn: training and evaluation on a Hopper GPU in bf16/fp16 (no KV cache) with long, plainly causal rows (no packed
   documents, no window that binds, no GQA): every unpacked long-context call of Phi-3-mini-128k. cuDNN's kernels are
   1.5x faster than flash attention 2 there on an H200 from 4,096 tokens a row on, but 1.2x slower at batch 4 x 2048
   (bench/README.md), hence the length rule.
@@ -89,6 +89,12 @@ def sequence_starts(batch: int, length: int, document_ids: torch.Tensor | None) 
     return starts.to(torch.int32), int((starts[1:] - starts[:-1]).max())
 
 
+def cudnn_preferred(device: torch.device) -> bool:
+    """Hopper (sm90) only: measured faster there; transformers PR #48163 found cuDNN slower than flash attention 2
+    on Ampere and Blackwell, and this project has measured neither."""
+    return use_cudnn and _CUDNN_OPS and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
 def _keeper(seen: "Visibility", layer: int):
     """Where this layer's attention output is kept for its recompute, or None (see the module docstring)."""
     keeper = seen.keeper
@@ -115,7 +121,7 @@ class Visibility:
         """cached: the call writes a KV cache (a prompt's prefill): its keys are views of the cache, not rope_qk's."""
         if offset == 0 and flash_supported(dtype, device, head_dim):
             plain_causal = document_ids is None and (window is None or q_len <= window)
-            if plain_causal and use_cudnn and _CUDNN_OPS and not gqa and not cached and q_len >= cudnn_from_tokens:
+            if plain_causal and not gqa and not cached and q_len >= cudnn_from_tokens and cudnn_preferred(device):
                 return cls(q_len, offset, window, "cudnn", max_len=q_len)
             cu_seqlens, max_len = sequence_starts(batch, q_len, document_ids)
             return cls(q_len, offset, window, "flash", cu_seqlens=cu_seqlens.to(device), max_len=max_len)

@@ -92,8 +92,8 @@ def test_the_cpu_takes_sdpa():
 @pytest.mark.parametrize("cached", [False, True])
 def test_the_gpu_backend_follows_the_pattern(monkeypatch, q_len, offset, window, packed, gqa, backend, cached):
     import phi3.attention
-    monkeypatch.setattr(phi3.attention, "flash_supported", lambda *args: True)  # as on a CUDA GPU in bf16
-    monkeypatch.setattr(phi3.attention, "_CUDNN_OPS", True)
+    monkeypatch.setattr(phi3.attention, "flash_supported", lambda *args: True)  # as on a Hopper GPU in bf16
+    monkeypatch.setattr(phi3.attention, "cudnn_preferred", lambda device: True)
     document_ids = torch.zeros(1, q_len, dtype=torch.long) if packed else None
     if packed:
         document_ids[:, q_len // 2:] = 1
@@ -101,6 +101,15 @@ def test_the_gpu_backend_follows_the_pattern(monkeypatch, q_len, offset, window,
                          cached=cached)
     # a prompt's prefill into a KV cache stays on flash attention: its keys are views of the cache
     assert seen.backend == ("flash" if cached and backend == "cudnn" else backend)
+
+
+@pytest.mark.parametrize("capability, cudnn", [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), False)])
+def test_only_hopper_prefers_cudnn(monkeypatch, capability, cudnn):
+    import phi3.attention
+    monkeypatch.setattr(phi3.attention, "_CUDNN_OPS", True)  # (this CPU build of torch has the ops; a CUDA build too)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert phi3.attention.cudnn_preferred(torch.device("cuda")) == cudnn
+    assert not phi3.attention.cudnn_preferred(torch.device("cpu"))
 
 
 def reference_attention(q, k, v, mask):
@@ -124,6 +133,8 @@ def test_gpu_attention_against_float64(monkeypatch, heads, window, packed, backe
     nh, nkv, hd = heads
     if backend == "cudnn" and nkv != nh:
         pytest.skip("cuDNN takes only as many key as query heads")
+    if backend == "cudnn" and not phi3.attention.cudnn_preferred(torch.device("cuda")):
+        pytest.skip("cuDNN attention is chosen on Hopper GPUs only")
     batch, length = 2, 1536  # a window of 1000 binds, one of 1536 does not; documents up to 512 tokens
     # the cuDNN kernels at a length whose float64 reference fits (the rule sends only long rows there)
     monkeypatch.setattr(phi3.attention, "cudnn_from_tokens", length)
