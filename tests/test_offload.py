@@ -16,6 +16,7 @@ import torch
 from phi3 import Phi3Config, Phi3ForCausalLM
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
 from phi3.offload import CheckpointOffload
+from test_attention import mask_of_sequences
 
 CUDA = torch.cuda.is_available()
 
@@ -115,10 +116,7 @@ def test_offloaded_gradients_are_bit_identical_on_the_gpu():
 
 def math_attention(q, k, v, cu_seqlens, left):
     """What torch's flash-attention forward op returns, by its definition: out (N, nh, hd), lse (nh, N)."""
-    n = q.shape[0]
-    sequence = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
-    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    seen = (j <= i) & (sequence[:, None] == sequence[None, :]) & ((left < 0) | (j >= i - left))
+    seen = mask_of_sequences(cu_seqlens, left + 1 if left >= 0 else None)  # keys i - left .. i of i's sequence
     scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
     scores = scores.masked_fill(~seen, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).contiguous(), scores.logsumexp(-1)
