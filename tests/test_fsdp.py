@@ -30,29 +30,11 @@ import torch
 from safetensors.torch import load_file
 
 from phi3 import load_model
-from tiny import save_hf, transformers_or_skip
+from tiny import transformers_or_skip
 from torchrun_kill import kill_a_worker_past_step
 
 REPO = Path(__file__).parent.parent
-CHAT = REPO / "examples" / "chat.jsonl"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A random tiny Phi-3 (GQA) checkpoint written by transformers, with the real tokenizer files."""
-    folder = tmp_path_factory.mktemp("base")
-    save_hf("gqa", folder, seed=3)
-    for f in (REPO / "assets" / "tokenizer").iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def small_chat(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    path.write_text("".join(CHAT.read_text().splitlines(keepends=True)[:48]))
-    return path
 
 
 def train(*args, processes: int = 1) -> subprocess.CompletedProcess:

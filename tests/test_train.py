@@ -18,28 +18,11 @@ from phi3 import load_model, load_tokenizer
 from phi3.data import make_batches, pad_token_for, read_jsonl
 from phi3.lora import LoRAConfig, add_lora, load_adapter, lora_modules, mark_only_lora_as_trainable
 from phi3.run_state import find_checkpoint, list_checkpoints
-from tiny import save_hf, transformers_or_skip
+from tiny import transformers_or_skip
 from torchrun_kill import kill_a_worker_past_step
 
 REPO = Path(__file__).parent.parent
 CHAT = REPO / "examples" / "chat.jsonl"
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A random tiny Phi-3 (GQA) checkpoint written by transformers, with the real tokenizer files."""
-    folder = tmp_path_factory.mktemp("base")
-    save_hf("gqa", folder, seed=3)
-    for f in (REPO / "assets" / "tokenizer").iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def small_chat(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    path.write_text("".join(CHAT.read_text().splitlines(keepends=True)[:48]))
-    return path
 
 
 def run(*args) -> int:
