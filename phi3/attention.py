@@ -22,7 +22,7 @@ Both GPU paths call torch's kernels through autograd Functions of their own, so 
 its attention output (and row log-sum-exp) from the forward pass for its recompute, instead of computing attention
 a second time: at 131k tokens that recompute is a fifth of the step. Those outputs are as large as the layer's input,
 so they are kept only where the layer input itself waits in host memory (phi3/offload.py) and the sequences are long
-enough for attention to dominate (`keep_from_tokens`). Not on by default yet (`keep_outputs`, see there).
+enough for attention to dominate (`keep_from_tokens`); `keep_outputs = False` turns it off.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ _FLASH_OPS = hasattr(torch.ops.aten, "_flash_attention_forward") and hasattr(tor
 _CUDNN_OPS = hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
 use_flash = True  # bench/ ablations switch these off to measure what they buy
 use_cudnn = True
-# Off until its GPU test has passed (bench/README.md, long context): measured 1.08-1.13x at 16k-32k tokens, but
-# its first GPU test run compared with an ill-conditioned loss and failed, and the rerun did not finish.
-keep_outputs = False
+# Kept attention outputs: 1.08-1.12x the long-context step at 16k-32k tokens on an H200 for 2-3 % more GPU memory
+# (bench/README.md, long context); bench/ ablations switch it off
+keep_outputs = True
 # Rows at least this long take cuDNN (1.5x faster from here on an H200, slower at batch 4 x 2048: bench/README.md)
 cudnn_from_tokens = 4096
 # ... and sequences at least this long keep their attention output for the recompute (where the layer input is

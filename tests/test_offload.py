@@ -225,6 +225,7 @@ def test_kept_attention_outputs_on_the_gpu(monkeypatch, backend):
     model.gradient_checkpointing = False
     exact = gradients(model, batches, None)
     model.gradient_checkpointing = True
+    monkeypatch.setattr(phi3.attention, "keep_outputs", False)
     recomputed = gradients(model, batches, offload)
     monkeypatch.setattr(phi3.attention, "keep_outputs", True)
     passes = []
