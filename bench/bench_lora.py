@@ -8,11 +8,9 @@ in 5 interleaved rounds (--rounds); the median round is reported):
   a   frozen linear alone: cuBLAS forward + dx (the floor)
   b   peft-style: base in bf16, adapter path in fp32 (x cast up), result added in fp32 and cast back
   b'  all-bf16 torch LoRA (kernels.lora_linear_reference with autograd)
-  c   kernels.lora_linear as shipped (GEMM="auto": per shape, the fastest of the TMA Triton GEMM, the cuBLAS
-      hybrid and the concat forward, timed once; "GEMM kinds chosen" lists them)
+  c   kernels.lora_linear as shipped (GEMM="auto": per shape, the faster of the TMA Triton GEMM and the cuBLAS
+      hybrid, timed once; "GEMM kinds chosen" lists them)
   c_ptr  GEMM="triton" (pointer-load Triton GEMM)      c_cub  GEMM="cublas" (cuBLAS + low-rank term)
-  c_cat  GEMM="concat" (forward as one cuBLAS GEMM [x | S] [W | sB]^T; backward as c_cub)
-c runs on W laid out as phi3/lora.py keeps it (spare columns per row), a on the contiguous W.
 graph = the same step replayed from a CUDA graph: GPU time alone. The do_bench columns also hold host time
 wherever Python and launches take longer than the GPU work (the o projection: see bench/NOTES-lora.md).
 peak = extra peak memory of one fwd+bwd over the live inputs, MiB.
@@ -27,32 +25,31 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kernels import lora_linear, lora_linear_reference, tuning_record, with_spare_columns  # noqa: E402
+from kernels import lora_linear, lora_linear_reference, tuning_record  # noqa: E402
 
 ll = importlib.import_module("kernels.lora_linear")
 SHAPES = {"qkv": (3072, 9216), "o": (3072, 3072), "gate_up": (3072, 16384), "down": (8192, 3072)}
 
 
-# Each variant gets (x, W, W_wide, spare, A, B, s): W contiguous (the frozen layer as loaded), W_wide the same
-# values laid out as phi3/lora.py's LoRALinear keeps them (rows with `spare` spare columns, for the concat forward).
-def frozen(x, w, wide, spare, a, b, s):
+# Each variant gets (x, W, A, B, s): W as the frozen layer holds it.
+def frozen(x, w, a, b, s):
     return F.linear(x, w)
 
 
-def peft_style(x, w, wide, spare, a, b, s):
+def peft_style(x, w, a, b, s):
     result = F.linear(x, w)
     xa = x.to(a.dtype)  # peft casts the input to the adapter's dtype (fp32)
     return (result + F.linear(F.linear(xa, a), b) * s).to(x.dtype)
 
 
-def bf16_torch(x, w, wide, spare, a, b, s):
+def bf16_torch(x, w, a, b, s):
     return lora_linear_reference(x, w, a, b, s)
 
 
 def fused(gemm):
-    def f(x, w, wide, spare, a, b, s):
+    def f(x, w, a, b, s):
         ll.GEMM = gemm
-        return lora_linear(x, wide, a, b, s, spare_cols=spare)
+        return lora_linear(x, w, a, b, s)
     return f
 
 
@@ -62,9 +59,9 @@ def prepare(fn, sets, s, with_lora):
     i = [0]
 
     def step():
-        x, w, wide, spare, a, b, dy = sets[i[0] % len(sets)]
+        x, w, a, b, dy = sets[i[0] % len(sets)]
         i[0] += 1
-        y = fn(x, w, wide, spare, a, b, s)
+        y = fn(x, w, a, b, s)
         torch.autograd.grad(y, [x, a, b] if with_lora else [x], dy)
 
     step()  # compiles, autotunes and picks kinds
@@ -117,8 +114,6 @@ def parts(m, k, n, r):
         gplan = {}
         out[f"fwd gemm {gemm}"] = t(lambda: ll._gemm(gplan, "fwd", x, w.t(), s_, b.t(), 2.0, dt))
         out[f"dx gemm {gemm}"] = t(lambda: ll._gemm(gplan, "dx", dy, w, g, a, 1.0, dt))
-    wide, spare = with_spare_columns(w, r)
-    out["fwd concat (S+copy, cuBLAS)"] = t(lambda: ll._forward_concat({}, x, wide, a, b, 2.0, 0, 0.0, spare))
     out["GB/s of S (x read)"] = x.numel() * 2 / out["S=xA^T"] / 1e6
     out["GB/s of dy+dA (dy, x read)"] = (dy.numel() + x.numel()) * 2 / out["dy+dA passes"] / 1e6
     print(f"parts M={m} {k}->{n} r={r}: " + "  ".join(f"{kk}={v:.3f}" for kk, v in out.items()), flush=True)
@@ -129,13 +124,13 @@ def main():
     ap.add_argument("--m", type=int, default=8192)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--variants", default="a,b,b',c,c_cub,c_cat")
+    ap.add_argument("--variants", default="a,b,b',c,c_cub")
     ap.add_argument("--parts", action="store_true", help="also time each kernel for every shape")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
     args = ap.parse_args()
     dev, dt, s = "cuda", torch.bfloat16, 2.0
     fns = {"a": frozen, "b": peft_style, "b'": bf16_torch, "c": fused("auto"), "c_ptr": fused("triton"),
-           "c_cub": fused("cublas"), "c_cat": fused("concat")}
+           "c_cub": fused("cublas")}
     variants = args.variants.split(",")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"M={args.m} r={args.r} bf16, A/B fp32")
@@ -150,34 +145,34 @@ def main():
             w = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
             a = (torch.randn(args.r, k, device=dev) / k**0.5).requires_grad_()
             b = (torch.randn(n, args.r, device=dev) / args.r**0.5).requires_grad_()
-            sets.append((x, w, *with_spare_columns(w, args.r), a, b, torch.randn(args.m, n, device=dev, dtype=dt)))
+            sets.append((x, w, a, b, torch.randn(args.m, n, device=dev, dtype=dt)))
         res = measure({v: prepare(fns[v], sets, s, v != "a") for v in variants}, args.rounds)
         flop = 4 * args.m * k * n  # fwd + dx of the frozen GEMM
         cells = "  ".join(f"{v}={ms:.3f}ms/{pk:.0f}MiB(graph {gr:.3f})" for v, (ms, pk, gr) in res.items())
-        x, w, wide, spare, a, b, _ = sets[0]
+        x, w, a, b, _ = sets[0]
         with torch.no_grad():  # the tuned kernels compute the right thing (tests run one fixed config)
             ref = lora_linear_reference(x.double(), w.double(), a.double(), b.double(), s)
-            for v in ("c", "c_cub", "c_cat"):
+            for v in ("c", "c_cub"):
                 if v in res:
-                    y = fns[v](x, w, wide, spare, a, b, s).double()
-                    bf = bf16_torch(x, w, wide, spare, a, b, s).double()
+                    y = fns[v](x, w, a, b, s).double()
+                    bf = bf16_torch(x, w, a, b, s).double()
                     cells += f"  relerr {v} {((y - ref).norm() / ref.norm()).item():.2e} (b' {((bf - ref).norm() / ref.norm()).item():.2e})"
         print(f"{name:8s} {cells}   a: {flop / res['a'][0] / 1e9:.0f} TFLOP/s" if "a" in res else cells, flush=True)
         rows.append((name, res))
         del sets
         torch.cuda.empty_cache()
     print("GEMM kinds chosen by auto (shape key -> kind):", tuning_record()["kinds"])
-    print("\n| shape | a ms | b ms | b' ms | c ms | c_cub ms | c_cat ms | c/a | b/c | graph a / c ms | graph c/a | "
-          "graph c_cub/a, c_cat/a | peak MiB a / b / b' / c |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | a ms | b ms | b' ms | c ms | c_cub ms | c/a | b/c | graph a / c ms | graph c/a | "
+          "graph c_cub/a | peak MiB a / b / b' / c |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows:
         g = lambda v: r[v][0] if v in r else float("nan")
         pk = lambda v: f"{r[v][1]:.0f}" if v in r else "-"
         gr = lambda v: r[v][2] if v in r else float("nan")
         bp = "b'"
-        print(f"| {name} | {g('a'):.3f} | {g('b'):.3f} | {g(bp):.3f} | {g('c'):.3f} | {g('c_cub'):.3f} | {g('c_cat'):.3f} | "
+        print(f"| {name} | {g('a'):.3f} | {g('b'):.3f} | {g(bp):.3f} | {g('c'):.3f} | {g('c_cub'):.3f} | "
               f"{g('c') / g('a'):.3f} | {g('b') / g('c'):.2f} | {gr('a'):.3f} / {gr('c'):.3f} | {gr('c') / gr('a'):.3f} | "
-              f"{gr('c_cub') / gr('a'):.3f}, {gr('c_cat') / gr('a'):.3f} | {pk('a')} / {pk('b')} / {pk(bp)} / {pk('c')} |")
+              f"{gr('c_cub') / gr('a'):.3f} | {pk('a')} / {pk('b')} / {pk(bp)} / {pk('c')} |")
 
 
 if __name__ == "__main__":

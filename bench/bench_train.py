@@ -31,9 +31,8 @@ ABLATIONS = {  # this project with one mechanism switched off: what each buys in
     "ours-no-flash": "attention through SDPA with a dense mask instead of flash attention",
     "ours-torch-rope": "RoPE as torch ops instead of kernels/rope.py",
     "ours-torch-norm-swiglu": "RMSNorm, residual add and SwiGLU as torch ops instead of their kernels",
-    # the LoRA kernel's own mechanisms (issue 12: each must pay for itself in the whole step)
-    "ours-no-concat": "no spare weight columns, so no concat GEMM kind ([x | S] [W | sB]^T) to choose",
-    "ours-no-fast-launch": "every Triton launch through Triton's own launcher (LORA_FAST_LAUNCH=0)",
+    # the LoRA kernel's own mechanism (issue 12: each must pay for itself in the whole step; the concat GEMM kind
+    # and the private fast launcher did not, and were removed: bench/README.md)
     "ours-untimed": "kernel configs and GEMM kinds by rule instead of timed per shape (LORA_AUTOTUNE=0)",
 }
 
@@ -41,7 +40,6 @@ ABLATIONS = {  # this project with one mechanism switched off: what each buys in
 def build_ours(checkpointing: bool, ablation: str | None = None):
     import kernels.launch
     import phi3.attention
-    import phi3.lora
     import phi3.model
     from kernels import rms_norm_reference, swiglu_reference
     from kernels.rope import rope_qk_reference
@@ -54,10 +52,6 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
     elif ablation == "ours-torch-norm-swiglu":
         phi3.model.rms_norm = rms_norm_reference
         phi3.model.swiglu = swiglu_reference
-    elif ablation == "ours-no-concat":
-        phi3.lora.with_spare_columns = lambda weight, columns: (weight, 0)
-    elif ablation == "ours-no-fast-launch":
-        kernels.launch.FAST_LAUNCH = False
     elif ablation == "ours-untimed":
         kernels.launch.AUTOTUNE = False
     model = ours_lora(ours_config(CONFIG), "cuda", torch.bfloat16, checkpointing, offload=ablation != "ours-no-offload")

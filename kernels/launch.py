@@ -1,28 +1,21 @@
-"""Launching the LoRA kernels: autotune tables, the fixed configs used untuned, and prepared launches.
+"""Launching the LoRA kernels: autotune tables, the fixed configs used untuned, and launches bound to a config.
 
-Host time matters here: one LoRA linear is 5 kernel launches forward + backward, and for the smaller Phi-3
-projections the Python around them took longer than the GPU work. So the autotuner is consulted once per key,
-and each launch site keeps its kernel compiled for the problem at hand (`cached`, `Prepared`): a repeat call
-allocates its outputs and goes straight to Triton's launcher.
-
-Prepared calls Triton internals (requirements leave Triton's version open), so the first fast launch of each
-kernel + config + device is checked against Triton's own launcher, bit for bit; if they ever disagree, a warning
-says so and every later launch goes through Triton's launcher (`Slow`): slower on the host, never wrong.
+One LoRA linear is 5 kernel launches forward + backward, so the autotuner is consulted once per key, and each
+launch site keeps its kernel, config and grid for the problem at hand (`cached`, `Bound`): a repeat call
+allocates its outputs and launches through Triton's own launcher. (A private launcher that skipped Triton's
+argument binding was removed: it bought 0.1 % of a Phi-3-mini training step on an H200, bench/README.md.)
 """
 import functools
 import os
-import warnings
 
 import torch
 import triton
-from triton import knobs
 
 from kernels.gemm import _lora_gemm_kernel, _lora_gemm_tma_kernel
 from kernels.lowrank import _lora_da_kernel, _lora_down_kernel, _lora_dy_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("LORA_AUTOTUNE", "1") == "1"  # False: first config of each list (fast GPU tests)
-FAST_LAUNCH = os.environ.get("LORA_FAST_LAUNCH", "1") == "1"  # False: every launch through Triton's launcher
 # Below this many tokens the first config is used untuned: tuning a small problem costs far more than it can win,
 # and short unpadded batches (chat data) would otherwise tune every kernel for several small M buckets.
 AUTOTUNE_MIN_M = 2048
@@ -68,7 +61,7 @@ _tuned = {
                             prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_kernel),
     "tma": triton.autotune(_TMA_CONFIGS, key=["M_BUCKET", "N", "K", "R_PAD", "DROPOUT", "B_KMAJOR", "DTYPE"],
                            prune_configs_by={"early_config_prune": _prune_gemm})(_lora_gemm_tma_kernel),
-    "down": triton.autotune(_DOWN_CONFIGS, key=["M_BUCKET", "K", "R", "COPY"])(_lora_down_kernel),
+    "down": triton.autotune(_DOWN_CONFIGS, key=["M_BUCKET", "K", "R"])(_lora_down_kernel),
     "dy": triton.autotune(_DY_CONFIGS, key=["M_BUCKET", "N", "R"])(_lora_dy_kernel),
     "da": triton.autotune(_DA_CONFIGS, key=["M_BUCKET", "K", "R"])(_lora_da_kernel),
 }
@@ -76,10 +69,6 @@ _KERNELS = {"gemm": _lora_gemm_kernel, "tma": _lora_gemm_tma_kernel, "down": _lo
             "dy": _lora_dy_kernel, "da": _lora_da_kernel}
 _SMALL = dict(BLOCK_N=32, BLOCK_K=32, GROUP_M=4, BLOCK_M=32)  # interpreter: small blocks, no autotune
 _best = {}  # autotune key (`choice_key`) -> chosen config, read once per key so later launches skip the autotuner
-# the arguments each kernel writes: what the fast-launch check compares (the counters reset themselves)
-_WRITES = {"gemm": ("c_ptr",), "tma": ("c_ptr",), "down": ("s_ptr", "xs_ptr", "w_ptr"),
-           "dy": ("gp_ptr", "g_ptr", "dbp_ptr", "count_ptr"), "da": ("dap_ptr", "da_ptr", "count_ptr", "db_ptr")}
-_fast_checked = set()  # (kernel, config, device) whose fast launch wrote what Triton's launcher wrote
 _raw_stream = torch._C._cuda_getCurrentRawStream if torch.cuda.is_available() else None
 
 
@@ -128,15 +117,15 @@ def _plain_config(name, dtype):
 
 
 def launch(name, grid, args, meta, dtype):
-    """Launch kernel `name` and return it prepared for this problem (`Prepared`; None after an autotuning run).
-    Autotuned on the GPU (keys: shapes only, M bucketed); a fixed config under the interpreter, with AUTOTUNE off,
-    for small M and for fp32 (a correctness path: see _plain_config). Each autotune key is tuned once; later
-    launches reuse its choice without the autotuner's per-call bookkeeping."""
+    """Launch kernel `name` and return it bound to this problem's config and grid (`Bound`; None after an
+    autotuning run). Autotuned on the GPU (keys: shapes only, M bucketed); a fixed config under the interpreter,
+    with AUTOTUNE off, for small M and for fp32 (a correctness path: see _plain_config). Each autotune key is
+    tuned once; later launches reuse its choice without the autotuner's per-call bookkeeping."""
     fn = _KERNELS[name]
     cfg = None
     tuned = AUTOTUNE and not INTERPRET and meta["M_BUCKET"] >= AUTOTUNE_MIN_M and dtype != torch.float32
     if name == "tma" and not INTERPRET:
-        triton.set_allocator(_scratch)  # see Prepared.__call__
+        triton.set_allocator(_scratch)  # see Bound.__call__
     if tuned:
         tuner = _tuned[name]
         key = choice_key(name, [("dtype", dtype)] + [(k, meta[k] if k in meta else args[fn.arg_names.index(k)])
@@ -150,79 +139,13 @@ def launch(name, grid, args, meta, dtype):
     full = {**meta, **cfg.kwargs}
     grid = (tuple(grid(full)) + (1, 1))[:3]
     opts = {} if INTERPRET else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    slow = Slow(fn, grid, full, opts, name == "tma" and not INTERPRET)
-    check = (name, str(cfg), args[0].device.index)
-    if INTERPRET or not FAST_LAUNCH or (check not in _fast_checked and torch.cuda.is_current_stream_capturing()):
-        slow(args)  # (no check inside a CUDA graph capture: it compares on the host)
-        return slow
-    writes = list({id(t): t for t in (args[fn.arg_names.index(n)] for n in _WRITES[name])}.values())
-    before = [t.clone() for t in writes] if check not in _fast_checked else None
-    kernel = fn[grid](*args, **full, **opts)
-    tail = tuple(full[n] for n in fn.arg_names[len(args):])  # the constexprs follow the runtime arguments
-    prepared = Prepared(kernel, grid, tail, args[0].device.index, name == "tma")
-    if before is None or _fast_launch_agrees(prepared, args, writes, before, check):
-        return prepared
-    return slow
+    bound = Bound(fn, grid, full, opts, name == "tma" and not INTERPRET)
+    bound(args)
+    return bound
 
 
-def _fast_launch_agrees(prepared, args, writes, before, check):
-    """Run `prepared` on the inputs Triton's launcher just ran on (`writes` restored to `before`, which also
-    covers outputs that are accumulated into) and compare what it writes bit for bit. On a difference or an
-    error: Triton's results back in place, one warning, and Triton's launcher for every launch from now on."""
-    global FAST_LAUNCH
-    expected = [t.clone() for t in writes]
-    for t, b in zip(writes, before):
-        t.copy_(b)
-    try:
-        prepared(args)
-        agrees = all(torch.equal(_bits(t), _bits(e)) for t, e in zip(writes, expected))
-        why = "its outputs differ"
-    except Exception as e:  # noqa: BLE001 - any failure of the fast path means: use Triton's own
-        agrees, why = False, f"{type(e).__name__}: {e}"
-    if agrees:
-        _fast_checked.add(check)
-        return True
-    for t, e in zip(writes, expected):
-        t.copy_(e)
-    FAST_LAUNCH = False
-    warnings.warn(f"kernels/launch.py: the fast kernel launch disagrees with Triton {triton.__version__}'s own "
-                  f"launcher for kernel {check[0]!r} ({check[1]}) on cuda:{check[2]} ({why}); every launch now goes "
-                  "through Triton's launcher (results are right, the host side is slower). Please report this "
-                  f"message with torch {torch.__version__} to the project's maintainers (kernels/launch.py, "
-                  "Prepared); LORA_FAST_LAUNCH=0 skips the fast path.", RuntimeWarning, stacklevel=3)
-    return False
-
-
-def _bits(t):
-    """t's bits as integers: equal means identical (NaN == NaN, -0.0 != 0.0)."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-class Prepared:
-    """A kernel compiled for one problem shape, config and grid fixed: a call launches it on new tensors and
-    scalars through Triton's launcher alone, the way Triton's own runner does, minus its argument binding and
-    device lookups (tens of microseconds of Python per launch, as long as the GPU work of a small projection)."""
-    __slots__ = ("kernel", "grid", "tail", "device", "scratch")
-
-    def __init__(self, kernel, grid, tail, device, scratch):
-        self.kernel, self.grid, self.tail, self.device, self.scratch = kernel, grid, tail, device, scratch
-
-    def __call__(self, args):
-        if self.scratch:
-            # device-built TMA descriptors live in scratch memory from this allocator; Triton keeps it per thread
-            # (a context variable) and autograd runs the backward on its own thread, so set it every time
-            triton.set_allocator(_scratch)
-        k = self.kernel
-        full = args + self.tail
-        stream = _raw_stream(self.device)
-        rt = knobs.runtime
-        k.run(*self.grid, stream, k.function, k.packed_metadata, k.launch_metadata(self.grid, stream, *full),
-              rt.launch_enter_hook, rt.launch_exit_hook, *full)
-
-
-class Slow:
-    """Prepared's stand-in where every launch goes through Triton's binder: the interpreter, LORA_FAST_LAUNCH=0,
-    and after a failed fast-launch check."""
+class Bound:
+    """A kernel with its config, constexprs and grid fixed for one problem; a call launches it on new tensors."""
     __slots__ = ("fn", "grid", "meta", "opts", "scratch")
 
     def __init__(self, fn, grid, meta, opts, scratch):
@@ -230,22 +153,24 @@ class Slow:
 
     def __call__(self, args):
         if self.scratch:
-            triton.set_allocator(_scratch)  # as in Prepared: autograd's backward thread has its own
+            # device-built TMA descriptors live in scratch memory from this allocator; Triton keeps it per thread
+            # (a context variable) and autograd runs the backward on its own thread, so set it every time
+            triton.set_allocator(_scratch)
         self.fn[self.grid](*args, **self.meta, **self.opts)
 
 
 def cached(plan, site, name, args, setup, dtype):
     """Launch kernel `name` for launch site `site` of a problem whose shapes, strides, dtypes and alignments are
     fixed by `plan` (a dict the caller keeps per problem): the first call runs setup() -> (grid, meta) and goes
-    through `launch`, later ones call the prepared kernel."""
-    prepared = plan.get(site)
-    if prepared is None:
+    through `launch`, later ones call the bound kernel."""
+    bound = plan.get(site)
+    if bound is None:
         grid, meta = setup()
-        prepared = launch(name, grid, args, meta, dtype)
-        if prepared is not None:
-            plan[site] = prepared
+        bound = launch(name, grid, args, meta, dtype)
+        if bound is not None:
+            plan[site] = bound
     else:
-        prepared(args)
+        bound(args)
 
 
 _scratch_buffers = {}  # (device, stream, size) -> buffer: launches on one stream run one after another

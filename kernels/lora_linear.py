@@ -4,27 +4,27 @@ Shapes: x (..., in), W (out, in) frozen, A (r, in), B (out, r) (A, B usually fp3
 
 Design (numbers in bench/NOTES-lora.md):
   forward   S  = dropout(x) A^T                    (M, r) fp32   skinny kernel, one pass over x
-            y  = x W^T + S (s B)^T                 (M, out)      one of three GEMM kinds (below)
+            y  = x W^T + S (s B)^T                 (M, out)      one of two GEMM kinds (below)
   backward  G  = s dy B,  dB = s dy^T S            one pass over dy (both skinny products)
             dA = G^T dropout(x)                    skinny kernel, one pass over x, mask regenerated from the seed
             dx = dy W + G A                        one GEMM, same kinds as the forward (other strides)
 Sums split across programs (G, dA, dB) finish inside those launches: no torch ops between the kernels.
 GEMM kinds: "tma" = a Triton GEMM that adds the low-rank term to its fp32 accumulator after the K loop
 (LoRAFusion's approach; TMA loads, Hopper and newer); "cublas" = the low-rank term written first, then cuBLAS
-accumulates x W^T into it (beta = 1: one extra write + read of y); "concat" (forward, when the caller gave W spare
-columns) = the S kernel also writes [x | S] and s*B into W's spare columns, and y = [x | S] [W | sB]^T is one
-cuBLAS GEMM (one extra write of x). Which one runs is chosen per shape (GEMM, below).
+accumulates x W^T into it (beta = 1: one extra write + read of y). Which one runs is chosen per shape (GEMM,
+below). (A third kind, one cuBLAS GEMM [x | S] [W | sB]^T through spare columns of W, was removed: the whole
+training step ran 1.4 % faster without it, bench/README.md.)
 Saved for backward: x, S (M x r fp32) and the seed; never a W gradient, never an (out x in) temporary.
 
 Files: kernels/gemm.py (the GEMMs), kernels/lowrank.py (the skinny kernels, dropout), kernels/launch.py (autotune
-tables, prepared launches); this file: the host side, the autograd Function and the pure-torch reference.
+tables, launches bound to a config); this file: the host side, the autograd Function and the pure-torch reference.
 Host side: each problem (shapes, strides, dtypes, alignment) gets a plan the first time it is seen; later calls
-allocate their outputs and launch the kernels prepared for it (kernels/launch.py: cached).
+allocate their outputs and launch the kernels with the configs chosen for it (kernels/launch.py: cached).
 
 GEMM choice (module switch GEMM, env LORA_GEMM): "auto" = on tuned problems (16-bit, >= 2048 tokens) every kind
 that applies is timed once per shape and the fastest kept, which differs between shapes and between GPUs of one
 model; otherwise "tma" where it applies (16-bit, Hopper, 16-byte aligned rows), else "cublas" (the pointer-load
-Triton GEMM, "triton", in the interpreter). "triton", "cublas", "concat" force a kind ("concat": forward only).
+Triton GEMM, "triton", in the interpreter). "triton" and "cublas" force a kind.
 """
 import contextlib
 import os
@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from kernels import launch
 from kernels.lowrank import _dropout_mask_kernel
 
-GEMM_CHOICES = ("auto", "triton", "cublas", "concat")  # auto: timed choice; triton: pointer loads; cublas: hybrid;
-# concat: forward as one cuBLAS GEMM [x | S] [W | sB]^T where W has spare columns (else cublas), backward cublas
+GEMM_CHOICES = ("auto", "triton", "cublas")  # auto: timed choice; triton: pointer loads; cublas: hybrid
 GEMM = os.environ.get("LORA_GEMM", "auto")  # train.py rejects other values before loading anything
 POISON_OUTPUTS = False  # tests set True: kernel-written buffers are filled with NaN before launch
 SKINNY_WAVES = 2  # persistent skinny kernels: programs = this many waves of the GPU's SMs
@@ -78,25 +77,18 @@ def _layout(t):
     return t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0
 
 
-def _forward(plan, x2, weight, A, B, scale, seed, p, spare):
-    """(S, y) of the forward, by the kind the plan fixed for this problem (chosen the first time it is seen)."""
-    kind = plan.get("fwd kind")
-    if kind is None:
-        kind = plan["fwd kind"] = _forward_kind(plan, x2, weight, A, B, scale, seed, p, spare)
-    return _run_forward(kind, plan, x2, weight, A, B, scale, seed, p, spare)
-
-
-def _run_forward(kind, plan, x2, weight, A, B, scale, seed, p, spare):
-    if kind == "concat":
-        return _forward_concat(plan, x2, weight, A, B, scale, seed, p, spare)
+def _forward(plan, x2, weight, A, B, scale, seed, p):
+    """(S, y) of the forward: S by the skinny kernel, then y by the GEMM kind chosen for this problem."""
     s = _lora_down(plan, x2, A, seed, p)
-    y = _empty(x2.shape[0], weight.shape[0], dtype=x2.dtype, device=x2.device)
-    _launch_kind(kind, plan, "fwd", x2, weight.t(), s, B.t(), scale, y, 0, 0.0)
-    return s, y
+    return s, _gemm(plan, "fwd", x2, weight.t(), s, B.t(), scale, x2.dtype)
 
 
 def _gemm(plan, site, a, b_op, lo, ro, scale, out_dtype, seed=0, p=0.0):
-    """C (M, N) = a (M, K) @ b_op (K, N) + scale * lo (M, R) @ ro (R, N); b_op/ro may be transposed views."""
+    """C (M, N) = a (M, K) @ b_op (K, N) + scale * lo (M, R) @ ro (R, N); b_op/ro may be transposed views.
+    seed, p: dropout applied to ro's product with lo (the backward's dx = dy W + (G A) * mask); the forward's
+    dropout is in S already. The kind is fixed per plan and site the first time: the rule's, or where the TMA
+    kernel and the cuBLAS hybrid both apply to a tuned problem, the faster of the two, timed once per shape as
+    the autotuner times configs (which one wins differs between shapes and between H200s: bench/NOTES-lora.md, v5)."""
     c = _empty(a.shape[0], b_op.shape[1], dtype=out_dtype, device=a.device)
     kind = plan.get(site + " kind")
     if kind is None:
@@ -129,33 +121,16 @@ def _static_kind(a, b_op):
     """The GEMM kind by rule. GEMM="auto": the TMA kernel for 16-bit inputs wherever the hardware (Hopper or newer;
     the interpreter emulates TMA) and the strides allow it (C, fresh, is aligned if its rows are), else cuBLAS plus
     the low-rank pass on the GPU (faster there than the pointer kernel), the pointer kernel in the interpreter.
-    fp32 (ieee FMA dot) overflows the TMA kernel's shared memory. "concat" is a forward-only kind: "cublas" here."""
+    fp32 (ieee FMA dot) overflows the TMA kernel's shared memory."""
     if GEMM not in GEMM_CHOICES:
         raise ValueError(f"LORA_GEMM={GEMM!r}: use one of {', '.join(GEMM_CHOICES)}")
     if GEMM != "auto":
-        return "cublas" if GEMM == "concat" else GEMM
+        return GEMM
     w = b_op.t() if b_op.stride(0) == 1 else b_op  # W itself in the forward (K-major), as is in the backward
     hopper = launch.INTERPRET or launch.capability(a.device)[0] >= 9
     if a.element_size() <= 2 and hopper and _tma_ready(a, w) and b_op.shape[1] * a.element_size() % 16 == 0:
         return "tma"
     return "triton" if launch.INTERPRET else "cublas"
-
-
-def _forward_kind(plan, x2, weight, A, B, scale, seed, p, spare):
-    """The rule's kind, or "concat" when forced and W has spare columns. Where more than one kind applies to a
-    tuned problem (the rule's TMA kernel, the cuBLAS hybrid, the concat GEMM when W has spare columns), each is
-    timed once per shape, as the autotuner times configs, and the fastest is kept: which one wins differs between
-    shapes and between H200s (bench/NOTES-lora.md, v5)."""
-    if GEMM == "concat" and spare:
-        return "concat"
-    kind = _static_kind(x2, weight.t())
-    if not _timed(x2):
-        return kind
-    kinds = [kind] + (["cublas"] if kind == "tma" else []) + (["concat"] if spare else [])
-    if len(kinds) == 1:
-        return kind
-    return _fastest(_kind_key(f"fwd SPARE={spare > 0}", x2, weight.t(), A.t(), p), {
-        k: lambda k=k: _run_forward(k, plan, x2, weight, A, B, scale, seed, p, spare) for k in kinds})
 
 
 _chosen_kinds = {}  # `_kind_key` -> the kind measured fastest for it (or taken from a tuning record)
@@ -230,45 +205,20 @@ def _programs(items, device):
 def _lora_down(plan, x2, A, seed, p):
     """S = dropout(x) A^T, (M, r) fp32."""
     s = _empty(x2.shape[0], A.shape[0], dtype=torch.float32, device=x2.device)
-    _launch_down(plan, "down", x2, A, s, s, s, A, 1.0, seed, p, 0)  # XS, W, B: unused without COPY
+    _launch_down(plan, "down", x2, A, s, seed, p)
     return s
 
 
-def _forward_concat(plan, x2, weight, A, B, scale, seed, p, spare):
-    """The forward as one cuBLAS GEMM, y = [x | S] [W | sB]^T: the skinny kernel streams x once, computing S and
-    writing both operands' extra columns (XS = [x | S], a copy of x; sB into W's spare columns). y is written
-    once, by cuBLAS's main loop; the price is one extra write of x (the hybrid's is a write + read of y)."""
+def _launch_down(plan, site, x2, A, s, seed, p):
     M, K = x2.shape
-    N, R = weight.shape[0], A.shape[0]
-    w_ext = torch.as_strided(weight, (N, K + spare), (weight.stride(0), 1))
-    xs = _empty(M, K + spare, dtype=x2.dtype, device=x2.device)
-    s = _empty(M, R, dtype=torch.float32, device=x2.device)
-    _launch_down(plan, "down concat", x2, A, s, xs, w_ext, B, scale, seed, p, spare)
-    return s, torch.mm(xs, w_ext.t())
-
-
-def _launch_down(plan, site, x2, A, s, xs, w_ext, B, scale, seed, p, spare):
-    M, K = x2.shape
-    R, N = A.shape[0], w_ext.shape[0]
-    args = (x2, A, s, xs, w_ext, B, M, K, R, N, float(scale), seed, p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1),
-            A.stride(0), A.stride(1), xs.stride(0), w_ext.stride(0), B.stride(0), B.stride(1))
+    R = A.shape[0]
+    args = (x2, A, s, M, K, R, seed, p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1), A.stride(0), A.stride(1))
 
     def setup():
         block_r = _r_blocks(R)[1]
-        grid = lambda m: (_programs(launch.cdiv(M, m["BLOCK_M"]), x2.device), launch.cdiv(max(R, spare), block_r))
-        return grid, dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), COPY=spare > 0,
-                          PAD=spare, BLOCK_R=block_r)
+        grid = lambda m: (_programs(launch.cdiv(M, m["BLOCK_M"]), x2.device), launch.cdiv(R, block_r))
+        return grid, dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
     launch.cached(plan, site, "down", args, setup, x2.dtype)
-
-
-def _spare_columns(weight, R, spare):
-    """`spare` if the caller's promise holds: at least R (and 16-byte aligned rows of in + spare) columns right of
-    each row of W, inside W's storage; else 0 (e.g. after .to() made W contiguous again)."""
-    N, K = weight.shape
-    if spare < R or weight.stride(1) != 1 or weight.stride(0) < K + spare or (K + spare) * weight.element_size() % 16:
-        return 0
-    end = (weight.storage_offset() + (N - 1) * weight.stride(0) + K + spare) * weight.element_size()
-    return spare if weight.untyped_storage().nbytes() >= end else 0
 
 
 def _backward_splits(M, N, K, R, device):
@@ -360,17 +310,16 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, scale, dropout_p, seed, spare_cols):
+    def forward(ctx, x, weight, lora_A, lora_B, scale, dropout_p, seed):
         assert weight.dtype == x.dtype, f"x {x.dtype} and W {weight.dtype} must share a dtype (W is never cast)"
         assert x.shape[-1] == weight.shape[1] == lora_A.shape[1] and lora_B.shape == (weight.shape[0], lora_A.shape[0])
         x2 = x.reshape(-1, x.shape[-1])  # a view when possible; strides go to the kernels
         # the problem's key: everything the kernels are compiled and split for, and the module switches
-        spare = _spare_columns(weight, lora_A.shape[0], spare_cols) if spare_cols else 0
-        key = (x.device, dropout_p > 0, spare, GEMM, launch.AUTOTUNE, launch.FAST_LAUNCH, _layout(x2), _layout(weight),
-               _layout(lora_A), _layout(lora_B))
+        key = (x.device, dropout_p > 0, GEMM, launch.AUTOTUNE, _layout(x2), _layout(weight), _layout(lora_A),
+               _layout(lora_B))
         plan = _plan(key)
         with _on(x):
-            s, y = _forward(plan, x2, weight, lora_A, lora_B, scale, seed, dropout_p, spare)
+            s, y = _forward(plan, x2, weight, lora_A, lora_B, scale, seed, dropout_p)
         ctx.save_for_backward(x, weight, lora_A, lora_B, s)
         ctx.scale, ctx.dropout_p, ctx.seed, ctx.key = scale, dropout_p, seed, key
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -387,7 +336,7 @@ class LoRALinearFunction(torch.autograd.Function):
             dx = None
             if ctx.needs_input_grad[0]:  # dx = dy W + (G A) * mask, mask regenerated in the GEMM epilogue
                 dx = _gemm(plan, "dx", dy2, weight, g, lora_A, 1.0, x.dtype, ctx.seed, p).view(x.shape)
-        return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None, None
+        return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None
 
 
 def lora_linear_reference(x, weight, lora_A, lora_B, scale, dropout_mask=None):
@@ -397,12 +346,9 @@ def lora_linear_reference(x, weight, lora_A, lora_B, scale, dropout_mask=None):
 
 
 def lora_linear(x, weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, training: bool = True,
-                *, backend=None, seed=None, spare_cols: int = 0) -> torch.Tensor:
+                *, backend=None, seed=None) -> torch.Tensor:
     """Autograd-aware LoRA linear. backend: "triton", "torch" or None (= triton iff x.is_cuda).
-    seed: dropout seed (None: drawn from torch's CPU generator, so checkpoint recompute replays it).
-    spare_cols: the caller owns this many columns right of each row of `weight` (weight.stride(0) >= in +
-    spare_cols, e.g. a view of a wider buffer: `with_spare_columns`); the forward may write s*B there and run as
-    one cuBLAS GEMM [x | S] [W | sB]^T. Ignored (0) when the layout does not hold it."""
+    seed: dropout seed (None: drawn from torch's CPU generator, so checkpoint recompute replays it)."""
     p = float(dropout_p) if training else 0.0
     if backend is None:
         backend = "triton" if x.is_cuda else "torch"
@@ -413,15 +359,5 @@ def lora_linear(x, weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0,
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     # the kernels take the seed as a 32-bit int: a compiled kernel's argument types never change between calls
     return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p,
-                                    0 if seed is None else int(seed) & 0x7FFFFFFF, int(spare_cols))
+                                    0 if seed is None else int(seed) & 0x7FFFFFFF)
 
-
-def with_spare_columns(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
-    """(W', spare): a copy of the frozen weight (out, in) whose rows are `spare` >= rank columns longer (zeros),
-    returned as the (out, in) view W' for `lora_linear(..., spare_cols=spare)`. Costs out * spare elements."""
-    N, K = weight.shape
-    step = max(1, 16 // weight.element_size())  # rows of in + spare elements stay 16-byte aligned
-    spare = -(-(K + rank) // step) * step - K
-    wide = weight.new_zeros(N, K + spare)
-    wide[:, :K] = weight
-    return wide[:, :K], spare

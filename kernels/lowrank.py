@@ -1,6 +1,6 @@
 """Memory-bound low-rank kernels of the LoRA linear (kernels/lora_linear.py), all reading x or dy once:
 
-    S  = dropout(x) A^T                 _lora_down_kernel   forward, (M, r) fp32 (+ the concat forward's operands)
+    S  = dropout(x) A^T                 _lora_down_kernel   forward, (M, r) fp32
     G  = s dy B,  dB = s dy^T S         _lora_dy_kernel     backward, one pass over dy (dB as partials)
     dA = G^T dropout(x)                 _lora_da_kernel     backward, mask regenerated from the seed; sums dB
 
@@ -43,17 +43,12 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, p, inv_keep, BLOCK_M: tl.constexpr
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _lora_down_kernel(x_ptr, a_ptr, s_ptr, xs_ptr, w_ptr, b_ptr, M, K, R, N, scale, seed, p, inv_keep,
-                      stride_xm, stride_xk, stride_ar, stride_ak, stride_xs, stride_w, stride_bn, stride_br, M_BUCKET,
-                      DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, COPY: tl.constexpr, PAD: tl.constexpr,
+def _lora_down_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed, p, inv_keep, stride_xm, stride_xk, stride_ar, stride_ak,
+                      M_BUCKET, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """S[m, j] = sum_k dropout(x)[m, k] A[j, k]   (M, R) fp32; rank chunk of BLOCK_R per program axis 1.
     Persistent: the programs (a wave or two) walk the row tiles, so no partly filled last wave idles the GPU.
     (TMA loads were measured no faster than these pointer loads for the skinny kernels: bench/NOTES-lora.md.)
-
-    COPY (the concat forward): also build the two operands of y = [x | S] [W | sB]^T as it streams x:
-        XS[:, :K] = x (not dropped out),   XS[:, K:K+PAD] = S (cast), zero past R
-        W[:, K:K+PAD] = scale * B (cast), zero past R    -- the spare columns the caller gave W
     """
     dt = x_ptr.dtype.element_ty
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -65,26 +60,12 @@ def _lora_down_kernel(x_ptr, a_ptr, s_ptr, xs_ptr, w_ptr, b_ptr, M, K, R, N, sca
             ks = k0 + offs_k
             mk = (offs_m[:, None] < M) & (ks[None, :] < K)
             x_offs = offs_m[:, None] * stride_xm + tl.cast(ks, tl.int64)[None, :] * stride_xk  # any x strides
-            x = tl.load(x_ptr + x_offs, mask=mk, other=0.0)
-            if COPY:
-                if tl.program_id(1) == 0:  # one rank chunk copies x
-                    tl.store(xs_ptr + offs_m[:, None] * stride_xs + ks[None, :], x, mask=mk)
-            x = _dropout(x, seed, offs_m, ks, K, p, inv_keep, DROPOUT)
+            x = _dropout(tl.load(x_ptr + x_offs, mask=mk, other=0.0), seed, offs_m, ks, K, p, inv_keep, DROPOUT)
             a = tl.load(a_ptr + offs_r[None, :] * stride_ar + ks[:, None] * stride_ak,
                         mask=(offs_r[None, :] < R) & (ks[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
             acc = tl.dot(x, a.to(dt), acc, input_precision=DOT_PREC)
         tl.store(s_ptr + offs_m[:, None] * R + offs_r[None, :], acc,
                  mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
-        if COPY:
-            tl.store(xs_ptr + offs_m[:, None] * stride_xs + K + offs_r[None, :], acc.to(dt),
-                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < PAD))  # acc is 0 past R
-    if COPY:  # the programs share W's rows for the scaled B columns
-        for n0 in range(tl.program_id(0) * BLOCK_M, N, tl.num_programs(0) * BLOCK_M):
-            offs_n = n0 + tl.arange(0, BLOCK_M)
-            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                        mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)
-            tl.store(w_ptr + offs_n[:, None] * stride_w + K + offs_r[None, :], (b * scale).to(dt),
-                     mask=(offs_n[:, None] < N) & (offs_r[None, :] < PAD))
 
 
 @triton.jit

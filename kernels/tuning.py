@@ -18,15 +18,15 @@ from kernels import launch
 
 ll = importlib.import_module("kernels.lora_linear")  # the module: kernels.lora_linear is also the function
 
-VERSION = 1
+VERSION = 2  # 2: no concat kind ("fwd" keys lost SPARE, "down" keys COPY)
 MAX_ENTRIES = 10_000  # a real run has hundreds (shapes x token buckets x dropout on/off)
-_KINDS = {"fwd": ("tma", "cublas", "concat"), "dx": ("tma", "cublas")}  # what `_fastest` can choose per site
-_KIND_FIELDS = {"fwd": ("SPARE", "M_BUCKET", "N", "K", "R", "DROPOUT", "dtype"),
-                "dx": ("M_BUCKET", "N", "K", "R", "DROPOUT", "dtype")}
+_KINDS = ("tma", "cublas")  # what `_fastest` can choose, at either site
+_KIND_FIELDS = ("M_BUCKET", "N", "K", "R", "DROPOUT", "dtype")
+_SITES = ("fwd", "dx")
 _BOOL = re.compile("True|False")
 _DTYPE = re.compile(r"torch\.(bfloat16|float16)")  # fp32 is never tuned
 _INT = re.compile(r"0|[1-9][0-9]{0,9}")  # 0: K of the cuBLAS hybrid's low-rank pass
-_PATTERNS = {"SPARE": _BOOL, "DROPOUT": _BOOL, "COPY": _BOOL, "B_KMAJOR": _BOOL, "dtype": _DTYPE, "DTYPE": _DTYPE}
+_PATTERNS = {"DROPOUT": _BOOL, "B_KMAJOR": _BOOL, "dtype": _DTYPE, "DTYPE": _DTYPE}
 
 
 def tuning_record() -> dict:
@@ -65,11 +65,10 @@ def _validated(record):
     if len(kinds) + len(configs) > MAX_ENTRIES:
         raise ValueError(f"tuning record: {len(kinds) + len(configs)} entries, more than {MAX_ENTRIES}")
     for key, kind in kinds.items():
-        site, fields = _parse(key, "kinds", lambda head: _KIND_FIELDS.get(head))
-        allowed = _KINDS[site] if fields.get("SPARE", "True") == "True" else _KINDS[site][:2]  # concat: spare cols
-        if type(kind) is not str or kind not in allowed:
+        _parse(key, "kinds", lambda head: _KIND_FIELDS if head in _SITES else None)
+        if type(kind) is not str or kind not in _KINDS:
             raise ValueError(f"tuning record: kinds[{_show(key)}] = {_show(kind)} is not a GEMM kind for this key "
-                             f"(one of {', '.join(allowed)})")
+                             f"(one of {', '.join(_KINDS)})")
     chosen = {}
     for key, cfg in configs.items():
         name, _ = _parse(key, "configs", lambda head: ("dtype",) + tuple(launch._tuned[head].keys)

@@ -182,6 +182,11 @@ def prepare(model, token_counts, dtype: torch.dtype, device: torch.device, saved
     saved: the record of the run being resumed (validated by use_tuning_record; ValueError if it is not one)."""
     if device.type != "cuda":
         return {}  # the CPU path runs torch, not the timed kernels
+    version = saved.get("version") if isinstance(saved, dict) else None
+    if type(version) is int and version < kernels.tuning.VERSION:  # this project's own, from before a kernel change
+        log(f"note: the resumed run's kernel choices (record version {version}) were made for older kernels; "
+            "choosing anew, so the resumed steps may round differently from an uninterrupted run")
+        saved = None
     if saved:
         use_tuning_record(saved)
     if rank == 0:

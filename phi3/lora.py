@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from kernels import lora_linear, with_spare_columns
+from kernels import lora_linear
 from phi3.atomic import atomic_file
 from phi3.checkpoint import CheckpointError, read_safetensors
 from phi3.config import finite_number, is_int, read_json_object, show
@@ -87,10 +87,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.rslora = rslora  # only recorded for the exported adapter_config; the scale already includes it
         self.in_features, self.out_features = base.in_features, base.out_features
-        # W gets a few spare (zero) columns per row, so the kernel may run the forward as one cuBLAS GEMM
-        # [x | S] [W | sB]^T (kernels/lora_linear.py); `weight` keeps its (out, in) shape and name as a view.
-        weight, self.spare_cols = with_spare_columns(base.weight.detach(), len(slices) * rank)
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight = base.weight  # the base layer's own tensor, frozen: no copy
+        self.weight.requires_grad_(False)
         self.rank, self.scale, self.dropout, self.slices = rank, scale, dropout, slices
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(len(slices) * rank, self.in_features, device=device))
@@ -113,8 +111,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return F.linear(x, self.weight)
         return lora_linear(x, self.weight, self.lora_A, self.full_B(), self.scale,
-                           dropout_p=self.dropout if self.training else 0.0, training=self.training,
-                           spare_cols=self.spare_cols)
+                           dropout_p=self.dropout if self.training else 0.0, training=self.training)
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
@@ -163,7 +160,7 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             wanted.setdefault(suffix, set()).add(index)
     if "lm_head" in wanted and model.config.tie_word_embeddings:
         raise ValueError("LoRA on lm_head is not supported when lm_head is tied to embed_tokens")
-    for name in [name for name, _ in model.named_modules()]:  # names only: each replaced weight is freed at once
+    for name in [name for name, _ in model.named_modules()]:  # names first: the loop replaces modules
         module = model.get_submodule(name) if name else model
         for suffix, indices in wanted.items():
             if (name == suffix or name.endswith("." + suffix)) and isinstance(module, nn.Linear):

@@ -10,8 +10,8 @@ from phi3 import kernel_tuning
 
 ll = importlib.import_module("kernels.lora_linear")
 launch = importlib.import_module("kernels.launch")
-KIND_KEY = "fwd SPARE=True M_BUCKET=8192 N=9216 K=3072 R=16 DROPOUT=True dtype=torch.bfloat16"
-RECORD = {"version": 1, "kinds": {KIND_KEY: "tma"}, "configs": {}}
+KIND_KEY = "fwd M_BUCKET=8192 N=9216 K=3072 R=16 DROPOUT=False dtype=torch.bfloat16"
+RECORD = {"version": 2, "kinds": {KIND_KEY: "tma"}, "configs": {}}
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,7 @@ def test_a_written_cache_is_read_back_and_applied(tmp_path):
 
 @pytest.mark.parametrize("content", ["[1", "[1, 2]", '{"settings": {}, "record": {}}', b"\xff\xfe{",
                                      json.dumps({"settings": {"LORA_GEMM": "", "LORA_AUTOTUNE": ""},
-                                                 "record": {"version": 1, "kinds": {KIND_KEY: "rm -rf"}}}),
+                                                 "record": {"version": 2, "kinds": {KIND_KEY: "rm -rf"}}}),
                                      json.dumps({"settings": {"LORA_GEMM": "cublas", "LORA_AUTOTUNE": ""},
                                                  "record": RECORD})])
 def test_a_broken_cache_is_a_warning_and_ignored(tmp_path, content):
@@ -88,12 +88,28 @@ def test_prepare_keeps_choices_for_the_next_run_and_a_resumed_record_wins(monkey
     assert said[0].startswith("kernel choices: 1 already made (cache), 0 timed now in "), said
     assert seen_by_tuning[-1] == {KIND_KEY: "tma"}  # the cache's choice was in place before tuning
     monkeypatch.setattr(ll, "_chosen_kinds", {})
-    resumed = {"version": 1, "kinds": {KIND_KEY: "cublas"}, "configs": {}}
+    resumed = {"version": 2, "kinds": {KIND_KEY: "cublas"}, "configs": {}}
     assert kernel_tuning.prepare(None, 8192, torch.bfloat16, cuda, resumed, log=lambda text: None)["kinds"] == {
         KIND_KEY: "cublas"}  # the run's own choice, not the cache's
     # and the cache now holds that choice for later runs (the last run's choices are kept)
     assert kernel_tuning.read_cache(kernel_tuning.cache_file("NVIDIA H200", (9, 0)), pytest.fail)["kinds"] == {
         KIND_KEY: "cublas"}
+
+
+def test_a_resumed_record_of_older_kernels_is_replaced_with_a_note(monkeypatch):
+    """A run folder from before a kernel change (record version 1: a removed GEMM kind, other key fields) resumes:
+    its choices are made anew, with a note saying the rounding may differ; a damaged record still stops the run."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(kernel_tuning, "tune_lora_layers",
+                        lambda model, max_tokens, dtype: ll._chosen_kinds.setdefault(KIND_KEY, "tma"))
+    old = {"version": 1, "kinds": {"fwd SPARE=True " + KIND_KEY[4:]: "concat"}, "configs": {}}
+    said = []
+    record = kernel_tuning.prepare(None, 8192, torch.bfloat16, torch.device("cuda"), old, log=said.append)
+    assert record["kinds"] == {KIND_KEY: "tma"} and record["version"] == 2
+    assert "record version 1" in said[0] and "choosing anew" in said[0]
+    with pytest.raises(ValueError, match="version 3 is not 2"):
+        kernel_tuning.prepare(None, 8192, torch.bfloat16, torch.device("cuda"), {"version": 3}, log=said.append)
 
 
 class NoNewChoices(dict):

@@ -24,8 +24,7 @@ import importlib  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernels import (dropout_mask, lora_linear, lora_linear_reference, tuning_record, use_tuning_record,  # noqa: E402
-                     with_spare_columns)
+from kernels import dropout_mask, lora_linear, lora_linear_reference, tuning_record, use_tuning_record  # noqa: E402
 from kernels.lowrank import _dropout  # noqa: E402
 
 ll = importlib.import_module("kernels.lora_linear")  # the module (kernels.lora_linear is the function)
@@ -69,13 +68,10 @@ def _run(fn, x, w, a, b, dy):
     return [y.detach(), x.grad, a.grad, b.grad]
 
 
-def _check(shape, n_out, r, dtype, scale=2.0, p=0.0, noncontig=False, seed=0, spare=False):
+def _check(shape, n_out, r, dtype, scale=2.0, p=0.0, noncontig=False, seed=0):
     x, w, a, b, dy = _inputs(shape, n_out, r, dtype, noncontig, seed)
-    spare_cols = 0
-    if spare:  # W as LoRALinear lays it out: a view of a wider buffer whose spare columns the kernel may use
-        w, spare_cols = with_spare_columns(w, r)
     mask = dropout_mask(1234, x.shape, p, DEV) if p > 0 else None
-    got = _run(lambda *t: lora_linear(*t, scale, p, backend="triton", seed=1234, spare_cols=spare_cols), x, w, a, b, dy)
+    got = _run(lambda *t: lora_linear(*t, scale, p, backend="triton", seed=1234), x, w, a, b, dy)
     ref = _run(lambda *t: lora_linear_reference(*t, scale, mask), x, w, a, b, dy)
     f64 = lambda t: t.double()
     exact = _run(lambda x_, w_, a_, b_: lora_linear_reference(x_, w_, a_, b_, scale, None if mask is None else mask.double()),
@@ -131,36 +127,6 @@ def test_many_tiles_per_program():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dropout_matches_mask(dtype):
     _check((2, 21, 47), 35, 16, dtype, scale=2.0, p=0.25, seed=3)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("r,p", [(1, 0.0), (16, 0.3), (24, 0.0)])
-def test_concat_forward(monkeypatch, dtype, r, p):
-    """GEMM="concat": the forward as one GEMM [x | S] [W | sB]^T through W's spare columns (the S kernel writes
-    both extra column blocks); W's own columns are untouched, its spare ones hold s*B then zeros."""
-    monkeypatch.setattr(ll, "GEMM", "concat")
-    _check((37, 48), 56, r, dtype, scale=1.3, p=p, seed=r)
-    x, w, a, b, _ = _inputs((37, 48), 56, r, dtype, seed=r)
-    wide, spare = with_spare_columns(w, r)
-    assert spare >= r and (48 + spare) * w.element_size() % 16 == 0 and torch.equal(wide, w)
-    lora_linear(x, wide, a, b, 1.3, backend="triton", spare_cols=spare)
-    full = torch.as_strided(wide, (56, 48 + spare), (wide.stride(0), 1))
-    assert torch.equal(wide, w)
-    assert torch.equal(full[:, 48:48 + r], (1.3 * b).to(dtype)) and not full[:, 48 + r:].any()
-
-
-@needs_triton
-def test_spare_columns_ignored_unless_the_layout_has_them(monkeypatch):
-    """A contiguous W (e.g. after .to() copied the weight) never has its neighbours overwritten."""
-    monkeypatch.setattr(ll, "GEMM", "concat")
-    x, w, a, b, _ = _inputs((10, 32), 24, 4, torch.float16)
-    pair = torch.cat([w, w])  # w's rows followed by other data: spare_cols is a promise the layout cannot keep
-    first = pair[:24]
-    assert ll._spare_columns(first, 4, 8) == 0 and ll._spare_columns(pair[24:], 4, 8) == 0
-    assert torch.equal(lora_linear(x, first, a, b, 2.0, backend="triton", spare_cols=8),
-                       lora_linear(x, first, a, b, 2.0, backend="triton"))  # the same path as without the promise
-    assert torch.equal(pair[24:], w)
 
 
 @needs_triton
@@ -271,10 +237,10 @@ def test_dropout_counter_is_exact_past_int32(n_cols, row0):
 
 # --------------------------------------------------------------------------------------- tuning records
 # keys as lora_linear / launch write them (the file format of a run folder's record): shapes and flags, no device
-_FWD_KEY = "fwd SPARE=False M_BUCKET=64 N=56 K=48 R=4 DROPOUT=True dtype=torch.float16"
+_FWD_KEY = "fwd M_BUCKET=64 N=56 K=48 R=4 DROPOUT=False dtype=torch.float16"  # (dropout is in S, not the GEMM)
 _DX_KEY = "dx M_BUCKET=64 N=48 K=56 R=4 DROPOUT=True dtype=torch.float16"
 _TMA_KEY = "tma dtype=torch.bfloat16 M_BUCKET=8192 N=16384 K=3072 R_PAD=16 DROPOUT=False B_KMAJOR=True DTYPE=torch.bfloat16"
-_DOWN_KEY = "down dtype=torch.bfloat16 M_BUCKET=8192 K=3072 R=16 COPY=False"
+_DOWN_KEY = "down dtype=torch.bfloat16 M_BUCKET=8192 K=3072 R=16"
 _LOW_RANK_KEY = "gemm dtype=torch.float16 M_BUCKET=4096 N=16384 K=0 R_PAD=16 DROPOUT=True"  # cuBLAS hybrid's pass
 
 
@@ -283,7 +249,7 @@ def _config_json(cfg):
 
 
 def _record():
-    return {"version": 1, "kinds": {_DX_KEY: "cublas", _FWD_KEY: "cublas"},
+    return {"version": 2, "kinds": {_DX_KEY: "cublas", _FWD_KEY: "cublas"},
             "configs": {_DOWN_KEY: _config_json(launch._DOWN_CONFIGS[2]), _TMA_KEY: _config_json(launch._TMA_CONFIGS[4]),
                         _LOW_RANK_KEY: _config_json(launch._GEMM_CONFIGS[1])}}
 
@@ -297,7 +263,7 @@ def fresh_tuning(monkeypatch):
 
 
 def test_tuning_record_round_trip(fresh_tuning):
-    assert tuning_record() == {"version": 1, "kinds": {}, "configs": {}}
+    assert tuning_record() == {"version": 2, "kinds": {}, "configs": {}}
     record = _record()
     use_tuning_record(json.loads(json.dumps(record)))
     assert json.loads(json.dumps(tuning_record())) == record
@@ -332,13 +298,14 @@ def _hostile_records():
     for _ in range(10_000):
         deep = [deep]
     return {
-        "list": [], "string": "tma", "none": None, "unknown field": {"kind": {}}, "version 2": {"version": 2},
+        "list": [], "string": "tma", "none": None, "unknown field": {"kind": {}}, "version 1": {"version": 1},
+        "version 3": {"version": 3},
         "version text": {"version": "1"}, "version bool": {"version": True},
         "kinds not object": {"kinds": [["dx", "tma"]]}, "configs not object": {"configs": "x"},
         "unknown kind": {"kinds": {_DX_KEY: "magic"}}, "kind not text": {"kinds": {_DX_KEY: ["tma"]}},
         "code as kind": {"kinds": {_DX_KEY: "__import__('os').system('true')"}},
-        "concat for dx": {"kinds": {_DX_KEY: "concat"}},
-        "concat without spare columns": {"kinds": {_FWD_KEY: "concat"}},
+        "a removed kind": {"kinds": {_FWD_KEY: "concat"}},
+        "a key of version 1": {"kinds": {"fwd SPARE=False " + _FWD_KEY[4:]: "tma"}},
         "unknown site": {"kinds": {"bwd" + _DX_KEY[2:]: "tma"}},
         "missing field": {"kinds": {_DX_KEY.replace(" R=4", ""): "tma"}},
         "extra field": {"kinds": {_DX_KEY + " X=1": "tma"}},
@@ -381,11 +348,11 @@ PHI3 = [(3072, 9216), (3072, 3072), (3072, 16384), (8192, 3072)]  # qkv, o, gate
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("gemm", ["auto", "triton", "cublas", "concat"])
+@pytest.mark.parametrize("gemm", ["auto", "triton", "cublas"])
 @pytest.mark.parametrize("k,n", PHI3)
 def test_cuda_phi3_bf16(monkeypatch, k, n, gemm):
     monkeypatch.setattr(ll, "GEMM", gemm)
-    _check((2, 2048, k), n, 16, torch.bfloat16, scale=2.0, spare=gemm in ("auto", "concat"))
+    _check((2, 2048, k), n, 16, torch.bfloat16, scale=2.0)
 
 
 @cuda
@@ -406,18 +373,10 @@ def test_cuda_other_dtypes(dtype):
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("gemm", ["auto", "triton", "cublas", "concat"])
+@pytest.mark.parametrize("gemm", ["auto", "triton", "cublas"])
 def test_cuda_dropout_bf16(monkeypatch, gemm):
     monkeypatch.setattr(ll, "GEMM", gemm)
-    _check((4096, 3072), 3072, 16, torch.bfloat16, scale=2.0, p=0.1, spare=gemm == "concat")
-
-
-@cuda
-@needs_cuda
-@pytest.mark.parametrize("r", [1, 256])
-def test_cuda_concat_ranks_bf16(monkeypatch, r):
-    monkeypatch.setattr(ll, "GEMM", "concat")
-    _check((1000, 3000), 2500, r, torch.bfloat16, scale=0.5, spare=True)
+    _check((4096, 3072), 3072, 16, torch.bfloat16, scale=2.0, p=0.1)
 
 
 @cuda
@@ -446,7 +405,7 @@ def test_cuda_no_out_by_in_tensor():
 @cuda
 @needs_cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-@pytest.mark.parametrize("gemm", ["auto", "concat"])
+@pytest.mark.parametrize("gemm", ["auto", "cublas"])
 def test_cuda_second_gpu_while_first_is_current(monkeypatch, gemm):
     """Launch plans, last-to-arrive counters and TMA descriptor scratch are per device (every GPU's default
     stream has the same handle): a layer on cuda:1 while cuda:0 is the current device, then one on cuda:0."""
@@ -454,7 +413,7 @@ def test_cuda_second_gpu_while_first_is_current(monkeypatch, gemm):
     torch.cuda.set_device(0)
     for device in ("cuda:1", "cuda:0"):
         monkeypatch.setitem(globals(), "DEV", device)
-        _check((2048, 3072), 3072, 16, torch.bfloat16, scale=2.0, p=0.1, spare=True)
+        _check((2048, 3072), 3072, 16, torch.bfloat16, scale=2.0, p=0.1)
         assert torch.cuda.current_device() == 0
 
 
@@ -466,7 +425,7 @@ def _gpu_gib():
 @needs_cuda
 @pytest.mark.skipif(_gpu_gib() < 80, reason="needs a GPU with 80 GiB (inputs, outputs and the torch reference)")
 @pytest.mark.parametrize("k,n,m,p,gemms", [
-    (3072, 16384, 2**31 // 16384 + 300, 0.0, ("auto", "triton", "cublas", "concat")),  # gate_up: y and dy rows
+    (3072, 16384, 2**31 // 16384 + 300, 0.0, ("auto", "triton", "cublas")),  # gate_up: y and dy rows
     (8192, 3072, 2**31 // 8192 + 300, 0.1, ("auto", "triton")),  # down: x rows and dropout counters past 2^31
 ])
 def test_cuda_offsets_past_int32(monkeypatch, k, n, m, p, gemms):
@@ -500,43 +459,11 @@ def test_cuda_offsets_past_int32(monkeypatch, k, n, m, p, gemms):
     exact = [y64, dx64, da64, db64]
     for gemm in gemms:
         monkeypatch.setattr(ll, "GEMM", gemm)
-        wk, spare = with_spare_columns(w, r) if gemm == "concat" else (w, 0)
-        got = _run(lambda *t: lora_linear(*t, scale, p, seed=seed, spare_cols=spare), x, wk, a, b, dy)
+        got = _run(lambda *t: lora_linear(*t, scale, p, seed=seed), x, w, a, b, dy)
         for name, t in zip(("y", "dx"), got):  # poisoned before the launch: NaN left where nothing was written
             assert torch.isfinite(t).all(), f"{gemm} {name}: rows left unwritten"
         _assert_close([got[0][rows], got[1][rows], got[2], got[3]], ref, exact, torch.bfloat16)
         del got
-
-
-@cuda
-@needs_cuda
-@pytest.mark.parametrize("broken", [None, "writes nothing", "raises"])
-def test_cuda_fast_launch_checked_against_triton(monkeypatch, broken):
-    """The first fast launch of each kernel + config + device is compared with Triton's own launcher. A fast path
-    that disagrees (monkeypatched here, as a Triton release that changed its internals might) gives one warning
-    and Triton's launcher from then on, with right results, the first call's included."""
-    import warnings
-
-    monkeypatch.setattr(launch, "_fast_checked", set())
-    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
-    monkeypatch.setattr(ll, "_plans", {})
-    if broken == "writes nothing":
-        monkeypatch.setattr(launch.Prepared, "__call__", lambda self, args: None)
-    elif broken == "raises":
-        def raises(self, args):
-            raise TypeError("run() takes 12 positional arguments but 13 were given")
-        monkeypatch.setattr(launch.Prepared, "__call__", raises)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):  # the first call checks and launches; the second reuses the plan
-            _check((2, 1000, 3072), 3072, 16, torch.bfloat16, scale=2.0, p=0.1)
-    fast = [w for w in caught if "fast kernel launch disagrees" in str(w.message)]
-    if broken is None:
-        assert not fast and launch.FAST_LAUNCH
-        assert {c[0] for c in launch._fast_checked} == {"down", "tma", "dy", "da"}
-    else:
-        assert len(fast) == 1 and issubclass(fast[0].category, RuntimeWarning) and not launch.FAST_LAUNCH
-        assert "report" in str(fast[0].message) and (broken != "raises" or "TypeError" in str(fast[0].message))
 
 
 _AUTOTUNE_LISTS = {"gemm": launch._GEMM_CONFIGS, "tma": launch._TMA_CONFIGS, "down": launch._DOWN_CONFIGS,
@@ -577,7 +504,7 @@ def test_cuda_every_autotune_config(monkeypatch, gate_up_problem, name, index):
 
 _CHILD = r"""
 import json, sys, torch
-from kernels import launch, lora_linear, tuning_record, use_tuning_record, with_spare_columns
+from kernels import launch, lora_linear, tuning_record, use_tuning_record
 record_in, out = sys.argv[1:]
 if record_in != "-":
     use_tuning_record(json.load(open(record_in)))
@@ -586,13 +513,13 @@ if record_in != "-":
     launch.time_ms = no_timing
 g = torch.Generator(device="cuda").manual_seed(0)
 x = torch.randn(4000, 3072, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-w, spare = with_spare_columns(torch.randn(16384, 3072, generator=g, device="cuda", dtype=torch.bfloat16) / 64, 16)
+w = torch.randn(16384, 3072, generator=g, device="cuda", dtype=torch.bfloat16) / 64
 a = (torch.randn(16, 3072, generator=g, device="cuda") / 64).requires_grad_()
 b = (torch.randn(16384, 16, generator=g, device="cuda") / 4).requires_grad_()
 dy = torch.randn(4000, 16384, generator=g, device="cuda", dtype=torch.bfloat16)
 results = {}
 for p in (0.0, 0.1):
-    y = lora_linear(x, w, a, b, 2.0, p, seed=5, spare_cols=spare)
+    y = lora_linear(x, w, a, b, 2.0, p, seed=5)
     y.backward(dy)
     results.update({f"{n} {p}": t.detach().cpu() for n, t in (("y", y), ("dx", x.grad), ("dA", a.grad), ("dB", b.grad))})
     x.grad = a.grad = b.grad = None
@@ -606,7 +533,7 @@ json.dump(tuning_record(), open(out + ".json", "w"))
 def test_cuda_tuning_record_reproduces_in_fresh_process(tmp_path):
     """A record written by one process (autotuned, kinds timed) makes a fresh process compute the same bits, with
     no timing of its own (it would raise) and no choice beyond the record's."""
-    env = {**os.environ, "LORA_AUTOTUNE": "1", "LORA_GEMM": "auto", "LORA_FAST_LAUNCH": "1",
+    env = {**os.environ, "LORA_AUTOTUNE": "1", "LORA_GEMM": "auto",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                           os.environ.get("PYTHONPATH", "")])}
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
