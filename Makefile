@@ -31,9 +31,10 @@ bench:  ## GPU benchmarks against transformers + peft (kernel, load/decode, trai
 	$(PYTHON) bench/bench_same_math.py
 	$(PYTHON) bench/bench_first_steps.py
 
-bench-long:  ## GPU: attention kernels, and long-context LoRA steps (16k to 131k tokens) against transformers + peft
+bench-long:  ## GPU: attention kernels, long-context LoRA steps (16k to 131k tokens) against transformers + peft, train.py at 131k
 	$(PYTHON) bench/bench_attention.py
 	$(PYTHON) bench/bench_long.py
+	$(PYTHON) bench/bench_long_train.py
 
 tiny-data:  ## WordNet pretraining text + demo chats (needs Debian's wordnet-base)
 	$(PYTHON) examples/make_data.py
