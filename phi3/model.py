@@ -193,12 +193,12 @@ class Phi3ForCausalLM(nn.Module):
         checkpointed = min(self.checkpoint_layers, layers) if self.checkpoint_layers is not None else layers
         offloaded = None
         if checkpointing and self.offload is not None:  # all checkpointed layers' inputs but the last go to the host
-            offloaded = self.offload.new_pass(input_bytes=(checkpointed - 1) * x.numel() * x.element_size())
+            # (the last one stays: of those the backward pass reaches it first), as many as host memory holds
+            offloaded = self.offload.new_pass(checkpointed - 1, x.numel() * x.element_size())
         seen.keeper = offloaded  # where layer inputs wait, long attention outputs may wait too (phi3/attention.py)
         for i, layer in enumerate(self.model.layers):
             if checkpointing and i < checkpointed:
-                # the last checkpointed layer's input stays: of those the backward pass reaches it first
-                keep = offloaded is None or i == checkpointed - 1
+                keep = offloaded is None or not offloaded.moves(i)
                 with contextlib.nullcontext() if keep else offloaded.layer_input(x, i):
                     x = checkpoint(layer, x, cos, sin, seen, kv_cache, True, use_reentrant=False)
             else:

@@ -7,15 +7,19 @@ ahead of the backward pass that recomputes that layer: the copies (PCIe, tens of
 layers' compute, and the GPU holds about two layer inputs instead of all of them.
 
     offload = CheckpointOffload(device)
-    saved = offload.new_pass()                 # one per forward pass (micro-batch)
+    saved = offload.new_pass(len(layers), x.numel() * x.element_size())   # one per forward pass (micro-batch)
     for i, layer in enumerate(layers):
-        with saved.layer_input(x, i):           # hooks torch.utils.checkpoint's saving of x
+        with saved.layer_input(x, i) if saved.moves(i) else nullcontext():   # hooks checkpoint's saving of x
             x = checkpoint(layer, x, ...)
     saved.prefetch_last()                       # the last layer's input is needed first in backward
 
 Only the tensor named in layer_input moves (checkpoint also saves cos/sin, shared by all layers, which stay). On the
 CPU (tests) the same code runs with plain copies and no streams. Results are bit for bit those without offloading:
 the values make a round trip, nothing is recomputed differently.
+
+Host memory bounds it: a pass moves layer inputs only while they fit in half of the machine's RAM
+(`host_limit_bytes`; 26 GiB of inputs on a 32 GiB machine would leave it swapping or killed); the later layers'
+inputs then stay on the GPU, and a note says so once.
 
 A layer whose input waits here can also leave what it computed once for its recompute to take back instead of
 computing it again (`keep` / `take_kept`: attention's output at long context, phi3/attention.py). Those tensors
@@ -41,6 +45,15 @@ def physical_memory_bytes() -> int:
         return 0
 
 
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def _half_the_ram() -> str:
+    ram = physical_memory_bytes()
+    return f"half of this machine's {ram / 2**30:.0f} GiB" if ram else "the OS does not report its RAM"
+
+
 class CheckpointOffload:
     """Pinned host buffers (reused across passes and steps) and the copy stream of one device."""
 
@@ -51,12 +64,23 @@ class CheckpointOffload:
         self.free: list[torch.Tensor] = []  # flat host buffers not holding a layer input now
         self.allocated_bytes = 0  # host memory this offloader holds (for the log and tests)
         self.pinned = self.cuda  # False once pinning failed: pageable buffers then (slower copies, same results)
-        self.host_limit_bytes = physical_memory_bytes() // 2  # a pass's layer inputs + kept tensors (see above)
-        self.told_limit = False
+        # a pass's layer inputs + kept tensors (see above); 0: the OS does not say, then every input moves, and
+        # nothing more is kept
+        self.host_limit_bytes = physical_memory_bytes() // 2
+        self.told_limit = self.told_inputs = False
 
-    def new_pass(self, input_bytes: int = 0) -> "OffloadedPass":
-        """input_bytes: what the pass's layer inputs will take on the host (kept tensors get the rest of the limit)."""
-        return OffloadedPass(self, self.host_limit_bytes - input_bytes)
+    def new_pass(self, layers: int, layer_bytes: int) -> "OffloadedPass":
+        """A forward pass offering `layers` layer inputs of `layer_bytes` each: as many as fit in the host limit
+        move (the first ones: the backward pass takes the last ones back first, freeing the GPU early), and kept
+        tensors get what they leave of the limit."""
+        moved = layers
+        if self.host_limit_bytes > 0 and layers * layer_bytes > self.host_limit_bytes:
+            moved = self.host_limit_bytes // layer_bytes
+            if not self.told_inputs:
+                self.told_inputs = True
+                _note(f"host memory ({_half_the_ram()}) holds the checkpointed inputs of {moved} of {layers} layers "
+                      "at this length; the others stay on the GPU")
+        return OffloadedPass(self, moved, self.host_limit_bytes - moved * layer_bytes)
 
     def host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """The smallest free buffer that fits (a micro-batch of fewer rows reuses a larger one), else a new one."""
@@ -71,8 +95,8 @@ class CheckpointOffload:
                     buffer = torch.empty(numel, dtype=dtype, pin_memory=True)
                 except RuntimeError as e:  # the OS would not lock that much memory
                     self.pinned = False
-                    print(f"note: pinned host memory ran out after {self.allocated_bytes / 2**30:.1f} GiB ({e}); "
-                          "further layer inputs wait in pageable memory (slower copies)", file=sys.stderr)
+                    _note(f"pinned host memory ran out after {self.allocated_bytes / 2**30:.1f} GiB ({e}); "
+                          "further layer inputs wait in pageable memory (slower copies)")
             if buffer is None:
                 buffer = torch.empty(numel, dtype=dtype)
             self.allocated_bytes += buffer.numel() * buffer.element_size()
@@ -99,8 +123,9 @@ class OffloadedPass:
     # kept tensors smaller than this stay on the device (attention's random-number state: a copy would cost more)
     small_bytes = 1 << 20
 
-    def __init__(self, offload: CheckpointOffload, keep_budget_bytes: int):
+    def __init__(self, offload: CheckpointOffload, moved_layers: int, keep_budget_bytes: int):
         self.offload = offload
+        self.moved_layers = moved_layers  # layers 0 .. moved_layers - 1 offer their input (`moves`)
         self.keep_budget_bytes = keep_budget_bytes  # host bytes left for kept tensors in this pass
         self.saved: list[_Saved] = []
         self.of_layer: dict[int, list[int]] = {}  # layer -> its entries in `saved`
@@ -119,6 +144,10 @@ class OffloadedPass:
         with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
             yield
 
+    def moves(self, layer: int) -> bool:
+        """Whether this layer's input is to wait on the host (see CheckpointOffload.new_pass)."""
+        return layer < self.moved_layers
+
     def holds_input_of(self, layer: int) -> bool:
         """Whether this layer's input waits here: only such layers keep anything (their recompute is certain)."""
         return layer in self.of_layer
@@ -131,10 +160,8 @@ class OffloadedPass:
         if size > self.keep_budget_bytes:
             if not self.offload.told_limit:
                 self.offload.told_limit = True
-                ram = physical_memory_bytes()
-                where = f"half of this machine's {ram / 2**30:.0f} GiB" if ram else "the OS does not report its RAM"
-                print(f"note: host memory ({where}) does not hold every layer's attention output at this length; "
-                      "the others compute attention again in their recompute (slower, same results)", file=sys.stderr)
+                _note(f"host memory ({_half_the_ram()}) does not hold every layer's attention output at this length; "
+                      "the others compute attention again in their recompute (slower, same results)")
             return
         self.keep_budget_bytes -= size
         self.kept[layer] = [self._to_host(t, layer) if big else t for t, big in zip(tensors, large)]

@@ -79,7 +79,7 @@ def test_only_the_layer_inputs_move_and_nothing_keeps_them():
     model.offload = offload
     passes = []
     new_pass = offload.new_pass
-    offload.new_pass = lambda **kwargs: passes.append(new_pass(**kwargs)) or passes[-1]
+    offload.new_pass = lambda *args: passes.append(new_pass(*args)) or passes[-1]
     inputs = []  # weak references to each layer's input in the forward pass
     for layer in model.model.layers:
         layer.register_forward_pre_hook(lambda _, args: inputs.append(weakref.ref(args[0])))
@@ -91,6 +91,27 @@ def test_only_the_layer_inputs_move_and_nothing_keeps_them():
     (saved,) = passes
     assert [tuple(s.shape) for s in saved.saved] == [(3, 50, 64)] * 3
     assert all(s.host is None for s in saved.saved)  # each one was taken back by the backward pass
+
+
+def test_host_memory_limits_which_layer_inputs_move(capsys):
+    """Half the RAM holds 2 of the 3-row micro-batches' 3 movable layer inputs: layers 0 and 1 move, layer 2 keeps
+    its input on the device (as layer 3 always does); the 2-row micro-batch's smaller inputs all fit. Gradients are
+    bit for bit those without offloading, and one note says what stayed."""
+    model, batches = lora_model("cpu", torch.float32), micro_batches("cpu")
+    plain = gradients(model, batches, None)
+    offload = CheckpointOffload(torch.device("cpu"))
+    layer_input = lambda rows: rows * 50 * 64 * 4
+    offload.host_limit_bytes = 2 * layer_input(3) + 1000
+    passes = []
+    new_pass = offload.new_pass
+    offload.new_pass = lambda *args: passes.append(new_pass(*args)) or passes[-1]
+    limited = gradients(model, batches, offload)
+    for name in plain:
+        assert torch.equal(plain[name], limited[name]), name
+    assert [sorted(p.of_layer) for p in passes] == [[0, 1], [0, 1, 2], [0, 1]]
+    assert offload.allocated_bytes == 2 * layer_input(3) + layer_input(2)  # the 2-row input took a new buffer
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "holds the checkpointed inputs of 2 of 3 layers" in err
 
 
 @pytest.mark.cuda
@@ -230,7 +251,7 @@ def test_kept_attention_outputs_on_the_gpu(monkeypatch, backend):
     monkeypatch.setattr(phi3.attention, "keep_outputs", True)
     passes = []
     new_pass = offload.new_pass
-    offload.new_pass = lambda **kwargs: passes.append(new_pass(**kwargs)) or passes[-1]
+    offload.new_pass = lambda *args: passes.append(new_pass(*args)) or passes[-1]
     kept = gradients(model, batches, offload)
     assert [sorted(p.of_layer) for p in passes] == [list(range(7))] * 2
     assert all(len(p.of_layer[layer]) == 2 for p in passes for layer in range(7))  # each: its input and its output
