@@ -18,7 +18,6 @@ shapes, which item 6 wants within 5 %.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -28,24 +27,13 @@ import time
 from pathlib import Path
 
 import torch
-from systems import peft_lora  # bench/ itself: the script's folder is on sys.path
+from systems import ours_config, peft_lora, random_checkpoint  # bench/ itself: the script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = REPO / "examples" / "chat.jsonl"
+CONFIG = REPO / "assets" / "configs" / "phi3-mini-4k-instruct" / "config.json"
 TINY = dict(hidden_size=192, intermediate_size=448, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)
-
-
-def make_checkpoint(path: Path, tiny: bool, device: str) -> None:
-    from phi3 import Phi3Config, Phi3ForCausalLM, save_model
-    config = Phi3Config.from_json(REPO / "assets" / "configs" / "phi3-mini-4k-instruct" / "config.json")
-    if tiny:
-        config = dataclasses.replace(config, **TINY)
-    with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
-    model = model.to_empty(device=device).to(torch.bfloat16)
-    model.init_weights(seed=0)
-    save_model(model, path, dtype=torch.bfloat16, tokenizer_from=REPO / "assets" / "tokenizer")
 
 
 def reference(args) -> None:
@@ -97,7 +85,7 @@ def main() -> None:
     if args.system:
         return reference(args)
     if not any(args.ckpt.glob("*.safetensors")):
-        make_checkpoint(args.ckpt, args.tiny, args.device)
+        random_checkpoint(args.ckpt, ours_config(CONFIG, TINY if args.tiny else None), args.device)
     caches = Path(tempfile.mkdtemp(prefix="first-steps-"))
     results = {}
     for temperature in ("cold", "warm"):  # warm: the caches as the cold run left them

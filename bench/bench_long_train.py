@@ -15,7 +15,6 @@ against transformers + peft.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import subprocess
@@ -24,24 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from systems import ours_config, random_checkpoint  # bench/ itself: the script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CONFIG = REPO / "assets" / "configs" / "phi3-mini-128k-instruct" / "config.json"
 TINY = dict(hidden_size=192, intermediate_size=448, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)
-
-
-def make_checkpoint(path: Path, tiny: bool, device: str) -> None:
-    from phi3 import Phi3Config, Phi3ForCausalLM, save_model
-    config = Phi3Config.from_json(CONFIG)
-    if tiny:
-        config = dataclasses.replace(config, **TINY)
-    with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
-    model = model.to_empty(device=device).to(torch.bfloat16)
-    model.init_weights(seed=0)
-    save_model(model, path, dtype=torch.bfloat16, tokenizer_from=REPO / "assets" / "tokenizer")
 
 
 def documents(token_counts: list[int], seed: int) -> list[str]:
@@ -87,7 +74,7 @@ def main() -> None:
     p.add_argument("--only", choices=["unpacked", "packed"])
     args = p.parse_args()
     if not any(args.ckpt.glob("*.safetensors")):
-        make_checkpoint(args.ckpt, args.tiny, args.device)
+        random_checkpoint(args.ckpt, ours_config(CONFIG, TINY if args.tiny else None), args.device)
     n = args.max_seq_len
     work = Path(tempfile.mkdtemp(prefix="long-train-"))
     unpacked = work / "long.jsonl"  # each row: one document cut to n tokens

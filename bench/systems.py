@@ -48,6 +48,18 @@ def ours_config(path: Path, overrides: dict | None = None):
     return dataclasses.replace(Phi3Config.from_json(path), **(overrides or {}))
 
 
+def random_checkpoint(folder: Path, config, device) -> None:
+    """A checkpoint on disk (bf16 safetensors, HF layout, the shipped tokenizer) with random weights of `config`,
+    for the benchmarks that time train.py itself."""
+    from phi3 import Phi3ForCausalLM, save_model
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    model.init_weights(seed=0)
+    tokenizer = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+    save_model(model, folder, dtype=torch.bfloat16, tokenizer_from=tokenizer)
+
+
 def hf_random(path: Path, overrides: dict | None, device, dtype):
     """transformers' Phi3ForCausalLM from a config.json (with overrides), randomly initialised, SDPA attention."""
     import transformers
