@@ -18,8 +18,8 @@ CPU (tests) the same code runs with plain copies and no streams. Results are bit
 the values make a round trip, nothing is recomputed differently.
 
 Host memory bounds it: a pass moves layer inputs only while they fit in half of the machine's RAM
-(`host_limit_bytes`; 26 GiB of inputs on a 32 GiB machine would leave it swapping or killed); the later layers'
-inputs then stay on the GPU, and a note says so once.
+(`host_limit_bytes`, divided among the processes torchrun runs on the machine; 26 GiB of inputs on a 32 GiB machine
+would leave it swapping or killed); the later layers' inputs then stay on the GPU, and a note says so once.
 
 A layer whose input waits here can also leave what it computed once for its recompute to take back instead of
 computing it again (`keep` / `take_kept`: attention's output at long context, phi3/attention.py). Those tensors
@@ -45,13 +45,24 @@ def physical_memory_bytes() -> int:
         return 0
 
 
+def processes_on_this_machine() -> int:
+    """How many training processes share this machine's RAM: torchrun's LOCAL_WORLD_SIZE, else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def _note(text: str) -> None:
     print(f"note: {text}", file=sys.stderr)
 
 
 def _half_the_ram() -> str:
-    ram = physical_memory_bytes()
-    return f"half of this machine's {ram / 2**30:.0f} GiB" if ram else "the OS does not report its RAM"
+    ram, processes = physical_memory_bytes(), processes_on_this_machine()
+    if not ram:
+        return "the OS does not report its RAM"
+    shared = f", shared by {processes} processes" if processes > 1 else ""
+    return f"half of this machine's {ram / 2**30:.0f} GiB{shared}"
 
 
 class CheckpointOffload:
@@ -64,9 +75,9 @@ class CheckpointOffload:
         self.free: list[torch.Tensor] = []  # flat host buffers not holding a layer input now
         self.allocated_bytes = 0  # host memory this offloader holds (for the log and tests)
         self.pinned = self.cuda  # False once pinning failed: pageable buffers then (slower copies, same results)
-        # a pass's layer inputs + kept tensors (see above); 0: the OS does not say, then every input moves, and
-        # nothing more is kept
-        self.host_limit_bytes = physical_memory_bytes() // 2
+        # a pass's layer inputs + kept tensors (see above), this process's share when torchrun runs several on one
+        # machine; 0: the OS does not say, then every input moves, and nothing more is kept
+        self.host_limit_bytes = physical_memory_bytes() // 2 // processes_on_this_machine()
         self.told_limit = self.told_inputs = False
 
     def new_pass(self, layers: int, layer_bytes: int) -> "OffloadedPass":

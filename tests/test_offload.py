@@ -114,6 +114,19 @@ def test_host_memory_limits_which_layer_inputs_move(capsys):
     assert err.count("note:") == 1 and "holds the checkpointed inputs of 2 of 3 layers" in err
 
 
+def test_processes_on_one_machine_share_its_ram(monkeypatch):
+    """Under torchrun each process on a machine gets its share of the half of RAM that offloading may use."""
+    import phi3.offload
+    monkeypatch.setattr(phi3.offload, "physical_memory_bytes", lambda: 64 << 30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert CheckpointOffload(torch.device("cpu")).host_limit_bytes == 32 << 30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert CheckpointOffload(torch.device("cpu")).host_limit_bytes == 8 << 30
+    assert "half of this machine's 64 GiB, shared by 4 processes" == phi3.offload._half_the_ram()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "four")  # not torchrun's: as one process
+    assert CheckpointOffload(torch.device("cpu")).host_limit_bytes == 32 << 30
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU (run `pytest -m cuda` on the device machine)")
 def test_offloaded_gradients_are_bit_identical_on_the_gpu():
