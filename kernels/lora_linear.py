@@ -204,21 +204,17 @@ def _programs(items, device):
 
 def _lora_down(plan, x2, A, seed, p):
     """S = dropout(x) A^T, (M, r) fp32."""
-    s = _empty(x2.shape[0], A.shape[0], dtype=torch.float32, device=x2.device)
-    _launch_down(plan, "down", x2, A, s, seed, p)
-    return s
-
-
-def _launch_down(plan, site, x2, A, s, seed, p):
     M, K = x2.shape
     R = A.shape[0]
+    s = _empty(M, R, dtype=torch.float32, device=x2.device)
     args = (x2, A, s, M, K, R, seed, p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1), A.stride(0), A.stride(1))
 
     def setup():
         block_r = _r_blocks(R)[1]
         grid = lambda m: (_programs(launch.cdiv(M, m["BLOCK_M"]), x2.device), launch.cdiv(R, block_r))
         return grid, dict(M_BUCKET=launch.m_bucket(M), DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
-    launch.cached(plan, site, "down", args, setup, x2.dtype)
+    launch.cached(plan, "down", "down", args, setup, x2.dtype)
+    return s
 
 
 def _backward_splits(M, N, K, R, device):

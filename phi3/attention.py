@@ -36,7 +36,7 @@ _FLASH_OPS = hasattr(torch.ops.aten, "_flash_attention_forward") and hasattr(tor
 _CUDNN_OPS = hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
 use_flash = True  # bench/ ablations switch these off to measure what they buy
 use_cudnn = True
-# Kept attention outputs: 1.08-1.12x the long-context step at 16k-32k tokens on an H200 for 2-3 % more GPU memory
+# Kept attention outputs: 1.08-1.13x the long-context step at 16k-32k tokens on an H200 for 2-4 % more GPU memory
 # (bench/README.md, long context); bench/ ablations switch it off
 keep_outputs = True
 # Rows at least this long take cuDNN (1.5x faster from here on an H200, slower at batch 4 x 2048: bench/README.md)
