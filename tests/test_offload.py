@@ -53,6 +53,14 @@ def gradients(model, batches, offload):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def recorded_passes(offload):
+    """The passes `offload` makes from now on, appended to the returned list as new_pass makes them."""
+    passes = []
+    new_pass = offload.new_pass
+    offload.new_pass = lambda *args: passes.append(new_pass(*args)) or passes[-1]
+    return passes
+
+
 def micro_batches(device, vocab=512):
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab, shape, generator=gen).to(device) for shape in [(3, 50), (2, 50), (3, 50)]]
@@ -77,9 +85,7 @@ def test_only_the_layer_inputs_move_and_nothing_keeps_them():
     model, (ids, *_) = lora_model("cpu", torch.float32), micro_batches("cpu")
     offload = CheckpointOffload(torch.device("cpu"))
     model.offload = offload
-    passes = []
-    new_pass = offload.new_pass
-    offload.new_pass = lambda *args: passes.append(new_pass(*args)) or passes[-1]
+    passes = recorded_passes(offload)
     inputs = []  # weak references to each layer's input in the forward pass
     for layer in model.model.layers:
         layer.register_forward_pre_hook(lambda _, args: inputs.append(weakref.ref(args[0])))
@@ -102,9 +108,7 @@ def test_host_memory_limits_which_layer_inputs_move(capsys):
     offload = CheckpointOffload(torch.device("cpu"))
     layer_input = lambda rows: rows * 50 * 64 * 4
     offload.host_limit_bytes = 2 * layer_input(3) + 1000
-    passes = []
-    new_pass = offload.new_pass
-    offload.new_pass = lambda *args: passes.append(new_pass(*args)) or passes[-1]
+    passes = recorded_passes(offload)
     limited = gradients(model, batches, offload)
     for name in plain:
         assert torch.equal(plain[name], limited[name]), name
@@ -262,9 +266,7 @@ def test_kept_attention_outputs_on_the_gpu(monkeypatch, backend):
     monkeypatch.setattr(phi3.attention, "keep_outputs", False)
     recomputed = gradients(model, batches, offload)
     monkeypatch.setattr(phi3.attention, "keep_outputs", True)
-    passes = []
-    new_pass = offload.new_pass
-    offload.new_pass = lambda *args: passes.append(new_pass(*args)) or passes[-1]
+    passes = recorded_passes(offload)
     kept = gradients(model, batches, offload)
     assert [sorted(p.of_layer) for p in passes] == [list(range(7))] * 2
     assert all(len(p.of_layer[layer]) == 2 for p in passes for layer in range(7))  # each: its input and its output
