@@ -11,6 +11,8 @@ loading the checkpoint included:
 - transformers + peft: from_pretrained, get_peft_model (same LoRA), gradient checkpointing, AdamW, the same examples
   in batches of 4 padded to their longest (no packing in transformers without extra code). Its cold run has an
   empty Triton cache too (torch may compile nothing; then cold = warm).
+- ours on an "unknown GPU": cold, with the kernel choices shipped for this GPU model switched off
+  (PHI3_SHIPPED_CHOICES=off), as a first run on a GPU model without a file in assets/kernel_choices/ goes.
 Also printed: train.py's tokens/s over steps 3-10 (its own live-line number) next to `bench_train.py`'s at the same
 shapes, which item 6 wants within 5 %.
 """
@@ -61,14 +63,17 @@ def reference(args) -> None:
         print(json.dumps({"step": step + 1}), flush=True)
 
 
-def timed(cmd: list[str], env: dict, until: str) -> float:
-    """Seconds from launching cmd to the first output line (stdout or stderr) containing `until`."""
+def timed(cmd: list[str], env: dict, until: str, show: str = "kernel choices:") -> float:
+    """Seconds from launching cmd to the first output line (stdout or stderr) containing `until`; lines containing
+    `show` are printed with their time."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = None
     for line in proc.stdout:
         if seen is None and until in line:
             seen = time.perf_counter() - start
+        if show in line:
+            print(f"    {time.perf_counter() - start:5.1f} s: {line.strip()}", flush=True)
     if proc.wait() != 0 or seen is None:
         sys.exit(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}) before {until!r}")
     return seen
@@ -88,13 +93,19 @@ def main() -> None:
         random_checkpoint(args.ckpt, ours_config(CONFIG, TINY if args.tiny else None), args.device)
     caches = Path(tempfile.mkdtemp(prefix="first-steps-"))
     results = {}
-    for temperature in ("cold", "warm"):  # warm: the caches as the cold run left them
+    for temperature in ("cold", "warm", "unknown GPU"):  # warm: the caches as the cold run left them
         env = {**os.environ, "TRITON_CACHE_DIR": str(caches / "triton"), "PHI3_KERNEL_CACHE": str(caches / "kernels")}
-        out = caches / f"run-{temperature}"
+        if temperature == "unknown GPU":  # cold, and no choices shipped for this GPU model: every one is timed
+            env.update(TRITON_CACHE_DIR=str(caches / "triton-unknown"), PHI3_SHIPPED_CHOICES="off",
+                       PHI3_KERNEL_CACHE=str(caches / "kernels-unknown"))
+        out = caches / f"run-{temperature.replace(' ', '-')}"
         ours = [sys.executable, "train.py", "--model", str(args.ckpt), "--data", str(DATA), "--packing",
                 "--max-steps", str(args.steps), "--log-every", "1", "--save-every", "0", "--eval-fraction", "0",
                 "--device", args.device, "--out", str(out)]
+        print(f"  ours, {temperature}:", flush=True)
         results[f"ours {temperature}"] = timed(ours, env, f"step {args.steps}/{args.steps}")
+        if temperature == "unknown GPU":
+            break
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         results[f"ours tokens/s {temperature}"] = sorted(r["tokens_per_s"] for r in rows if r.get("step", 0) >= 3
                                                         and "tokens_per_s" in r)
@@ -104,9 +115,11 @@ def main() -> None:
         results[f"reference {temperature}"] = timed(ref, env_ref, f'"step": {args.steps}}}')
     print(f"launch to the end of step {args.steps}, {'tiny' if args.tiny else 'Phi-3-mini'} checkpoint {args.ckpt}, "
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'} (load included)")
-    for temperature in ("cold", "warm"):
-        a, b = results[f"ours {temperature}"], results[f"reference {temperature}"]
-        print(f"  {temperature}: ours {a:.1f} s, transformers+peft {b:.1f} s, ratio {a / b:.2f} (target <= 1)")
+    for temperature in ("cold", "warm", "unknown GPU"):
+        unknown = temperature == "unknown GPU"
+        a, b = results[f"ours {temperature}"], results[f"reference {'cold' if unknown else temperature}"]
+        print(f"  {temperature}: ours {a:.1f} s, transformers+peft {b:.1f} s{' (cold)' if unknown else ''}, "
+              f"ratio {a / b:.2f}" + ("" if unknown else " (target <= 1)"))
     speeds = results["ours tokens/s warm"]
     if speeds:
         print(f"train.py's own tokens/s, steps 3-{args.steps} (warm run): median {speeds[len(speeds) // 2]:,.0f} "

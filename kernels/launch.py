@@ -4,9 +4,15 @@ One LoRA linear is 5 kernel launches forward + backward, so the autotuner is con
 launch site keeps its kernel, config and grid for the problem at hand (`cached`, `Bound`): a repeat call
 allocates its outputs and launches through Triton's own launcher. (A private launcher that skipped Triton's
 argument binding was removed: it bought 0.1 % of a Phi-3-mini training step on an H200, bench/README.md.)
+
+Compiling: Triton compiles a kernel binary the first time a launch needs it, one after another on the launching
+thread, ~1 s each for the TMA GEMM; a Phi-3 run needs dozens (each chosen config, forward and backward, dropout on
+and off) and tuning needs every candidate config. `compile_ahead` compiles them all in parallel threads first.
 """
+import contextlib
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
@@ -131,6 +137,10 @@ def launch(name, grid, args, meta, dtype):
         key = choice_key(name, [("dtype", dtype)] + [(k, meta[k] if k in meta else args[fn.arg_names.index(k)])
                                                      for k in tuner.keys])
         cfg = _best.get(key)
+        if cfg is None and _ahead is not None:  # every config the autotuner will time, passed as it passes them
+            for candidate in _candidates(name, args):
+                _ahead.add(fn, args, {**meta, **candidate.all_kwargs()})
+            return None
         if cfg is None:
             tuner[grid](*args, **meta)
             _best[key] = tuner.best_config
@@ -139,9 +149,91 @@ def launch(name, grid, args, meta, dtype):
     full = {**meta, **cfg.kwargs}
     grid = (tuple(grid(full)) + (1, 1))[:3]
     opts = {} if INTERPRET else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if _ahead is not None:
+        _ahead.add(fn, args, {**full, **opts})
+        return None
     bound = Bound(fn, grid, full, opts, name == "tma" and not INTERPRET)
     bound(args)
     return bound
+
+
+def plain(fn, grid, *args, **meta):
+    """Launch a kernel that has one config (RMSNorm, RoPE, SwiGLU); inside compile_ahead, note its binary."""
+    if _ahead is not None:
+        _ahead.add(fn, args, meta)
+    else:
+        fn[grid](*args, **meta)
+
+
+def _candidates(name, args):
+    """The configs the autotuner times for these arguments (after its pruning)."""
+    configs = _tuned[name].configs
+    if name in ("gemm", "tma"):
+        configs = _prune_gemm(configs, dict(zip(_KERNELS[name].arg_names, args)))
+    return configs
+
+
+class _Binaries:
+    """The kernel binaries launches asked for inside compile_ahead: what Triton specializes a binary on (each
+    tensor's dtype and 16-byte alignment, each int's class: 1, a multiple of 16, its width; the constexprs and
+    options), each once."""
+
+    def __init__(self):
+        self.jobs = {}
+
+    def add(self, fn, args, kwargs):
+        skip = {fn.arg_names[i] if type(i) is int else i for i in getattr(fn, "do_not_specialize", ())}
+        spec = []
+        for name, value in zip(fn.arg_names, args):
+            if hasattr(value, "data_ptr"):
+                if value.data_ptr() % 16:
+                    return  # (never seen: allocations are aligned) compiled at its launch instead
+                spec.append(str(value.dtype))
+            elif type(value) is int:
+                spec.append((name in skip or value == 1, name in skip or value % 16 == 0, -2**31 <= value < 2**31))
+            else:
+                spec.append(type(value).__name__ if type(value) is float else value)
+        key = (fn, tuple(spec), tuple(sorted(kwargs.items())))
+        if key not in self.jobs:
+            # a dtype stands for a tensor in a warmup: an aligned one of that dtype, no memory held
+            self.jobs[key] = (fn, [v.dtype if hasattr(v, "data_ptr") else v for v in args], kwargs)
+
+
+_ahead = None  # the _Binaries being collected while compile_ahead is active
+
+
+def compiling_ahead() -> bool:
+    return _ahead is not None
+
+
+@contextlib.contextmanager
+def compile_ahead(device, threads=None):
+    """Inside the block, launches run nothing (their outputs are garbage, random draws are undone) and note the
+    binaries they would need: the chosen config, or every candidate of a choice still to be timed. On leaving,
+    those are compiled in `threads` parallel threads (Triton's compiler releases the GIL: a thread per core) into
+    Triton's caches, where the launches after the block find them. A compile error is raised there, as the launch
+    would raise it."""
+    global _ahead
+    if INTERPRET or device.type != "cuda":
+        yield
+        return
+    _ahead = binaries = _Binaries()
+    try:
+        with torch.random.fork_rng([device]):  # what the block draws (inputs, dropout seeds) is handed back
+            yield
+    finally:
+        _ahead = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = threads or min(32, cores)
+    for fn in {fn for fn, _, _ in binaries.jobs.values()}:
+        fn.cache_key  # its source hash, computed here once: older Triton computes it unlocked, and racing threads
+        # then key some binaries by a placeholder (they compile again at their launch, and could match stale code)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    with ThreadPoolExecutor(threads, initializer=torch.cuda.set_device, initargs=(index,)) as pool:
+        done = [pool.submit(lambda job=job: job[0].warmup(*job[1], grid=(1,), **job[2]))
+                for job in binaries.jobs.values()]
+    for future in done:
+        future.result()
 
 
 class Bound:

@@ -103,8 +103,8 @@ class RMSNormFunction(torch.autograd.Function):
         s = _empty(x2.shape[0], n, dtype=s_dtype, device=x.device) if res else x2
         rstd = _empty(x2.shape[0], dtype=torch.float32, device=x.device)
         with _on(x):
-            _rms_norm_fwd_kernel[(x2.shape[0],)](x2, r2, weight, y, s, rstd, n, eps, x2.stride(0), r2.stride(0),
-                                                 RESIDUAL=res, **_meta(n))
+            launch.plain(_rms_norm_fwd_kernel, (x2.shape[0],), x2, r2, weight, y, s, rstd, n, eps, x2.stride(0),
+                         r2.stride(0), RESIDUAL=res, **_meta(n))
         ctx.save_for_backward(s, weight, rstd)
         return (y.view(x.shape), s.view(x.shape)) if res else y.view(x.shape)
 
@@ -117,9 +117,8 @@ class RMSNormFunction(torch.autograd.Function):
         programs = min(M, _DW_WAVES * launch.num_sms(s.device)) if weight_grad else M  # frozen: one row each
         dwp = _empty(programs, n, dtype=torch.float32, device=s.device) if weight_grad else None
         with _on(s):
-            _rms_norm_bwd_kernel[(programs,)](dy2, ds2, s, weight, rstd, dx, dwp, M, n, dy2.stride(0),
-                                              0 if ds2 is None else ds2.stride(0), s.stride(0),
-                                              WEIGHT_GRAD=weight_grad, **_meta(n))
+            launch.plain(_rms_norm_bwd_kernel, (programs,), dy2, ds2, s, weight, rstd, dx, dwp, M, n, dy2.stride(0),
+                         0 if ds2 is None else ds2.stride(0), s.stride(0), WEIGHT_GRAD=weight_grad, **_meta(n))
         dw = dwp.sum(0).to(weight.dtype) if weight_grad else None  # fixed-order sum of the partials
         dx = dx.view(dy.shape)  # in s's dtype: autograd casts it to x's and r's (the same in a 16-bit model)
         return dx, dw, dx if ctx.needs_input_grad[2] else None, None

@@ -103,7 +103,8 @@ def _launch(kernel, B, T, n_head, n_kv_head, head_dim, args):
     heads = min(launch.next_pow2(max(n_head, n_kv_head)), max(1, _TILE // half))
     grid = (B * T, launch.cdiv(n_head, heads) + launch.cdiv(n_kv_head, heads))
     # no fused multiply-add: torch rounds each product before the sum, and so must fp32 here
-    kernel[grid](*args, NH=n_head, NKV=n_kv_head, HD=head_dim, HEADS=heads, HALF_PAD=half, enable_fp_fusion=False)
+    launch.plain(kernel, grid, *args, NH=n_head, NKV=n_kv_head, HD=head_dim, HEADS=heads, HALF_PAD=half,
+                 enable_fp_fusion=False)
 
 
 def _tables(cos, sin, B, T):

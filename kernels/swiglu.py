@@ -69,7 +69,8 @@ class SwiGLUFunction(torch.autograd.Function):
         gu = _rows(gate_up, 2 * I)
         out = _empty(gu.shape[0], I, dtype=gate_up.dtype, device=gate_up.device)
         with _on(gate_up):
-            _swiglu_fwd_kernel[(gu.shape[0], launch.cdiv(I, _BLOCK))](gu, out, I, gu.stride(0), BLOCK=_BLOCK)
+            launch.plain(_swiglu_fwd_kernel, (gu.shape[0], launch.cdiv(I, _BLOCK)), gu, out, I, gu.stride(0),
+                         BLOCK=_BLOCK)
         ctx.save_for_backward(gu)  # a view of the input (a copy only if its last dim was strided)
         return out.view(gate_up.shape[:-1] + (I,))
 
@@ -79,7 +80,8 @@ class SwiGLUFunction(torch.autograd.Function):
         M, I = gu.shape[0], gu.shape[1] // 2
         d2, dgu = _rows(dout, I), _empty(M, 2 * I, dtype=gu.dtype, device=gu.device)
         with _on(gu):
-            _swiglu_bwd_kernel[(M, launch.cdiv(I, _BLOCK))](gu, d2, dgu, I, gu.stride(0), d2.stride(0), BLOCK=_BLOCK)
+            launch.plain(_swiglu_bwd_kernel, (M, launch.cdiv(I, _BLOCK)), gu, d2, dgu, I, gu.stride(0), d2.stride(0),
+                         BLOCK=_BLOCK)
         return dgu.view(dout.shape[:-1] + (2 * I,))
 
 

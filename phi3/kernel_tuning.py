@@ -8,7 +8,12 @@ exactly what 20 steps do, and all processes run the same kernels.
 
 Timing every shape takes ~16 s per run (minutes when Triton's cache is cold), so the choices are also kept on disk per
 GPU model, torch/triton version, kernel source and settings (`~/.cache/phi3-lora/`, or $PHI3_KERNEL_CACHE; "off"
-disables it): a later run on the same kind of GPU times only shapes no earlier run has met.
+disables it): a later run on the same kind of GPU times only shapes no earlier run has met. And the repository
+ships the choices for Phi-3-mini and -medium's default runs on the GPUs it was measured on
+(assets/kernel_choices/, made by bench/make_kernel_choices.py for the kernels' current source; "off" or
+PHI3_SHIPPED_CHOICES=off skips them), so that a first run on a fresh machine times nothing there either.
+Before the first step every kernel binary the choices need is compiled in parallel (kernels/launch.py:
+compile_ahead), so a cold Triton cache costs seconds rather than minutes.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -23,13 +29,15 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from kernels import tuning_record, use_tuning_record
+from kernels import launch, tuning_record, use_tuning_record
 from kernels.launch import AUTOTUNE_MIN_M, m_bucket
 from phi3.atomic import atomic_file
 from phi3.lora import lora_modules
 from phi3.model import MLP, token_tiles
 
 TUNING_FILE = "kernel_tuning.json"
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "kernel_choices"
+STEP_TOKENS = 1024  # step_once's length: short, and below AUTOTUNE_MIN_M (no choices to time)
 SETTINGS = ("LORA_GEMM", "LORA_AUTOTUNE")  # environment switches that decide whether choices are timed at all
 
 
@@ -111,6 +119,34 @@ def tune_lora_layers(model: torch.nn.Module, token_counts, dtype: torch.dtype) -
     model.zero_grad(set_to_none=True)
 
 
+def step_once(model, tokens: int) -> None:
+    """Forward and backward of the whole model over one row of `tokens` tokens in training mode, and a forward in
+    eval mode: inside compile_ahead this notes the binaries of the kernels that training and evaluation run besides
+    the LoRA layers' tuned ones (RMSNorm, RoPE, SwiGLU; LoRA's at short lengths). Gradients are dropped."""
+    device = model.lm_head.weight.device
+    ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
+    positions = torch.arange(tokens, device=device)[None]
+    was_training = model.training
+    model.train()
+    model.hidden_states(ids, positions, None).float().sum().backward()
+    model.eval()
+    with torch.no_grad():
+        model.hidden_states(ids, positions, None)
+    model.train(was_training)
+    model.zero_grad(set_to_none=True)
+
+
+def compile_run_kernels(model, token_counts, dtype: torch.dtype, device: torch.device) -> float:
+    """Compile, in parallel, every kernel binary that tune_lora_layers (timing included) and a training step will
+    run (kernels/launch.py: compile_ahead); returns the seconds it took."""
+    started = time.perf_counter()
+    with launch.compile_ahead(device):
+        tune_lora_layers(model, token_counts, dtype)
+        if lora_modules(model):  # (not --full: a sharded model's forward on one process alone would wait forever)
+            step_once(model, STEP_TOKENS)
+    return time.perf_counter() - started
+
+
 def share_from_main(record: dict, rank: int, world_size: int, device: torch.device) -> dict:
     """Rank 0's record on every process (sent as JSON bytes: nothing is unpickled)."""
     if world_size == 1:
@@ -124,6 +160,56 @@ def share_from_main(record: dict, rank: int, world_size: int, device: torch.devi
     return json.loads(bytes(data.cpu().tolist()).decode())
 
 
+def kernels_source() -> str:
+    """A hash of kernels/*.py: choices made for other kernel code are not reused."""
+    source = hashlib.sha256()
+    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        source.update(path.name.encode() + b"\0" + path.read_bytes())
+    return source.hexdigest()
+
+
+def choices_source() -> str:
+    """A hash of what timed choices depend on: the timed kernels' code (kernels/gemm.py, lowrank.py) and the configs
+    and GEMM kinds chosen among. Shipped choices stay valid through host-side changes elsewhere in kernels/."""
+    source = hashlib.sha256()
+    for name in ("gemm.py", "lowrank.py"):
+        source.update(name.encode() + b"\0" + (Path(kernels.__file__).parent / name).read_bytes())
+    space = [kernels.tuning.VERSION, kernels.tuning._KINDS,
+             [(name, [kernels.tuning._config_json(c) for c in tuner.configs]) for name, tuner in launch._tuned.items()]]
+    source.update(json.dumps(space).encode())
+    return source.hexdigest()
+
+
+def shipped_file(device_name: str) -> Path:
+    return SHIPPED / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+def read_shipped(device_name: str, capability: tuple[int, int], log) -> dict | None:
+    """The repository's choices for this GPU model, or None: none shipped, switched off, made with other kernel
+    settings than the defaults, or made for other kernel code (then said: they are to be made anew)."""
+    if "off" in (os.environ.get("PHI3_KERNEL_CACHE", "").lower(), os.environ.get("PHI3_SHIPPED_CHOICES", "").lower()):
+        return None
+    path = shipped_file(device_name)
+    if any(settings().values()) or not path.is_file():
+        return None
+    data = json.loads(path.read_text())  # the repository's own file: a broken one fails the test suite
+    if data["device"] != device_name or data["capability"] != list(capability):
+        return None
+    if data["kernels"] != choices_source():
+        log(f"note: {path} was made for other kernel code; timing kernels here instead (bench/make_kernel_choices.py "
+            "renews it)")
+        return None
+    return data["record"]
+
+
+def shipped_text(device_name: str, capability: tuple[int, int], record: dict) -> str:
+    """A shipped choices file (bench/make_kernel_choices.py writes it)."""
+    import triton
+    return json.dumps({"device": device_name, "capability": list(capability), "kernels": choices_source(),
+                       "made_with": {"torch": torch.__version__, "triton": triton.__version__},
+                       "record": record}, indent=1) + "\n"
+
+
 def cache_file(device_name: str, capability: tuple[int, int]) -> Path | None:
     """Where choices for this GPU model, software and kernel source are kept; None when the cache is off."""
     folder = os.environ.get("PHI3_KERNEL_CACHE", "")
@@ -132,11 +218,8 @@ def cache_file(device_name: str, capability: tuple[int, int]) -> Path | None:
     if not folder:
         folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phi3-lora"
     import triton  # (kernels imported it already)
-    source = hashlib.sha256()
-    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
-        source.update(path.name.encode() + b"\0" + path.read_bytes())
     key = json.dumps([device_name, list(capability), torch.__version__, triton.__version__, settings(),
-                      source.hexdigest()])
+                      kernels_source()])
     return Path(folder).expanduser() / f"kernel_tuning-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
@@ -190,17 +273,24 @@ def prepare(model, token_counts, dtype: torch.dtype, device: torch.device, saved
     if saved:
         use_tuning_record(saved)
     if rank == 0:
-        cache = cache_file(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
-        cached = read_cache(cache, log)
-        if cached and saved:
-            use_tuning_record(saved)  # the resumed run's own choices win over the cache's
+        name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        shipped = read_shipped(name, capability, log)
+        if shipped:
+            use_tuning_record(shipped)
+        cache = cache_file(name, capability)
+        cached = read_cache(cache, log)  # (applied over the shipped choices: made on this machine)
+        if (cached or shipped) and saved:
+            use_tuning_record(saved)  # the resumed run's own choices win
         known = _entries(tuning_record())
         started = time.perf_counter()
         counts = token_counts() if callable(token_counts) else token_counts
+        compiled = compile_run_kernels(model, counts, dtype, device)  # what the next line and the first step run
         tune_lora_layers(model, counts, dtype)  # times only what neither the cache nor the resumed run had
         record = tuning_record()
-        log(f"kernel choices: {known} already made ({'resumed run' if saved else 'cache'}), {_entries(record) - known} "
-            f"timed now in {time.perf_counter() - started:.1f} s" + (f"; kept in {cache.parent}" if cache else ""))
+        source = "resumed run" if saved else "cache" + (f" and shipped choices for {name}" if shipped else "")
+        log(f"kernel choices: {known} already made ({source}), {_entries(record) - known} timed now in "
+            f"{time.perf_counter() - started - compiled:.1f} s after {compiled:.1f} s compiling kernels"
+            + (f"; kept in {cache.parent}" if cache else ""))
         if record != cached:
             write_cache(cache, record, log)
     record = share_from_main(tuning_record() if rank == 0 else {}, rank, world_size, device)

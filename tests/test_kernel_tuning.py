@@ -6,20 +6,25 @@ import json
 import pytest
 import torch
 
+from kernels import use_tuning_record
 from phi3 import kernel_tuning
 
 ll = importlib.import_module("kernels.lora_linear")
 launch = importlib.import_module("kernels.launch")
 KIND_KEY = "fwd M_BUCKET=8192 N=9216 K=3072 R=16 DROPOUT=False dtype=torch.bfloat16"
 RECORD = {"version": 2, "kinds": {KIND_KEY: "tma"}, "configs": {}}
+COMPILED = []  # the calls of kernel_tuning.compile_run_kernels (faked)
 
 
 @pytest.fixture(autouse=True)
 def fresh_choices(monkeypatch, tmp_path):
-    """Each test starts with no kernel choices in the process and its own cache folder."""
+    """Each test starts with no kernel choices in the process and its own cache folder; compiling ahead (GPU only)
+    is faked: it is recorded."""
     monkeypatch.setattr(ll, "_chosen_kinds", {})
     monkeypatch.setattr(launch, "_best", {})
     monkeypatch.setenv("PHI3_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernel_tuning, "compile_run_kernels", lambda *args: COMPILED.append(args) or 0.0)
+    COMPILED.clear()
     for name in kernel_tuning.SETTINGS:
         monkeypatch.delenv(name, raising=False)
 
@@ -202,3 +207,79 @@ def test_mlp_layers_are_tuned_for_the_tiles_they_see():
     model.gradient_checkpointing = False
     assert kernel_tuning.counts_seen(model, mlp, counts, training=True) == set(counts)
     assert kernel_tuning.counts_seen(model, mlp, counts, training=False) == {1000, tile, 5}
+
+
+def fake_h200(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(kernel_tuning, "tune_lora_layers", lambda model, counts, dtype: None)  # times nothing
+
+
+def ship(monkeypatch, tmp_path, record, kernels=None):
+    """A shipped choices file for "NVIDIA H200" in a folder of this test's own."""
+    monkeypatch.setattr(kernel_tuning, "SHIPPED", tmp_path / "shipped")
+    path = kernel_tuning.shipped_file("NVIDIA H200")
+    path.parent.mkdir()
+    text = kernel_tuning.shipped_text("NVIDIA H200", (9, 0), record)
+    if kernels:
+        text = text.replace(kernel_tuning.choices_source(), kernels)
+    path.write_text(text)
+    return path
+
+
+def test_shipped_choices_apply_under_the_cache_and_the_resumed_run(monkeypatch, tmp_path):
+    """A fresh machine takes the repository's choices for its GPU model; a cache made on this machine overrides
+    them key by key, a resumed run's record overrides both."""
+    fake_h200(monkeypatch)
+    other_key = KIND_KEY.replace("N=9216", "N=3072")
+    ship(monkeypatch, tmp_path, {"version": 2, "kinds": {KIND_KEY: "cublas", other_key: "cublas"}, "configs": {}})
+    said = []
+    record = kernel_tuning.prepare(None, 8192, torch.bfloat16, torch.device("cuda"), None, log=said.append)
+    assert record["kinds"] == {KIND_KEY: "cublas", other_key: "cublas"}
+    assert said[0].startswith("kernel choices: 2 already made (cache and shipped choices for NVIDIA H200), 0 timed")
+    assert COMPILED, "kernels are compiled ahead before tuning"
+    cache = kernel_tuning.cache_file("NVIDIA H200", (9, 0))
+    kernel_tuning.write_cache(cache, {"version": 2, "kinds": {KIND_KEY: "tma"}, "configs": {}}, pytest.fail)
+    monkeypatch.setattr(ll, "_chosen_kinds", {})  # a new process
+    record = kernel_tuning.prepare(None, 8192, torch.bfloat16, torch.device("cuda"), None, log=lambda text: None)
+    assert record["kinds"] == {KIND_KEY: "tma", other_key: "cublas"}  # this machine's own choice wins
+    monkeypatch.setattr(ll, "_chosen_kinds", {})
+    resumed = {"version": 2, "kinds": {other_key: "tma"}, "configs": {}}
+    record = kernel_tuning.prepare(None, 8192, torch.bfloat16, torch.device("cuda"), resumed, log=lambda text: None)
+    assert record["kinds"][other_key] == "tma"
+
+
+@pytest.mark.parametrize("why", ["stale", "switched off", "cache off", "other settings", "other GPU"])
+def test_shipped_choices_not_taken(monkeypatch, tmp_path, why):
+    """Choices made for other kernel code (said once), switched off, for other kernel settings or another GPU
+    model are not used: the run times its own."""
+    fake_h200(monkeypatch)
+    ship(monkeypatch, tmp_path, RECORD, kernels="0" * 64 if why == "stale" else None)
+    if why == "switched off":
+        monkeypatch.setenv("PHI3_SHIPPED_CHOICES", "off")
+    elif why == "cache off":
+        monkeypatch.setenv("PHI3_KERNEL_CACHE", "off")
+    elif why == "other settings":
+        monkeypatch.setenv("LORA_GEMM", "cublas")
+    elif why == "other GPU":
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    said = []
+    record = kernel_tuning.prepare(None, 8192, torch.bfloat16, torch.device("cuda"), None, log=said.append)
+    assert record["kinds"] == {}
+    notes = [text for text in said if "made for other kernel code" in text]
+    assert len(notes) == (why == "stale") and all("bench/make_kernel_choices.py" in text for text in notes)
+
+
+def test_the_shipped_choices_are_valid_and_made_for_these_kernels(fresh_choices):
+    """Every file in assets/kernel_choices/ is a record this code accepts, for its GPU model, made for the current
+    timed kernels and configs (a file made for older ones would be skipped, and a fresh machine would time again)."""
+    files = sorted(kernel_tuning.SHIPPED.glob("*.json"))
+    assert files, f"no shipped kernel choices in {kernel_tuning.SHIPPED}"
+    for path in files:
+        data = json.loads(path.read_text())
+        assert path == kernel_tuning.shipped_file(data["device"])
+        use_tuning_record(data["record"])
+        assert data["record"]["kinds"] and data["record"]["configs"]
+        assert data["kernels"] == kernel_tuning.choices_source(), (
+            f"the timed kernels or their configs changed since {path.name} was made: run `python3 bench/make_kernel_choices.py` on a "
+            f"{data['device']} and commit the file it writes")

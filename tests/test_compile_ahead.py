@@ -1,0 +1,147 @@
+"""kernels/launch.py's compile_ahead: launches inside it note the kernel binaries they would need, each once, and run
+nothing. CPU: what is noted (the chosen config, every candidate of a choice still to be timed, one job per
+specialization). GPU (`pytest -m cuda`): after phi3/kernel_tuning.py's compile_run_kernels, tuning and a training
+step compile nothing more."""
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported by kernels
+
+launch = importlib.import_module("kernels.launch")
+from kernels.lowrank import _lora_down_kernel  # noqa: E402
+from kernels.swiglu import _swiglu_fwd_kernel  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def noting(monkeypatch):
+    """Launches as on a GPU with autotuning on, inside compile_ahead's noting (its compiling needs a GPU)."""
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    monkeypatch.setattr(launch, "AUTOTUNE", True)
+    monkeypatch.setattr(launch, "_best", {})
+    monkeypatch.setattr(launch, "_ahead", launch._Binaries())
+    return launch._ahead
+
+
+def down_args(m, seed=0, k=3072, r=16, offset=0):
+    x = torch.empty(m * k + offset, dtype=torch.bfloat16)[offset:].view(m, k)
+    a = torch.empty(r, k, dtype=torch.float32)
+    s = torch.empty(m, r, dtype=torch.float32)
+    return (x, a, s, m, k, r, seed, 0.1, 1 / 0.9, x.stride(0), x.stride(1), a.stride(0), a.stride(1))
+
+
+def down_meta(m):
+    return dict(M_BUCKET=launch.m_bucket(m), DROPOUT=True, DOT_PREC="tf32", BLOCK_R=16)
+
+
+def test_a_choice_to_time_notes_every_candidate_and_runs_nothing(noting):
+    grid = lambda meta: (1, 1)
+    assert launch.launch("down", grid, down_args(8192), down_meta(8192), torch.bfloat16) is None
+    noted = [kwargs for fn, args, kwargs in noting.jobs.values()]
+    assert [{k: v for k, v in kw.items() if k in ("BLOCK_M", "BLOCK_K", "num_warps", "num_stages")} for kw in noted] == [
+        {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in launch._DOWN_CONFIGS]
+    assert all(kw["M_BUCKET"] == 8192 and kw["DROPOUT"] for kw in noted)
+    assert launch._best == {}  # nothing was timed or chosen
+    fn, args, _ = next(iter(noting.jobs.values()))
+    assert fn is _lora_down_kernel and args[:3] == [torch.bfloat16, torch.float32, torch.float32]  # dtypes: no memory
+
+
+def test_a_made_choice_notes_that_config_alone(noting):
+    args, meta = down_args(8192), down_meta(8192)
+    key = launch.choice_key("down", [("dtype", torch.bfloat16), ("M_BUCKET", 8192), ("K", 3072), ("R", 16)])
+    launch._best[key] = launch._DOWN_CONFIGS[2]
+    launch.launch("down", lambda meta: (1, 1), args, meta, torch.bfloat16)
+    [(fn, _, kwargs)] = noting.jobs.values()
+    cfg = launch._DOWN_CONFIGS[2]
+    assert kwargs == {**meta, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def test_one_job_per_specialization(noting):
+    """Ints that Triton specializes alike (multiples of 16; any value of an unspecialized one) share a binary; a count
+    that is not a multiple of 16 does not; a tensor off 16-byte alignment is left to be compiled at its launch."""
+    kernel = type("Kernel", (), dict(arg_names=_lora_down_kernel.arg_names, do_not_specialize=["seed"]))()  # as jit's
+    meta = dict(**down_meta(8192), BLOCK_M=64, BLOCK_K=128)
+    for m, seed in ((8192, 0), (4096, 12345), (8192, 7)):
+        noting.add(kernel, down_args(m, seed), meta)
+    assert len(noting.jobs) == 1
+    noting.add(kernel, down_args(8191), meta)
+    assert len(noting.jobs) == 2
+    noting.add(kernel, down_args(4096, offset=1), meta)
+    assert len(noting.jobs) == 2
+    noting.add(kernel, down_args(4096), {**meta, "BLOCK_K": 256})
+    assert len(noting.jobs) == 3
+
+
+def test_plain_launches_are_noted_not_run(noting):
+    gu, out = torch.empty(64, 128, dtype=torch.bfloat16), torch.full((64, 64), 7.0, dtype=torch.bfloat16)
+    launch.plain(_swiglu_fwd_kernel, (64, 1), gu, out, 64, gu.stride(0), BLOCK=1024)
+    [(fn, args, kwargs)] = noting.jobs.values()
+    assert fn is _swiglu_fwd_kernel and kwargs == {"BLOCK": 1024} and (out == 7).all()
+
+
+def test_compile_ahead_is_nothing_off_the_gpu():
+    with launch.compile_ahead(torch.device("cpu")):
+        assert not launch.compiling_ahead()
+
+
+_CHILD = r"""
+import sys, torch
+from pathlib import Path
+from phi3 import Phi3Config, Phi3ForCausalLM, kernel_tuning
+from phi3.lora import LoRAConfig, add_lora
+cache = Path(sys.argv[1])
+config = Phi3Config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+                    num_key_value_heads=16, sliding_window=2047)
+with torch.device("cuda"):
+    model = Phi3ForCausalLM(config).to(torch.bfloat16)
+add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
+model.gradient_checkpointing = True
+counts = {"train": [4096], "eval": [4096]}
+seen = []  # every compile: kernel, options, constants, argument types and attributes (triton >= 3.4 has the hook)
+import triton
+if hasattr(triton, "knobs"):
+    triton.knobs.runtime.jit_post_compile_hook = lambda **kw: seen.append(
+        (kw["fn"].name, kw["compile"]["num_warps"], kw["compile"]["num_stages"], str(kw["compile"]["constants"]),
+         str(kw["compile"]["signature"]), str(kw["compile"]["configs"]), kw["is_manual_warmup"]))
+kernel_tuning.compile_run_kernels(model, counts, torch.bfloat16, torch.device("cuda"))
+ahead = len(seen)
+compiled = sorted(p.name for p in cache.iterdir())
+assert compiled, "nothing was compiled ahead"
+kernel_tuning.tune_lora_layers(model, counts, torch.bfloat16)  # times every choice: candidates compiled already
+for tokens in (4096, 1024):
+    ids = torch.randint(0, 32000, (1, tokens), device="cuda")
+    positions = torch.arange(tokens, device="cuda")[None]
+    model.train()
+    model.hidden_states(ids, positions, None).float().square().mean().backward()
+    model.eval()
+    with torch.no_grad():
+        model.hidden_states(ids, positions, None)
+new = sorted(set(p.name for p in cache.iterdir()) - set(compiled))
+def closest(late):
+    same = [c for c in seen[:ahead] if c[:4] == late[:4]]
+    return "\n   ahead: " + ("\n   ahead: ".join(map(str, same)) if same else "none with these constants")
+assert not new, f"{len(new)} kernel binaries compiled after compiling ahead (of {len(compiled)}):\n" + "\n".join(
+    str(c) + closest(c) for c in seen[ahead:])
+print(len(compiled), "binaries compiled ahead")
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run `pytest -m cuda` there)")
+def test_cuda_nothing_left_to_compile(tmp_path):
+    """In a fresh process with an empty Triton cache: after compile_run_kernels, timing every choice and training
+    steps (forward, backward, and an eval forward) write no new binary to the cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LORA_AUTOTUNE", "LORA_GEMM", "TRITON_INTERPRET")}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), PYTHONPATH=str(REPO))
+    (tmp_path / "triton").mkdir()
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "triton")], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
