@@ -46,6 +46,10 @@ from phi3.tokenizer import TokenizerError
 
 
 
+def lora_config(cfg: TrainConfig) -> LoRAConfig:
+    return LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, parse_targets(cfg.targets), cfg.rslora)
+
+
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Phi3ForCausalLM:
     if cfg.init == "random":
         model = Phi3ForCausalLM(Phi3Config.from_json(Path(cfg.model) / "config.json")).to(device)
@@ -56,7 +60,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> P
     if cfg.full:
         model.requires_grad_(True)  # already fp32: built that way or loaded with dtype=float32 above
     else:
-        add_lora(model, LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, parse_targets(cfg.targets), cfg.rslora))
+        add_lora(model, lora_config(cfg))
         mark_only_lora_as_trainable(model)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.checkpoint_layers = cfg.checkpoint_layers
@@ -205,6 +209,20 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
         raise FlagError(f"--grad-accum {cfg.grad_accum} x {world.size} processes = {group_size} micro-batches per step, "
                         f"more than the {len(batches)} of a whole epoch of {cfg.data}; lower --grad-accum or --batch-size")
 
+    steps_per_epoch = math.ceil(len(batches) / group_size)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
+
+    def token_counts():  # the tokens of every micro-batch this run can take (all processes), train and eval
+        epochs = math.ceil(total_steps * group_size / len(batches))  # (the same number of batches each epoch)
+        return {"train": {b.input_ids.numel() for e in range(epochs) for b in epoch_batches(e)},
+                "eval": {b.input_ids.numel() for b in eval_batches}}
+
+    early = None  # the kernels this run needs, compiling (in threads) against one layer while the checkpoint loads
+    if device.type == "cuda" and world.is_main and not cfg.full:
+        config = Phi3Config.from_json(Path(cfg.model).expanduser() / "config.json")
+        early = kernel_tuning.start_compiling(kernel_tuning.stand_in(config, lora_config(cfg), device, dtype,
+                                                                     cfg.gradient_checkpointing, cfg.checkpoint_layers),
+                                              token_counts, dtype, device)
     model = build_model(cfg, device, dtype).train()
     compute_loss = MicroBatchLoss(model)
     if cfg.full:  # under torchrun, each process keeps 1/N of the weights, gradients and (built below) AdamW moments
@@ -221,8 +239,6 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
         + (f", sharded: {held:,} parameters in this process" if cfg.full and world.size > 1 else ""))
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
-    steps_per_epoch = math.ceil(len(batches) / group_size)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup_steps = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
     eval_every = cfg.eval_every or max(1, total_steps // 5)
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=cfg.full and dtype != torch.float32)
@@ -246,11 +262,8 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup_steps, total_steps),
                                                   last_epoch=step - 1)  # its first step() sets lr = cfg.lr * f(step)
     try:
-        def token_counts():  # the tokens of every micro-batch this run can take (all processes), train and eval
-            epochs = math.ceil(total_steps * group_size / len(batches))  # (the same number of batches each epoch)
-            return {"train": {b.input_ids.numel() for e in range(epochs) for b in epoch_batches(e)},
-                    "eval": {b.input_ids.numel() for b in eval_batches}}
-        tuning = kernel_tuning.prepare(model, token_counts, dtype, device, saved_tuning, world.rank, world.size, log)
+        tuning = kernel_tuning.prepare(model, token_counts, dtype, device, saved_tuning, world.rank, world.size, log,
+                                       early)
     except ValueError as e:  # the resumed record is not one (a stranger's or damaged file)
         if saved_tuning is None:
             raise

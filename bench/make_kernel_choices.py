@@ -14,7 +14,6 @@ meets them, once per machine (~/.cache/phi3-lora).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ os.environ["PHI3_KERNEL_CACHE"] = "off"  # every choice made here, by timing, in
 from kernels import launch, tuning_record  # noqa: E402  (after the switch above)
 from phi3 import Phi3Config, Phi3ForCausalLM, kernel_tuning  # noqa: E402
 from phi3.atomic import atomic_file  # noqa: E402
-from phi3.lora import LoRAConfig, add_lora  # noqa: E402
+from phi3.lora import LoRAConfig  # noqa: E402
 
 CONFIGS = REPO / "assets" / "configs"
 RUNS = [("phi3-mini-4k-instruct", 16, 131072), ("phi3-mini-4k-instruct", 8, 8192), ("phi3-mini-4k-instruct", 32, 8192),
@@ -37,15 +36,10 @@ RUNS = [("phi3-mini-4k-instruct", 16, 131072), ("phi3-mini-4k-instruct", 8, 8192
 
 
 def one_layer(config_name: str, rank: int, device: torch.device) -> Phi3ForCausalLM:
-    """The model with one decoder layer (its LoRA shapes are every layer's), LoRA as train.py adds it."""
-    config = dataclasses.replace(Phi3Config.from_json(CONFIGS / config_name / "config.json"), num_hidden_layers=1)
-    with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
-    model = model.to_empty(device=device).to(torch.bfloat16)
-    model.init_weights(seed=0)
-    add_lora(model, LoRAConfig(rank=rank, alpha=2 * rank, dropout=0.05))
-    model.gradient_checkpointing = True  # train.py's default on a GPU: the MLP's layers see token tiles
-    return model
+    """The model with one decoder layer (its LoRA shapes are every layer's), LoRA as train.py adds it, gradient
+    checkpointing on (train.py's default on a GPU: the MLP's layers see token tiles)."""
+    config = Phi3Config.from_json(CONFIGS / config_name / "config.json")
+    return kernel_tuning.stand_in(config, LoRAConfig(rank=rank, alpha=2 * rank, dropout=0.05), device, torch.bfloat16)
 
 
 def main() -> None:

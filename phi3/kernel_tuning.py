@@ -18,6 +18,7 @@ compile_ahead), so a cold Triton cache costs seconds rather than minutes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,8 +33,8 @@ import kernels
 from kernels import launch, tuning_record, use_tuning_record
 from kernels.launch import AUTOTUNE_MIN_M, m_bucket
 from phi3.atomic import atomic_file
-from phi3.lora import lora_modules
-from phi3.model import MLP, token_tiles
+from phi3.lora import LoRAConfig, add_lora, lora_modules
+from phi3.model import MLP, Phi3ForCausalLM, token_tiles
 
 TUNING_FILE = "kernel_tuning.json"
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "kernel_choices"
@@ -136,15 +137,49 @@ def step_once(model, tokens: int) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def compile_run_kernels(model, token_counts, dtype: torch.dtype, device: torch.device) -> float:
+def compile_run_kernels(model, token_counts, dtype: torch.dtype, device: torch.device, wait: bool = True):
     """Compile, in parallel, every kernel binary that tune_lora_layers (timing included) and a training step will
-    run (kernels/launch.py: compile_ahead); returns the seconds it took."""
-    started = time.perf_counter()
-    with launch.compile_ahead(device):
+    run (kernels/launch.py: compile_ahead); with wait=False, return while that goes on (the result's wait())."""
+    with launch.compile_ahead(device, wait=wait) as compiling:
         tune_lora_layers(model, token_counts, dtype)
         if lora_modules(model):  # (not --full: a sharded model's forward on one process alone would wait forever)
             step_once(model, STEP_TOKENS)
-    return time.perf_counter() - started
+    return compiling
+
+
+def stand_in(config, lora: LoRAConfig, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool = True,
+             checkpoint_layers: int | None = None) -> Phi3ForCausalLM:
+    """The run's model cut to one decoder layer (each layer has the same shapes), LoRA added as train.py adds it,
+    weights left unset (nothing computed with them matters): what start_compiling compiles against."""
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(dataclasses.replace(config, num_hidden_layers=1))
+    model = model.to_empty(device=device).to(dtype)
+    with torch.random.fork_rng([device] if device.type == "cuda" else []):  # LoRA's init draws: hand them back
+        add_lora(model, lora)
+    model.gradient_checkpointing, model.checkpoint_layers = gradient_checkpointing, checkpoint_layers
+    return model
+
+
+def start_compiling(stand_in, token_counts, dtype: torch.dtype, device: torch.device):
+    """Start compiling the kernels a run needs, for the choices on disk (shipped, this machine's cache) and the
+    shapes of `stand_in` (a model with one of the run's decoder layers), and return: train.py calls this before it
+    loads the checkpoint, so that compiling and loading overlap; prepare(early=...) waits for it."""
+    if device.type != "cuda":
+        return None
+    known_choices(device, log=lambda text: None)  # (prepare reads them again, and says what is wrong with them)
+    counts = token_counts() if callable(token_counts) else token_counts
+    return compile_run_kernels(stand_in, counts, dtype, device, wait=False)
+
+
+def known_choices(device: torch.device, log) -> tuple[Path | None, dict | None, bool]:
+    """Apply the choices on disk for this GPU: shipped ones, then this machine's cache over them.
+    Returns (the cache file, its record, whether shipped choices applied)."""
+    name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+    shipped = read_shipped(name, capability, log)
+    if shipped:
+        use_tuning_record(shipped)
+    cache = cache_file(name, capability)
+    return cache, read_cache(cache, log), bool(shipped)  # (read_cache applies what it reads)
 
 
 def share_from_main(record: dict, rank: int, world_size: int, device: torch.device) -> dict:
@@ -259,10 +294,11 @@ def _entries(record: dict) -> int:
 
 
 def prepare(model, token_counts, dtype: torch.dtype, device: torch.device, saved: dict | None,
-            rank: int = 0, world_size: int = 1, log=lambda text: None) -> dict:
+            rank: int = 0, world_size: int = 1, log=lambda text: None, early=None) -> dict:
     """Make and share every kernel choice of the run before its first step; returns the record to save.
     token_counts: as tune_lora_layers takes them (a callable returning them: computed only where tuning happens).
-    saved: the record of the run being resumed (validated by use_tuning_record; ValueError if it is not one)."""
+    saved: the record of the run being resumed (validated by use_tuning_record; ValueError if it is not one).
+    early: start_compiling's result, waited for here."""
     if device.type != "cuda":
         return {}  # the CPU path runs torch, not the timed kernels
     version = saved.get("version") if isinstance(saved, dict) else None
@@ -273,20 +309,19 @@ def prepare(model, token_counts, dtype: torch.dtype, device: torch.device, saved
     if saved:
         use_tuning_record(saved)
     if rank == 0:
-        name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
-        shipped = read_shipped(name, capability, log)
-        if shipped:
-            use_tuning_record(shipped)
-        cache = cache_file(name, capability)
-        cached = read_cache(cache, log)  # (applied over the shipped choices: made on this machine)
+        cache, cached, shipped = known_choices(device, log)
         if (cached or shipped) and saved:
             use_tuning_record(saved)  # the resumed run's own choices win
         known = _entries(tuning_record())
         started = time.perf_counter()
         counts = token_counts() if callable(token_counts) else token_counts
-        compiled = compile_run_kernels(model, counts, dtype, device)  # what the next line and the first step run
+        if early is not None:
+            early.wait()
+        compile_run_kernels(model, counts, dtype, device)  # (what `early` compiled is found compiled)
+        compiled = time.perf_counter() - started
         tune_lora_layers(model, counts, dtype)  # times only what neither the cache nor the resumed run had
         record = tuning_record()
+        name = torch.cuda.get_device_name(device)
         source = "resumed run" if saved else "cache" + (f" and shipped choices for {name}" if shipped else "")
         log(f"kernel choices: {known} already made ({source}), {_entries(record) - known} timed now in "
             f"{time.perf_counter() - started - compiled:.1f} s after {compiled:.1f} s compiling kernels"

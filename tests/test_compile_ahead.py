@@ -98,23 +98,27 @@ from pathlib import Path
 from phi3 import Phi3Config, Phi3ForCausalLM, kernel_tuning
 from phi3.lora import LoRAConfig, add_lora
 cache = Path(sys.argv[1])
-config = Phi3Config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
-                    num_key_value_heads=16, sliding_window=2047)
-with torch.device("cuda"):
-    model = Phi3ForCausalLM(config).to(torch.bfloat16)
-add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
-model.gradient_checkpointing = True
-counts = {"train": [4096], "eval": [4096]}
 seen = []  # every compile: kernel, options, constants, argument types and attributes (triton >= 3.4 has the hook)
 import triton
 if hasattr(triton, "knobs"):
     triton.knobs.runtime.jit_post_compile_hook = lambda **kw: seen.append(
         (kw["fn"].name, kw["compile"]["num_warps"], kw["compile"]["num_stages"], str(kw["compile"]["constants"]),
-         str(kw["compile"]["signature"]), str(kw["compile"]["configs"]), kw["is_manual_warmup"]))
-kernel_tuning.compile_run_kernels(model, counts, torch.bfloat16, torch.device("cuda"))
-ahead = len(seen)
-compiled = sorted(p.name for p in cache.iterdir())
+         str(kw["compile"]["signature"]), str(kw["compile"]["configs"])))
+config = Phi3Config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+                    num_key_value_heads=16, sliding_window=2047)
+lora = LoRAConfig(rank=16, alpha=32, dropout=0.05)
+device, counts = torch.device("cuda"), {"train": [4096], "eval": [4096]}
+# as train.py: compiling against one layer starts, the model is built meanwhile, then prepare's own pass
+early = kernel_tuning.start_compiling(kernel_tuning.stand_in(config, lora, device, torch.bfloat16), counts,
+                                      torch.bfloat16, device)
+with torch.device("cuda"):
+    model = Phi3ForCausalLM(config).to(torch.bfloat16)
+add_lora(model, lora)
+model.gradient_checkpointing = True
+early.wait()
+compiled, ahead = sorted(p.name for p in cache.iterdir()), len(seen)
 assert compiled, "nothing was compiled ahead"
+kernel_tuning.compile_run_kernels(model, counts, torch.bfloat16, device)
 kernel_tuning.tune_lora_layers(model, counts, torch.bfloat16)  # times every choice: candidates compiled already
 for tokens in (4096, 1024):
     ids = torch.randint(0, 32000, (1, tokens), device="cuda")
@@ -137,8 +141,9 @@ print(len(compiled), "binaries compiled ahead")
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run `pytest -m cuda` there)")
 def test_cuda_nothing_left_to_compile(tmp_path):
-    """In a fresh process with an empty Triton cache: after compile_run_kernels, timing every choice and training
-    steps (forward, backward, and an eval forward) write no new binary to the cache."""
+    """In a fresh process with an empty Triton cache, as train.py goes: once what start_compiling began against a
+    one-layer stand-in is done, prepare's pass over the model, timing every choice and training steps (forward,
+    backward, an eval forward) write no new binary to the cache."""
     env = {k: v for k, v in os.environ.items() if k not in ("LORA_AUTOTUNE", "LORA_GEMM", "TRITON_INTERPRET")}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), PYTHONPATH=str(REPO))
     (tmp_path / "triton").mkdir()

@@ -23,7 +23,7 @@ def fresh_choices(monkeypatch, tmp_path):
     monkeypatch.setattr(ll, "_chosen_kinds", {})
     monkeypatch.setattr(launch, "_best", {})
     monkeypatch.setenv("PHI3_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernel_tuning, "compile_run_kernels", lambda *args: COMPILED.append(args) or 0.0)
+    monkeypatch.setattr(kernel_tuning, "compile_run_kernels", lambda *args: COMPILED.append(args))
     COMPILED.clear()
     for name in kernel_tuning.SETTINGS:
         monkeypatch.delenv(name, raising=False)
@@ -283,3 +283,21 @@ def test_the_shipped_choices_are_valid_and_made_for_these_kernels(fresh_choices)
         assert data["kernels"] == kernel_tuning.choices_source(), (
             f"the timed kernels or their configs changed since {path.name} was made: run `python3 bench/make_kernel_choices.py` on a "
             f"{data['device']} and commit the file it writes")
+
+
+def test_the_stand_in_has_the_run_shapes_and_draws_nothing():
+    """start_compiling's stand-in (one decoder layer) has every LoRA shape of the whole model, and building it leaves
+    the random stream as it was (the run's own LoRA init draws next)."""
+    from phi3 import Phi3Config, Phi3ForCausalLM
+    from phi3.lora import LoRAConfig, add_lora, lora_modules
+    config = Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2)
+    lora = LoRAConfig(rank=4, alpha=8, dropout=0.1)
+    full = add_lora(Phi3ForCausalLM(config), lora)
+    state = torch.random.get_rng_state()
+    one = kernel_tuning.stand_in(config, lora, torch.device("cpu"), torch.bfloat16, True, 2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    shapes = lambda model: {(m.in_features, m.out_features, m.rank, tuple(m.slices), m.dropout, m.weight.dtype)
+                            for m in lora_modules(model).values()}
+    assert shapes(one) == {shape[:-1] + (torch.bfloat16,) for shape in shapes(full)}
+    assert len(one.model.layers) == 1 and one.gradient_checkpointing and one.checkpoint_layers == 2
