@@ -86,6 +86,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--no-unknown", action="store_true", help="skip the unknown-GPU run (ours cold, no shipped choices)")
     args = p.parse_args()
     if args.system:
         return reference(args)
@@ -93,7 +94,8 @@ def main() -> None:
         random_checkpoint(args.ckpt, ours_config(CONFIG, TINY if args.tiny else None), args.device)
     caches = Path(tempfile.mkdtemp(prefix="first-steps-"))
     results = {}
-    for temperature in ("cold", "warm", "unknown GPU"):  # warm: the caches as the cold run left them
+    scenarios = ("cold", "warm") if args.no_unknown else ("cold", "warm", "unknown GPU")
+    for temperature in scenarios:  # warm: the caches as the cold run left them
         env = {**os.environ, "TRITON_CACHE_DIR": str(caches / "triton"), "PHI3_KERNEL_CACHE": str(caches / "kernels")}
         if temperature == "unknown GPU":  # cold, and no choices shipped for this GPU model: every one is timed
             env.update(TRITON_CACHE_DIR=str(caches / "triton-unknown"), PHI3_SHIPPED_CHOICES="off",
@@ -115,7 +117,7 @@ def main() -> None:
         results[f"reference {temperature}"] = timed(ref, env_ref, f'"step": {args.steps}}}')
     print(f"launch to the end of step {args.steps}, {'tiny' if args.tiny else 'Phi-3-mini'} checkpoint {args.ckpt}, "
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'} (load included)")
-    for temperature in ("cold", "warm", "unknown GPU"):
+    for temperature in scenarios:
         unknown = temperature == "unknown GPU"
         a, b = results[f"ours {temperature}"], results[f"reference {'cold' if unknown else temperature}"]
         print(f"  {temperature}: ours {a:.1f} s, transformers+peft {b:.1f} s{' (cold)' if unknown else ''}, "
