@@ -12,7 +12,7 @@ loading the checkpoint included:
   in batches of 4 padded to their longest (no packing in transformers without extra code). Its cold run has an
   empty Triton cache too (torch may compile nothing; then cold = warm).
 - ours on an "unknown GPU": cold, with the kernel choices shipped for this GPU model switched off
-  (PHI3_SHIPPED_CHOICES=off), as a first run on a GPU model without a file in assets/kernel_choices/ goes.
+  (PHI3_SHIPPED_CHOICES=off), as a first run on a GPU model without a file in phi3/kernel_choices/ goes.
 Also printed: train.py's tokens/s over steps 3-10 (its own live-line number) next to `bench_train.py`'s at the same
 shapes, which item 6 wants within 5 %.
 """

@@ -1,6 +1,6 @@
-"""Make the kernel choices the repository ships for this GPU model (assets/kernel_choices/), run on that GPU.
+"""Make the kernel choices the repository ships for this GPU model (phi3/kernel_choices/), run on that GPU.
 
-    python3 bench/make_kernel_choices.py            # writes assets/kernel_choices/<GPU name>.json
+    python3 bench/make_kernel_choices.py            # writes phi3/kernel_choices/<GPU name>.json
 
 A first run on a fresh machine then times no kernel for the shapes below (phi3/kernel_tuning.py reads the file;
 issue 12, item 7: launch to the end of step 10 no slower than transformers + peft, cold). The file is tied to the

@@ -10,7 +10,7 @@ Timing every shape takes ~16 s per run (minutes when Triton's cache is cold), so
 GPU model, torch/triton version, kernel source and settings (`~/.cache/phi3-lora/`, or $PHI3_KERNEL_CACHE; "off"
 disables it): a later run on the same kind of GPU times only shapes no earlier run has met. And the repository
 ships the choices for Phi-3-mini and -medium's default runs on the GPUs it was measured on
-(assets/kernel_choices/, made by bench/make_kernel_choices.py for the kernels' current source; "off" or
+(phi3/kernel_choices/, made by bench/make_kernel_choices.py for the kernels' current source; "off" or
 PHI3_SHIPPED_CHOICES=off skips them), so that a first run on a fresh machine times nothing there either.
 Before the first step every kernel binary the choices need is compiled in parallel (kernels/launch.py:
 compile_ahead), so a cold Triton cache costs seconds rather than minutes.
@@ -37,7 +37,7 @@ from phi3.lora import LoRAConfig, add_lora, lora_modules
 from phi3.model import MLP, Phi3ForCausalLM, token_tiles
 
 TUNING_FILE = "kernel_tuning.json"
-SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "kernel_choices"
+SHIPPED = Path(__file__).resolve().parent / "kernel_choices"  # (package data: installed with phi3)
 STEP_TOKENS = 1024  # step_once's length: short, and below AUTOTUNE_MIN_M (no choices to time)
 SETTINGS = ("LORA_GEMM", "LORA_AUTOTUNE")  # environment switches that decide whether choices are timed at all
 

@@ -271,7 +271,7 @@ def test_shipped_choices_not_taken(monkeypatch, tmp_path, why):
 
 
 def test_the_shipped_choices_are_valid_and_made_for_these_kernels(fresh_choices):
-    """Every file in assets/kernel_choices/ is a record this code accepts, for its GPU model, made for the current
+    """Every file in phi3/kernel_choices/ is a record this code accepts, for its GPU model, made for the current
     timed kernels and configs (a file made for older ones would be skipped, and a fresh machine would time again)."""
     files = sorted(kernel_tuning.SHIPPED.glob("*.json"))
     assert files, f"no shipped kernel choices in {kernel_tuning.SHIPPED}"

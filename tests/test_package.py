@@ -32,6 +32,8 @@ def test_wheel_holds_phi3_and_kernels_only(wheel):
     assert top == {"phi3", "kernels"}
     for package in ("phi3", "kernels"):  # every module of the source tree made it in
         assert {f"{package}/{p.name}" for p in (REPO / package).glob("*.py")} <= set(names)
+    choices = {f"phi3/kernel_choices/{p.name}" for p in (REPO / "phi3" / "kernel_choices").glob("*.json")}
+    assert choices and choices <= set(names)  # the shipped kernel choices, which phi3/kernel_tuning.py reads
 
 
 def test_installed_wheel_works_as_a_library(wheel, tmp_path):
