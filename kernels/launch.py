@@ -174,12 +174,13 @@ def _candidates(name, args):
 
 
 class _Binaries:
-    """The kernel binaries launches asked for inside compile_ahead: what Triton specializes a binary on (each
-    tensor's dtype and 16-byte alignment, each int's class: 1, a multiple of 16, its width; the constexprs and
-    options), each once."""
+    """The kernel binaries launches asked for inside compile_ahead, each once: Triton specializes a binary on each
+    tensor's dtype and 16-byte alignment, each int's class (1, a multiple of 16, its width), the constexprs and the
+    options. `start` compiles them in worker threads, `wait` returns when all are done."""
 
     def __init__(self):
         self.jobs = {}
+        self.done = []
 
     def add(self, fn, args, kwargs):
         skip = {fn.arg_names[i] if type(i) is int else i for i in getattr(fn, "do_not_specialize", ())}
@@ -198,6 +199,22 @@ class _Binaries:
             # a dtype stands for a tensor in a warmup: an aligned one of that dtype, no memory held
             self.jobs[key] = (fn, [v.dtype if hasattr(v, "data_ptr") else v for v in args], kwargs)
 
+    def start(self, device, threads=None):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        for fn in {fn for fn, _, _ in self.jobs.values()}:
+            fn.cache_key  # its source hash, computed here once: older Triton computes it unlocked, and racing threads
+            # then key some binaries by a placeholder (they compile again at their launch, and could match stale code)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        pool = ThreadPoolExecutor(threads or min(32, cores), initializer=torch.cuda.set_device, initargs=(index,))
+        self.done = [pool.submit(lambda job=job: job[0].warmup(*job[1], grid=(1,), **job[2]))
+                     for job in self.jobs.values()]
+        pool.shutdown(wait=False)  # its threads end when the queue is done
+
+    def wait(self):
+        """Return when every binary is compiled; a compile error is raised here, as the launch would raise it."""
+        for future in self.done:
+            future.result()
+
 
 _ahead = None  # the _Binaries being collected while compile_ahead is active
 
@@ -207,33 +224,26 @@ def compiling_ahead() -> bool:
 
 
 @contextlib.contextmanager
-def compile_ahead(device, threads=None):
+def compile_ahead(device, wait=True, threads=None):
     """Inside the block, launches run nothing (their outputs are garbage, random draws are undone) and note the
     binaries they would need: the chosen config, or every candidate of a choice still to be timed. On leaving,
     those are compiled in `threads` parallel threads (Triton's compiler releases the GIL: a thread per core) into
-    Triton's caches, where the launches after the block find them. A compile error is raised there, as the launch
-    would raise it."""
+    Triton's caches, where later launches find them; with wait=False compiling goes on after the block, and the
+    yielded object's wait() waits for it."""
     global _ahead
+    binaries = _Binaries()
     if INTERPRET or device.type != "cuda":
-        yield
+        yield binaries
         return
-    _ahead = binaries = _Binaries()
+    _ahead = binaries
     try:
         with torch.random.fork_rng([device]):  # what the block draws (inputs, dropout seeds) is handed back
-            yield
+            yield binaries
     finally:
         _ahead = None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = threads or min(32, cores)
-    for fn in {fn for fn, _, _ in binaries.jobs.values()}:
-        fn.cache_key  # its source hash, computed here once: older Triton computes it unlocked, and racing threads
-        # then key some binaries by a placeholder (they compile again at their launch, and could match stale code)
-    index = torch.cuda.current_device() if device.index is None else device.index
-    with ThreadPoolExecutor(threads, initializer=torch.cuda.set_device, initargs=(index,)) as pool:
-        done = [pool.submit(lambda job=job: job[0].warmup(*job[1], grid=(1,), **job[2]))
-                for job in binaries.jobs.values()]
-    for future in done:
-        future.result()
+    binaries.start(device, threads)
+    if wait:
+        binaries.wait()
 
 
 class Bound:
