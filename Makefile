@@ -1,7 +1,7 @@
 # Phi-3 LoRA: common commands. `make help` lists them.
 PYTHON ?= python3
 
-.PHONY: help setup test test-gpu demo bench bench-long tiny-data tiny-model
+.PHONY: help setup test test-gpu demo bench bench-long kernel-choices tiny-data tiny-model
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -35,6 +35,9 @@ bench-long:  ## GPU: attention kernels, long-context LoRA steps (16k to 131k tok
 	$(PYTHON) bench/bench_attention.py
 	$(PYTHON) bench/bench_long.py
 	$(PYTHON) bench/bench_long_train.py
+
+kernel-choices:  ## GPU: time the kernel choices for Phi-3-mini/medium on this GPU model, into phi3/kernel_choices/ (~5 min)
+	$(PYTHON) bench/make_kernel_choices.py
 
 tiny-data:  ## WordNet pretraining text + demo chats (needs Debian's wordnet-base)
 	$(PYTHON) examples/make_data.py

@@ -217,7 +217,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
         return {"train": {b.input_ids.numel() for e in range(epochs) for b in epoch_batches(e)},
                 "eval": {b.input_ids.numel() for b in eval_batches}}
 
-    early = None  # the kernels this run needs, compiling (in threads) against one layer while the checkpoint loads
+    early = None  # the kernels this run needs, compiling (in threads) against two layers while the checkpoint loads
     if device.type == "cuda" and world.is_main and not cfg.full:
         config = Phi3Config.from_json(Path(cfg.model).expanduser() / "config.json")
         early = kernel_tuning.start_compiling(kernel_tuning.stand_in(config, lora_config(cfg), device, dtype,

@@ -36,7 +36,7 @@ RUNS = [("phi3-mini-4k-instruct", 16, 131072), ("phi3-mini-4k-instruct", 8, 8192
 
 
 def one_layer(config_name: str, rank: int, device: torch.device) -> Phi3ForCausalLM:
-    """The model with one decoder layer (its LoRA shapes are every layer's), LoRA as train.py adds it, gradient
+    """The model cut to two decoder layers (their LoRA shapes are every layer's), LoRA as train.py adds it, gradient
     checkpointing on (train.py's default on a GPU: the MLP's layers see token tiles)."""
     config = Phi3Config.from_json(CONFIGS / config_name / "config.json")
     return kernel_tuning.stand_in(config, LoRAConfig(rank=rank, alpha=2 * rank, dropout=0.05), device, torch.bfloat16)

@@ -149,10 +149,11 @@ def compile_run_kernels(model, token_counts, dtype: torch.dtype, device: torch.d
 
 def stand_in(config, lora: LoRAConfig, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool = True,
              checkpoint_layers: int | None = None) -> Phi3ForCausalLM:
-    """The run's model cut to one decoder layer (each layer has the same shapes), LoRA added as train.py adds it,
+    """The run's model cut to two decoder layers (every layer has the same shapes; the second, like every later one,
+    takes an input that needs a gradient, so its backward runs every kernel), LoRA added as train.py adds it,
     weights left unset (nothing computed with them matters): what start_compiling compiles against."""
     with torch.device("meta"):
-        model = Phi3ForCausalLM(dataclasses.replace(config, num_hidden_layers=1))
+        model = Phi3ForCausalLM(dataclasses.replace(config, num_hidden_layers=2))
     model = model.to_empty(device=device).to(dtype)
     with torch.random.fork_rng([device] if device.type == "cuda" else []):  # LoRA's init draws: hand them back
         add_lora(model, lora)
@@ -162,7 +163,7 @@ def stand_in(config, lora: LoRAConfig, device: torch.device, dtype: torch.dtype,
 
 def start_compiling(stand_in, token_counts, dtype: torch.dtype, device: torch.device):
     """Start compiling the kernels a run needs, for the choices on disk (shipped, this machine's cache) and the
-    shapes of `stand_in` (a model with one of the run's decoder layers), and return: train.py calls this before it
+    shapes of `stand_in` (the run's model cut to two layers), and return: train.py calls this before it
     loads the checkpoint, so that compiling and loading overlap; prepare(early=...) waits for it."""
     if device.type != "cuda":
         return None

@@ -286,7 +286,7 @@ def test_the_shipped_choices_are_valid_and_made_for_these_kernels(fresh_choices)
 
 
 def test_the_stand_in_has_the_run_shapes_and_draws_nothing():
-    """start_compiling's stand-in (one decoder layer) has every LoRA shape of the whole model, and building it leaves
+    """start_compiling's stand-in (two decoder layers) has every LoRA shape of the whole model, and building it leaves
     the random stream as it was (the run's own LoRA init draws next)."""
     from phi3 import Phi3Config, Phi3ForCausalLM
     from phi3.lora import LoRAConfig, add_lora, lora_modules
@@ -300,4 +300,4 @@ def test_the_stand_in_has_the_run_shapes_and_draws_nothing():
     shapes = lambda model: {(m.in_features, m.out_features, m.rank, tuple(m.slices), m.dropout, m.weight.dtype)
                             for m in lora_modules(model).values()}
     assert shapes(one) == {shape[:-1] + (torch.bfloat16,) for shape in shapes(full)}
-    assert len(one.model.layers) == 1 and one.gradient_checkpointing and one.checkpoint_layers == 2
+    assert len(one.model.layers) == 2 and one.gradient_checkpointing and one.checkpoint_layers == 2
