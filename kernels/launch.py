@@ -12,7 +12,8 @@ and off) and tuning needs every candidate config. `compile_ahead` compiles them 
 import contextlib
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
 
 import torch
 import triton
@@ -180,7 +181,7 @@ class _Binaries:
 
     def __init__(self):
         self.jobs = {}
-        self.done = []
+        self.threads, self.errors = [], []
 
     def add(self, fn, args, kwargs):
         skip = {fn.arg_names[i] if type(i) is int else i for i in getattr(fn, "do_not_specialize", ())}
@@ -200,20 +201,39 @@ class _Binaries:
             self.jobs[key] = (fn, [v.dtype if hasattr(v, "data_ptr") else v for v in args], kwargs)
 
     def start(self, device, threads=None):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        """Compile the noted binaries in `threads` daemon threads (one per core by default): a run that stops on an
+        error meanwhile exits at once, without waiting for them."""
         for fn in {fn for fn, _, _ in self.jobs.values()}:
             fn.cache_key  # its source hash, computed here once: older Triton computes it unlocked, and racing threads
             # then key some binaries by a placeholder (they compile again at their launch, and could match stale code)
-        index = torch.cuda.current_device() if device.index is None else device.index
-        pool = ThreadPoolExecutor(threads or min(32, cores), initializer=torch.cuda.set_device, initargs=(index,))
-        self.done = [pool.submit(lambda job=job: job[0].warmup(*job[1], grid=(1,), **job[2]))
-                     for job in self.jobs.values()]
-        pool.shutdown(wait=False)  # its threads end when the queue is done
+        todo = queue.SimpleQueue()
+        for job in self.jobs.values():
+            todo.put(job)
+
+        def work():
+            if device.type == "cuda":  # a new thread's current device is the first GPU
+                torch.cuda.set_device(torch.cuda.current_device() if device.index is None else device.index)
+            while True:
+                try:
+                    fn, args, kwargs = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    fn.warmup(*args, grid=(1,), **kwargs)
+                except Exception as e:  # raised by wait(), as the launch would raise it
+                    self.errors.append(e)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.threads = [threading.Thread(target=work, name="compile-ahead", daemon=True)
+                        for _ in range(min(threads or min(32, cores), len(self.jobs)))]
+        for thread in self.threads:
+            thread.start()
 
     def wait(self):
-        """Return when every binary is compiled; a compile error is raised here, as the launch would raise it."""
-        for future in self.done:
-            future.result()
+        """Return when every binary is compiled; the first compile error is raised here."""
+        for thread in self.threads:
+            thread.join()
+        if self.errors:
+            raise self.errors[0]
 
 
 _ahead = None  # the _Binaries being collected while compile_ahead is active

@@ -150,3 +150,46 @@ def test_cuda_nothing_left_to_compile(tmp_path):
     done = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "triton")], env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+class FakeKernel:
+    """Stands in for a Triton kernel: records warmups (and the hash being computed before any), may fail."""
+    arg_names = ["x_ptr", "n"]
+
+    def __init__(self, fail=False):
+        self.fail, self.warmed, self.hashed = fail, [], False
+
+    @property
+    def cache_key(self):
+        self.hashed = True
+        return "hash"
+
+    def warmup(self, *args, grid, **kwargs):
+        assert self.hashed, "the source hash is computed before the threads start"
+        if self.fail:
+            raise RuntimeError("ptxas failed")
+        self.warmed.append((args, kwargs))
+
+
+def test_start_compiles_each_binary_once_in_daemon_threads():
+    kernels = [FakeKernel() for _ in range(3)]
+    binaries = launch._Binaries()
+    x = torch.empty(8, dtype=torch.float16)
+    for i, kernel in enumerate(kernels):
+        for block in (16, 32, 64):
+            binaries.add(kernel, (x, 16 * (i + 1)), {"BLOCK": block})
+    binaries.start(torch.device("cpu"), threads=4)
+    assert len(binaries.threads) == 4 and all(t.daemon for t in binaries.threads)  # an error exit does not wait
+    binaries.wait()
+    for i, kernel in enumerate(kernels):
+        assert sorted(kw["BLOCK"] for _, kw in kernel.warmed) == [16, 32, 64]
+        assert all(args == (torch.float16, 16 * (i + 1)) for args, _ in kernel.warmed)
+
+
+def test_a_compile_error_is_raised_by_wait():
+    binaries = launch._Binaries()
+    binaries.add(FakeKernel(), (torch.empty(8), 3), {})
+    binaries.add(FakeKernel(fail=True), (torch.empty(8), 3), {})
+    binaries.start(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="ptxas failed"):
+        binaries.wait()
