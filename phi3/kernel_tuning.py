@@ -10,7 +10,7 @@ Timing every shape takes ~16 s per run (minutes when Triton's cache is cold), so
 GPU model, torch/triton version, kernel source and settings (`~/.cache/phi3-lora/`, or $PHI3_KERNEL_CACHE; "off"
 disables it): a later run on the same kind of GPU times only shapes no earlier run has met. And the repository
 ships the choices for Phi-3-mini and -medium's default runs on the GPUs it was measured on
-(phi3/kernel_choices/, made by bench/make_kernel_choices.py for the kernels' current source; "off" or
+(phi3/kernel_choices/, made by bench/make_kernel_choices.py for the current timed kernels; "off" or
 PHI3_SHIPPED_CHOICES=off skips them), so that a first run on a fresh machine times nothing there either.
 Before the first step every kernel binary the choices need is compiled in parallel (kernels/launch.py:
 compile_ahead), so a cold Triton cache costs seconds rather than minutes.
@@ -176,11 +176,9 @@ def known_choices(device: torch.device, log) -> tuple[Path | None, dict | None, 
     """Apply the choices on disk for this GPU: shipped ones, then this machine's cache over them.
     Returns (the cache file, its record, whether shipped choices applied)."""
     name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
-    shipped = read_shipped(name, capability, log)
-    if shipped:
-        use_tuning_record(shipped)
+    shipped = read_shipped(name, capability, log)  # (applied: it and read_cache apply what they read)
     cache = cache_file(name, capability)
-    return cache, read_cache(cache, log), bool(shipped)  # (read_cache applies what it reads)
+    return cache, read_cache(cache, log), bool(shipped)
 
 
 def share_from_main(record: dict, rank: int, world_size: int, device: torch.device) -> dict:
@@ -221,21 +219,26 @@ def shipped_file(device_name: str) -> Path:
 
 
 def read_shipped(device_name: str, capability: tuple[int, int], log) -> dict | None:
-    """The repository's choices for this GPU model, or None: none shipped, switched off, made with other kernel
-    settings than the defaults, or made for other kernel code (then said: they are to be made anew)."""
+    """The repository's choices for this GPU model, applied, or None: none shipped, switched off, made with other
+    kernel settings than the defaults, made for other kernels (said: they are to be made anew), or damaged (said)."""
     if "off" in (os.environ.get("PHI3_KERNEL_CACHE", "").lower(), os.environ.get("PHI3_SHIPPED_CHOICES", "").lower()):
         return None
     path = shipped_file(device_name)
     if any(settings().values()) or not path.is_file():
         return None
-    data = json.loads(path.read_text())  # the repository's own file: a broken one fails the test suite
-    if data["device"] != device_name or data["capability"] != list(capability):
+    try:
+        data = json.loads(path.read_text())
+        if data["device"] != device_name or data["capability"] != list(capability):
+            return None
+        if data["kernels"] != choices_source():
+            log(f"note: {path} was made for other kernels; timing them here instead (bench/make_kernel_choices.py "
+                "renews it)")
+            return None
+        use_tuning_record(data["record"])  # validates, then applies
+        return data["record"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
+        log(f"warning: {path}: {e!r}; ignoring the shipped kernel choices (reinstall to restore the file)")
         return None
-    if data["kernels"] != choices_source():
-        log(f"note: {path} was made for other kernel code; timing kernels here instead (bench/make_kernel_choices.py "
-            "renews it)")
-        return None
-    return data["record"]
 
 
 def shipped_text(device_name: str, capability: tuple[int, int], record: dict) -> str:

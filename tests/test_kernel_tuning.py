@@ -249,10 +249,10 @@ def test_shipped_choices_apply_under_the_cache_and_the_resumed_run(monkeypatch, 
     assert record["kinds"][other_key] == "tma"
 
 
-@pytest.mark.parametrize("why", ["stale", "switched off", "cache off", "other settings", "other GPU"])
+@pytest.mark.parametrize("why", ["stale", "switched off", "cache off", "other settings", "other GPU", "damaged"])
 def test_shipped_choices_not_taken(monkeypatch, tmp_path, why):
-    """Choices made for other kernel code (said once), switched off, for other kernel settings or another GPU
-    model are not used: the run times its own."""
+    """Choices made for other kernels (said once), switched off, for other kernel settings or another GPU model, or
+    a damaged file (a warning) are not used: the run times its own."""
     fake_h200(monkeypatch)
     ship(monkeypatch, tmp_path, RECORD, kernels="0" * 64 if why == "stale" else None)
     if why == "switched off":
@@ -263,11 +263,16 @@ def test_shipped_choices_not_taken(monkeypatch, tmp_path, why):
         monkeypatch.setenv("LORA_GEMM", "cublas")
     elif why == "other GPU":
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    elif why == "damaged":
+        path = kernel_tuning.shipped_file("NVIDIA H200")
+        path.write_text(path.read_text().replace('"tma"', '"rm -rf /"'))
     said = []
     record = kernel_tuning.prepare(None, 8192, torch.bfloat16, torch.device("cuda"), None, log=said.append)
     assert record["kinds"] == {}
-    notes = [text for text in said if "made for other kernel code" in text]
+    notes = [text for text in said if "made for other kernels" in text]
     assert len(notes) == (why == "stale") and all("bench/make_kernel_choices.py" in text for text in notes)
+    warnings = [text for text in said if text.startswith("warning: ")]
+    assert len(warnings) == (why == "damaged") and all("ignoring the shipped kernel choices" in t for t in warnings)
 
 
 def test_the_shipped_choices_are_valid_and_made_for_these_kernels(fresh_choices):
