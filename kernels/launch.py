@@ -247,7 +247,7 @@ def compiling_ahead() -> bool:
 def compile_ahead(device, wait=True, threads=None):
     """Inside the block, launches run nothing (their outputs are garbage, random draws are undone) and note the
     binaries they would need: the chosen config, or every candidate of a choice still to be timed. On leaving,
-    those are compiled in `threads` parallel threads (Triton's compiler releases the GIL: a thread per core) into
+    those are compiled in `threads` parallel threads (Triton's compiler releases the GIL for much of its work) into
     Triton's caches, where later launches find them; with wait=False compiling goes on after the block, and the
     yielded object's wait() waits for it."""
     global _ahead

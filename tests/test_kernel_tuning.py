@@ -286,7 +286,8 @@ def test_the_shipped_choices_are_valid_and_made_for_these_kernels(fresh_choices)
         use_tuning_record(data["record"])
         assert data["record"]["kinds"] and data["record"]["configs"]
         assert data["kernels"] == kernel_tuning.choices_source(), (
-            f"the timed kernels or their configs changed since {path.name} was made: run `python3 bench/make_kernel_choices.py` on a "
+            f"the timed kernels or their configs changed since {path.name} was made: run "
+            f"`python3 bench/make_kernel_choices.py` on a "
             f"{data['device']} and commit the file it writes")
 
 
