@@ -38,7 +38,6 @@ from phi3.model import MLP, Phi3ForCausalLM, token_tiles
 
 TUNING_FILE = "kernel_tuning.json"
 SHIPPED = Path(__file__).resolve().parent / "kernel_choices"  # (package data: installed with phi3)
-STEP_TOKENS = 1024  # step_once's length: short, and below AUTOTUNE_MIN_M (no choices to time)
 SETTINGS = ("LORA_GEMM", "LORA_AUTOTUNE")  # environment switches that decide whether choices are timed at all
 
 
@@ -97,8 +96,7 @@ def tune_lora_layers(model: torch.nn.Module, token_counts, dtype: torch.dtype) -
     (dropout on) and eval mode, on random inputs: this makes every timing choice the run will need.
     token_counts: {"train": counts, "eval": counts} (the tokens of each micro-batch of the run), or an int, the
     largest micro-batch, for every bucket up to it in both modes. Gradients are dropped."""
-    if isinstance(token_counts, int):
-        token_counts = {mode: [min(m, token_counts) for m in token_buckets(token_counts)] for mode in ("train", "eval")}
+    token_counts = all_counts(token_counts)
     was_training = model.training
     seen = set()
     for name, module in lora_modules(model).items():
@@ -120,30 +118,53 @@ def tune_lora_layers(model: torch.nn.Module, token_counts, dtype: torch.dtype) -
     model.zero_grad(set_to_none=True)
 
 
-def step_once(model, tokens: int) -> None:
-    """Forward and backward of the whole model over one row of `tokens` tokens in training mode, and a forward in
-    eval mode: inside compile_ahead this notes the binaries of the kernels that training and evaluation run besides
-    the LoRA layers' tuned ones (RMSNorm, RoPE, SwiGLU; LoRA's at short lengths). Gradients are dropped."""
+def step_lengths(counts) -> list[int]:
+    """Of a run's micro-batch token counts, one per distinct set of kernel binaries they run: Triton specializes on
+    whether an int is a multiple of 16 (or 1), and the LoRA kernels run one config per tuned bucket (a fixed one
+    below AUTOTUNE_MIN_M); the largest count of each such class stands for it."""
+    largest = {}
+    for n in counts:
+        key = (m_bucket(n) if m_bucket(n) >= AUTOTUNE_MIN_M else 0, n % 16 == 0, n == 1)
+        largest[key] = max(largest.get(key, 0), n)
+    return sorted(largest.values())
+
+
+def step_once(model, token_counts) -> None:
+    """For each class of micro-batch (step_lengths) in one row: forward and backward of the whole model in training
+    mode for the training counts, a forward in eval mode for the eval counts. Inside compile_ahead this notes the
+    binaries of the kernels that training and evaluation run besides the LoRA layers' timed ones (RMSNorm, RoPE,
+    SwiGLU; LoRA's below AUTOTUNE_MIN_M tokens). Gradients are dropped."""
     device = model.lm_head.weight.device
-    ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
-    positions = torch.arange(tokens, device=device)[None]
     was_training = model.training
-    model.train()
-    model.hidden_states(ids, positions, None).float().sum().backward()
-    model.eval()
-    with torch.no_grad():
-        model.hidden_states(ids, positions, None)
+    for training in (True, False):
+        model.train(training)
+        for tokens in step_lengths(token_counts["train" if training else "eval"]):
+            ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
+            positions = torch.arange(tokens, device=device)[None]
+            with torch.set_grad_enabled(training):
+                hidden = model.hidden_states(ids, positions, None)
+                if training:
+                    hidden.float().sum().backward()
     model.train(was_training)
     model.zero_grad(set_to_none=True)
 
 
-def compile_run_kernels(model, token_counts, dtype: torch.dtype, device: torch.device, wait: bool = True):
-    """Compile, in parallel, every kernel binary that tune_lora_layers (timing included) and a training step will
-    run (kernels/launch.py: compile_ahead); with wait=False, return while that goes on (the result's wait())."""
+def all_counts(token_counts) -> dict:
+    """token_counts as tune_lora_layers takes them, as {"train": counts, "eval": counts}."""
+    if isinstance(token_counts, int):
+        return {mode: [min(m, token_counts) for m in token_buckets(token_counts)] for mode in ("train", "eval")}
+    return token_counts
+
+
+def compile_run_kernels(model, token_counts, dtype: torch.dtype, device: torch.device, wait: bool = True,
+                        whole_steps: bool = True):
+    """Compile, in parallel, every kernel binary that tune_lora_layers (timing included) and, with whole_steps,
+    training and eval steps will run (kernels/launch.py: compile_ahead); with wait=False, return while that goes
+    on (the result's wait())."""
     with launch.compile_ahead(device, wait=wait) as compiling:
         tune_lora_layers(model, token_counts, dtype)
-        if lora_modules(model):  # (not --full: a sharded model's forward on one process alone would wait forever)
-            step_once(model, STEP_TOKENS)
+        if whole_steps and lora_modules(model):  # (not --full: a sharded model's forward on one process alone would
+            step_once(model, all_counts(token_counts))  # wait forever)
     return compiling
 
 
@@ -321,7 +342,9 @@ def prepare(model, token_counts, dtype: torch.dtype, device: torch.device, saved
         counts = token_counts() if callable(token_counts) else token_counts
         if early is not None:
             early.wait()
-        compile_run_kernels(model, counts, dtype, device)  # (what `early` compiled is found compiled)
+        # What `early` compiled is found compiled: its steps ran the same kernels at the same shapes (each layer is
+        # alike), and tuning's pass here adds a resumed run's own choices.
+        compile_run_kernels(model, counts, dtype, device, whole_steps=early is None)
         compiled = time.perf_counter() - started
         tune_lora_layers(model, counts, dtype)  # times only what neither the cache nor the resumed run had
         record = tuning_record()

@@ -107,7 +107,8 @@ if hasattr(triton, "knobs"):
 config = Phi3Config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
                     num_key_value_heads=16, sliding_window=2047)
 lora = LoRAConfig(rank=16, alpha=32, dropout=0.05)
-device, counts = torch.device("cuda"), {"train": [4096], "eval": [4096]}
+# micro-batches of a run: long ones (tuned choices), short ones (fixed configs), one not a multiple of 16
+device, counts = torch.device("cuda"), {"train": [4096, 1024, 1008], "eval": [4096, 1000]}
 # as train.py: compiling against two layers starts, the model is built meanwhile, then prepare's own pass
 early = kernel_tuning.start_compiling(kernel_tuning.stand_in(config, lora, device, torch.bfloat16), counts,
                                       torch.bfloat16, device)
@@ -118,20 +119,22 @@ model.gradient_checkpointing = True
 early.wait()
 compiled, ahead = sorted(p.name for p in cache.iterdir()), len(seen)
 assert compiled, "nothing was compiled ahead"
-kernel_tuning.compile_run_kernels(model, counts, torch.bfloat16, device)
+kernel_tuning.compile_run_kernels(model, counts, torch.bfloat16, device, whole_steps=False)  # as prepare does
 kernel_tuning.tune_lora_layers(model, counts, torch.bfloat16)  # times every choice: candidates compiled already
-for tokens in (4096, 1024):
-    ids = torch.randint(0, 32000, (1, tokens), device="cuda")
-    positions = torch.arange(tokens, device="cuda")[None]
-    model.train()
-    model.hidden_states(ids, positions, None).float().square().mean().backward()
-    model.eval()
-    with torch.no_grad():
-        model.hidden_states(ids, positions, None)
+for training in (True, False):  # what the run's micro-batches run
+    model.train(training)
+    for tokens in counts["train" if training else "eval"]:
+        ids = torch.randint(0, 32000, (1, tokens), device="cuda")
+        positions = torch.arange(tokens, device="cuda")[None]
+        with torch.set_grad_enabled(training):
+            hidden = model.hidden_states(ids, positions, None)
+            if training:
+                hidden.float().square().mean().backward()
 new = sorted(set(p.name for p in cache.iterdir()) - set(compiled))
-def closest(late):
-    same = [c for c in seen[:ahead] if c[:4] == late[:4]]
-    return "\n   ahead: " + ("\n   ahead: ".join(map(str, same)) if same else "none with these constants")
+noted = [(fn.__name__, [a for a in args if type(a) is int], kw) for fn, args, kw in early.jobs.values()]
+def closest(late):  # the noted jobs of that kernel: their int arguments and constexprs
+    same = [job for job in noted if job[0] == late[0]]
+    return "\n   noted: " + ("\n   noted: ".join(map(str, same)) if same else "none")
 assert not new, f"{len(new)} kernel binaries compiled after compiling ahead (of {len(compiled)}); compiled or loaded " \
     f"from disk since: {sorted(set(c[0] for c in seen[ahead:]))}\n" + "\n".join(str(c) + closest(c) for c in seen[ahead:])
 print(len(compiled), "binaries compiled ahead")

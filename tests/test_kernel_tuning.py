@@ -23,7 +23,7 @@ def fresh_choices(monkeypatch, tmp_path):
     monkeypatch.setattr(ll, "_chosen_kinds", {})
     monkeypatch.setattr(launch, "_best", {})
     monkeypatch.setenv("PHI3_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernel_tuning, "compile_run_kernels", lambda *args: COMPILED.append(args))
+    monkeypatch.setattr(kernel_tuning, "compile_run_kernels", lambda *args, **kwargs: COMPILED.append(args))
     COMPILED.clear()
     for name in kernel_tuning.SETTINGS:
         monkeypatch.delenv(name, raising=False)
@@ -307,3 +307,12 @@ def test_the_stand_in_has_the_run_shapes_and_draws_nothing():
                             for m in lora_modules(model).values()}
     assert shapes(one) == {shape[:-1] + (torch.bfloat16,) for shape in shapes(full)}
     assert len(one.model.layers) == 2 and one.gradient_checkpointing and one.checkpoint_layers == 2
+
+
+def test_steps_ahead_run_one_length_per_class_of_micro_batch():
+    """Triton specializes on an int being a multiple of 16 (or 1); the LoRA kernels run one config per tuned bucket
+    and a fixed one below it: one length of each class the run has, the largest, and nothing the run never runs."""
+    lengths = kernel_tuning.step_lengths([8192, 8192, 8000, 6000, 4100, 1024, 512, 1000, 1, 2048])
+    assert lengths == [1, 1000, 1024, 2048, 4100, 8192]
+    assert kernel_tuning.step_lengths([8192] * 20) == [8192]  # packed: every micro-batch alike
+    assert kernel_tuning.step_lengths([]) == []
