@@ -20,6 +20,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds) ends
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # written before run() takes the signals over (StopRequest)
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -212,6 +213,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
     steps_per_epoch = math.ceil(len(batches) / group_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
 
+    @functools.cache  # (asked for by the early compile and by prepare: every epoch's batches are built once)
     def token_counts():  # the tokens of every micro-batch this run can take (all processes), train and eval
         epochs = math.ceil(total_steps * group_size / len(batches))  # (the same number of batches each epoch)
         return {"train": {b.input_ids.numel() for e in range(epochs) for b in epoch_batches(e)},

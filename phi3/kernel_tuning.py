@@ -163,8 +163,9 @@ def compile_run_kernels(model, token_counts, dtype: torch.dtype, device: torch.d
     on (the result's wait())."""
     with launch.compile_ahead(device, wait=wait) as compiling:
         tune_lora_layers(model, token_counts, dtype)
-        if whole_steps and lora_modules(model):  # (not --full: a sharded model's forward on one process alone would
-            step_once(model, all_counts(token_counts))  # wait forever)
+        # (no steps for --full, which has no LoRA layers: a sharded model's forward on one process would wait forever)
+        if whole_steps and lora_modules(model):
+            step_once(model, all_counts(token_counts))
     return compiling
 
 
