@@ -140,7 +140,7 @@ def launch(name, grid, args, meta, dtype):
         cfg = _best.get(key)
         if cfg is None and _ahead is not None:  # every config the autotuner will time, passed as it passes them
             for candidate in _candidates(name, args):
-                _ahead.add(fn, args, {**meta, **candidate.all_kwargs()})
+                _ahead.add(fn, args, {**meta, **candidate.kwargs, **_options(candidate)})
             return None
         if cfg is None:
             tuner[grid](*args, **meta)
@@ -149,13 +149,20 @@ def launch(name, grid, args, meta, dtype):
     cfg = cfg or _plain_config(name, dtype)
     full = {**meta, **cfg.kwargs}
     grid = (tuple(grid(full)) + (1, 1))[:3]
-    opts = {} if INTERPRET else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    opts = {} if INTERPRET else _options(cfg)
     if _ahead is not None:
         _ahead.add(fn, args, {**full, **opts})
         return None
     bound = Bound(fn, grid, full, opts, name == "tma" and not INTERPRET)
     bound(args)
     return bound
+
+
+def _options(cfg):
+    """A config's compile options (num_warps, num_ctas, num_stages, ...) as the autotuner passes them when it times
+    the config: Triton keys its binaries by the options as passed, so a launch that left out num_ctas=1 would not
+    find the binary compiled for the same config ahead or while tuning, and would load it again."""
+    return {k: v for k, v in cfg.all_kwargs().items() if k not in cfg.kwargs}
 
 
 def plain(fn, grid, *args, **meta):
@@ -219,9 +226,17 @@ class _Binaries:
                 except queue.Empty:
                     return
                 try:
-                    fn.warmup(*args, grid=(1,), **kwargs)
+                    binary = fn.warmup(*args, grid=(1,), **kwargs)
                 except Exception as e:  # raised by wait(), as the launch would raise it
                     self.errors.append(e)
+                    continue
+                try:
+                    # Triton loads a binary onto the GPU and builds its launcher at its first launch, on the
+                    # launching thread; Triton 3.6's launcher is a C extension per signature built with the host's C
+                    # compiler (a fifth of a second each, 14 in a Phi-3 run's first step when its cache is cold)
+                    getattr(binary, "_init_handles", lambda: None)()
+                except Exception:  # (too large for this GPU, say) left to the launch, which raises it or, while
+                    pass  # tuning, skips that config
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self.threads = [threading.Thread(target=work, name="compile-ahead", daemon=True)
                         for _ in range(min(threads or min(32, cores), len(self.jobs)))]

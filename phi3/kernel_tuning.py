@@ -33,7 +33,7 @@ import kernels
 from kernels import launch, tuning_record, use_tuning_record
 from kernels.launch import AUTOTUNE_MIN_M, m_bucket
 from phi3.atomic import atomic_file
-from phi3.lora import LoRAConfig, add_lora, lora_modules
+from phi3.lora import LoRAConfig, add_lora, lora_modules, mark_only_lora_as_trainable
 from phi3.model import MLP, Phi3ForCausalLM, token_tiles
 
 TUNING_FILE = "kernel_tuning.json"
@@ -172,13 +172,15 @@ def compile_run_kernels(model, token_counts, dtype: torch.dtype, device: torch.d
 def stand_in(config, lora: LoRAConfig, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool = True,
              checkpoint_layers: int | None = None) -> Phi3ForCausalLM:
     """The run's model cut to two decoder layers (every layer has the same shapes; the second, like every later one,
-    takes an input that needs a gradient, so its backward runs every kernel), LoRA added as train.py adds it,
-    weights left unset (nothing computed with them matters): what start_compiling compiles against."""
+    takes an input that needs a gradient, so its backward runs every kernel), LoRA added and the rest frozen as
+    train.py does it, weights left unset (nothing computed with them matters): what start_compiling compiles
+    against."""
     with torch.device("meta"):
         model = Phi3ForCausalLM(dataclasses.replace(config, num_hidden_layers=2))
     model = model.to_empty(device=device).to(dtype)
     with torch.random.fork_rng([device] if device.type == "cuda" else []):  # LoRA's init draws: hand them back
         add_lora(model, lora)
+    mark_only_lora_as_trainable(model)  # as train.py: a frozen norm's backward is another binary (no weight gradient)
     model.gradient_checkpointing, model.checkpoint_layers = gradient_checkpointing, checkpoint_layers
     return model
 

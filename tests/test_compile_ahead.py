@@ -61,7 +61,20 @@ def test_a_made_choice_notes_that_config_alone(noting):
     launch.launch("down", lambda meta: (1, 1), args, meta, torch.bfloat16)
     [(fn, _, kwargs)] = noting.jobs.values()
     cfg = launch._DOWN_CONFIGS[2]
-    assert kwargs == {**meta, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    assert kwargs == {**meta, **cfg.all_kwargs()}  # the options as the autotuner passes them (num_ctas included)
+
+
+def test_a_chosen_config_is_the_binary_its_candidate_was(noting):
+    """Triton keys a binary by the options as passed: the chosen config's launch must pass them as the autotuner
+    passed them while timing it (num_ctas=1 too), or it loads the same binary a second time at first use."""
+    args, meta = down_args(8192), down_meta(8192)
+    launch.launch("down", lambda meta: (1, 1), args, meta, torch.bfloat16)
+    candidates = dict(noting.jobs)
+    key = launch.choice_key("down", [("dtype", torch.bfloat16), ("M_BUCKET", 8192), ("K", 3072), ("R", 16)])
+    for cfg in launch._DOWN_CONFIGS:
+        launch._best[key] = cfg
+        launch.launch("down", lambda meta: (1, 1), args, meta, torch.bfloat16)
+        assert noting.jobs == candidates
 
 
 def test_one_job_per_specialization(noting):
@@ -96,7 +109,7 @@ _CHILD = r"""
 import sys, torch
 from pathlib import Path
 from phi3 import Phi3Config, Phi3ForCausalLM, kernel_tuning
-from phi3.lora import LoRAConfig, add_lora
+from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
 cache = Path(sys.argv[1])
 seen = []  # every compile: kernel, options, constants, argument types and attributes (triton >= 3.4 has the hook)
 import triton
@@ -115,6 +128,7 @@ early = kernel_tuning.start_compiling(kernel_tuning.stand_in(config, lora, devic
 with torch.device("cuda"):
     model = Phi3ForCausalLM(config).to(torch.bfloat16)
 add_lora(model, lora)
+mark_only_lora_as_trainable(model)
 model.gradient_checkpointing = True
 early.wait()
 compiled, ahead = sorted(p.name for p in cache.iterdir()), len(seen)
