@@ -196,13 +196,13 @@ def start_compiling(stand_in, token_counts, dtype: torch.dtype, device: torch.de
     return compile_run_kernels(stand_in, counts, dtype, device, wait=False)
 
 
-def known_choices(device: torch.device, log) -> tuple[Path | None, dict | None, bool]:
+def known_choices(device: torch.device, log) -> tuple[Path | None, dict | None, str | None]:
     """Apply the choices on disk for this GPU: shipped ones, then this machine's cache over them.
-    Returns (the cache file, its record, whether shipped choices applied)."""
+    Returns (the cache file, its record, the GPU model the applied shipped choices were made on, or None)."""
     name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
     shipped = read_shipped(name, capability, log)  # (applied: it and read_cache apply what they read)
     cache = cache_file(name, capability)
-    return cache, read_cache(cache, log), bool(shipped)
+    return cache, read_cache(cache, log), shipped
 
 
 def share_from_main(record: dict, rank: int, world_size: int, device: torch.device) -> dict:
@@ -242,24 +242,42 @@ def shipped_file(device_name: str) -> Path:
     return SHIPPED / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
 
 
-def read_shipped(device_name: str, capability: tuple[int, int], log) -> dict | None:
-    """The repository's choices for this GPU model, applied, or None: none shipped, switched off, made with other
-    kernel settings than the defaults, made for other kernels (said: they are to be made anew), or damaged (said)."""
+def same_architecture(capability: tuple[int, int]) -> Path | None:
+    """A shipped choices file made on another GPU model of this compute capability (the first by name), or None."""
+    for path in sorted(SHIPPED.glob("*.json")):
+        try:
+            if json.loads(path.read_text()).get("capability") == list(capability):
+                return path
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+            continue  # (said when it is the file a GPU reads as its own)
+    return None
+
+
+def read_shipped(device_name: str, capability: tuple[int, int], log) -> str | None:
+    """Apply the repository's choices for this GPU model and return the model they were made on, or None: none
+    shipped, switched off, made with other kernel settings than the defaults, made for other kernels (said: they
+    are to be made anew), or damaged (said). A GPU model without a file of its own takes one made on a GPU of the
+    same architecture: the same configs and GEMM kinds are chosen among, and what won there is close to the best
+    here (an H200 is an H100 with faster memory), which beats timing every choice at its first run."""
     if "off" in (os.environ.get("PHI3_KERNEL_CACHE", "").lower(), os.environ.get("PHI3_SHIPPED_CHOICES", "").lower()):
         return None
-    path = shipped_file(device_name)
-    if any(settings().values()) or not path.is_file():
+    if any(settings().values()):
         return None
+    path = shipped_file(device_name)
+    if not path.is_file():
+        path = same_architecture(capability)
+        if path is None:
+            return None
     try:
         data = json.loads(path.read_text())
-        if data["device"] != device_name or data["capability"] != list(capability):
+        if data["capability"] != list(capability) or shipped_file(data["device"]) != path:
             return None
         if data["kernels"] != choices_source():
             log(f"note: {path} was made for other kernels; timing them here instead (bench/make_kernel_choices.py "
                 "renews it)")
             return None
         use_tuning_record(data["record"])  # validates, then applies
-        return data["record"]
+        return data["device"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
         log(f"warning: {path}: {e!r}; ignoring the shipped kernel choices (reinstall to restore the file)")
         return None
@@ -352,7 +370,14 @@ def prepare(model, token_counts, dtype: torch.dtype, device: torch.device, saved
         tune_lora_layers(model, counts, dtype)  # times only what neither the cache nor the resumed run had
         record = tuning_record()
         name = torch.cuda.get_device_name(device)
-        source = "resumed run" if saved else "cache" + (f" and shipped choices for {name}" if shipped else "")
+        if shipped is None:
+            source = "cache"
+        elif shipped == name:
+            source = f"cache and shipped choices for {name}"
+        else:
+            source = (f"cache and shipped choices made on {shipped}, a GPU of the same architecture; "
+                      "bench/make_kernel_choices.py makes this GPU's own")
+        source = "resumed run" if saved else source
         log(f"kernel choices: {known} already made ({source}), {_entries(record) - known} timed now in "
             f"{time.perf_counter() - started - compiled:.1f} s after {compiled:.1f} s compiling kernels"
             + (f"; kept in {cache.parent}" if cache else ""))
