@@ -157,8 +157,6 @@ print(len(compiled), "binaries compiled ahead")
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run `pytest -m cuda` there)")
-@pytest.mark.xfail(reason="known gap (bench/README.md, 2026-12-05 second session): a few of the backward's dy/da "
-                   "binaries at tuned sizes still compile at first use; costs cold-start time, not correctness")
 def test_cuda_nothing_left_to_compile(tmp_path):
     """In a fresh process with an empty Triton cache, as train.py goes: once what start_compiling began against a
     two-layer stand-in is done, prepare's pass over the model, timing every choice and training steps (forward,
