@@ -7,7 +7,8 @@ argument binding was removed: it bought 0.1 % of a Phi-3-mini training step on a
 
 Compiling: Triton compiles a kernel binary the first time a launch needs it, one after another on the launching
 thread, ~1 s each for the TMA GEMM; a Phi-3 run needs dozens (each chosen config, forward and backward, dropout on
-and off) and tuning needs every candidate config. `compile_ahead` compiles them all in parallel threads first.
+and off) and tuning needs every candidate config. `compile_ahead` compiles them all in parallel threads first,
+and builds their launchers there too.
 """
 import contextlib
 import functools

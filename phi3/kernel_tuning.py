@@ -10,8 +10,9 @@ Timing every shape takes ~16 s per run (minutes when Triton's cache is cold), so
 GPU model, torch/triton version, kernel source and settings (`~/.cache/phi3-lora/`, or $PHI3_KERNEL_CACHE; "off"
 disables it): a later run on the same kind of GPU times only shapes no earlier run has met. And the repository
 ships the choices for Phi-3-mini and -medium's default runs on the GPUs it was measured on
-(phi3/kernel_choices/, made by bench/make_kernel_choices.py for the current timed kernels; "off" or
-PHI3_SHIPPED_CHOICES=off skips them), so that a first run on a fresh machine times nothing there either.
+(phi3/kernel_choices/, made by bench/make_kernel_choices.py for the current timed kernels; a GPU model without a
+file takes one of its architecture; "off" or PHI3_SHIPPED_CHOICES=off skips them), so that a first run on a fresh
+machine times nothing there either.
 Before the first step every kernel binary the choices need is compiled in parallel (kernels/launch.py:
 compile_ahead), so a cold Triton cache costs seconds rather than minutes.
 """
