@@ -141,7 +141,7 @@ def launch(name, grid, args, meta, dtype):
         cfg = _best.get(key)
         if cfg is None and _ahead is not None:  # every config the autotuner will time, passed as it passes them
             for candidate in _candidates(name, args):
-                _ahead.add(fn, args, {**meta, **candidate.kwargs, **_options(candidate)})
+                _ahead.add(fn, args, {**meta, **candidate.all_kwargs()})
             return None
         if cfg is None:
             tuner[grid](*args, **meta)

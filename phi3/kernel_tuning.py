@@ -371,14 +371,13 @@ def prepare(model, token_counts, dtype: torch.dtype, device: torch.device, saved
         tune_lora_layers(model, counts, dtype)  # times only what neither the cache nor the resumed run had
         record = tuning_record()
         name = torch.cuda.get_device_name(device)
-        if shipped is None:
-            source = "cache"
+        if saved or shipped is None:
+            source = "resumed run" if saved else "cache"
         elif shipped == name:
             source = f"cache and shipped choices for {name}"
         else:
             source = (f"cache and shipped choices made on {shipped}, a GPU of the same architecture; "
                       "bench/make_kernel_choices.py makes this GPU's own")
-        source = "resumed run" if saved else source
         log(f"kernel choices: {known} already made ({source}), {_entries(record) - known} timed now in "
             f"{time.perf_counter() - started - compiled:.1f} s after {compiled:.1f} s compiling kernels"
             + (f"; kept in {cache.parent}" if cache else ""))
