@@ -6,7 +6,10 @@ PYTHON ?= python3
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-setup:  ## install the runtime + test dependencies (CPU torch on machines without CUDA)
+setup:  ## install the runtime + test dependencies; without an NVIDIA GPU, torch's CPU build (not the CUDA one)
+	@$(PYTHON) -c "import torch" 2>/dev/null || if command -v nvidia-smi >/dev/null; \
+	  then $(PYTHON) -m pip install torch; \
+	  else $(PYTHON) -m pip install torch --index-url https://download.pytorch.org/whl/cpu; fi
 	$(PYTHON) -m pip install -q -r requirements-test.txt
 
 test:  ## the whole CPU test suite (Triton kernels run under TRITON_INTERPRET=1)
@@ -15,9 +18,10 @@ test:  ## the whole CPU test suite (Triton kernels run under TRITON_INTERPRET=1)
 test-gpu:  ## kernel + model tests on an NVIDIA GPU (bf16 at Phi-3-mini shapes)
 	$(PYTHON) -m pytest tests -m cuda -v
 
-demo:  ## LoRA-train the embedded tiny model on the demo chat data, then score held-out questions
-	$(PYTHON) train.py --data examples/chat.jsonl
-	$(PYTHON) examples/eval_chat.py
+demo:  ## LoRA-train the embedded tiny model on the demo chat data into runs/demo, then score held-out questions
+	@if [ -f runs/demo/adapter_config.json ]; then echo "runs/demo is trained already (rm -r runs/demo to train it again)"; \
+	  else $(PYTHON) train.py --data examples/chat.jsonl --out runs/demo; fi
+	$(PYTHON) examples/eval_chat.py --adapter runs/demo
 
 bench:  ## GPU benchmarks against transformers + peft (kernel, load/decode, training steps, chat data, same math, first steps)
 	$(PYTHON) bench/bench_lora.py

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,16 +34,16 @@ from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load
 from phi3 import distributed, kernel_tuning
 from phi3.atomic import atomic_file
 from phi3.checkpoint import default_dtype, parse_dtype, write_hf_files
-from phi3.config import read_json_object
+from phi3.config import open_regular, read_json_object
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, merge_lora, parse_targets, save_adapter
 from phi3.loss import cross_entropy_sum
 from phi3.offload import CheckpointOffload
-from phi3.progress import Progress, peak_memory_gib, plot_loss
+from phi3.progress import Progress, emit, peak_memory_gib, plot_loss
 from phi3.run_state import (RunStateError, clean_stale_writes, find_checkpoint, load_checkpoint, lr_lambda,
-                            optimizer_tensors, save_checkpoint, trainable_tensors, write_json_atomic)
-from phi3.train_config import (FlagError, TrainConfig, check_against_model, check_fresh_run_folder,
-                               resolve_config)
+                            optimizer_tensors, run_folder_of, save_checkpoint, trainable_tensors, write_json_atomic)
+from phi3.run_folder import RunFolderError, RunFolderLock, check_fresh_run_folder
+from phi3.train_config import MAX_STEPS, FlagError, TrainConfig, check_against_model, resolve_config
 from phi3.tokenizer import TokenizerError
 
 
@@ -169,13 +170,16 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def train(cfg: TrainConfig) -> int:
     world, device = distributed.init(cfg.device)
     try:
-        return run(cfg, world, device)
+        if not world.is_main:  # only the main process writes: it alone owns the run folder
+            return run(cfg, world, device)
+        with RunFolderLock(Path(cfg.out)):
+            return run(cfg, world, device)
     finally:
         distributed.shutdown(world)
 
 
 def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int:
-    log = (lambda text: print(text, file=sys.stderr)) if world.is_main else (lambda text: None)
+    log = emit if world.is_main else (lambda text: None)
     dtype = default_dtype(device) if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
     if cfg.gradient_checkpointing is None:
         cfg.gradient_checkpointing = device.type == "cuda"
@@ -184,7 +188,8 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
         log("note: --offload-checkpoints applies only with gradient checkpointing on a CUDA device; off here")
     cfg.offload_checkpoints = offload_applies and cfg.offload_checkpoints is not False  # (None: the default, on)
     run_dir = Path(cfg.out)
-    if not cfg.resume:
+    continuing = bool(cfg.resume) and run_dir.resolve() == run_folder_of(find_checkpoint(cfg.resume)).resolve()
+    if not continuing:  # checked again under the lock: another run may have saved here since the flags were read
         check_fresh_run_folder(run_dir)
     torch.manual_seed(cfg.seed)
     log("config: " + json.dumps(dataclasses.asdict(cfg)))
@@ -211,6 +216,9 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
                         f"more than the {len(batches)} of a whole epoch of {cfg.data}; lower --grad-accum or --batch-size")
 
     steps_per_epoch = math.ceil(len(batches) / group_size)
+    if not (cfg.max_steps > 0 or steps_per_epoch * cfg.epochs <= MAX_STEPS):
+        raise FlagError(f"--epochs {cfg.epochs} is {steps_per_epoch * cfg.epochs:.3g} steps of {cfg.data}, more than "
+                        f"{MAX_STEPS:,}; lower --epochs")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
 
     @functools.cache  # (asked for by the early compile and by prepare: every epoch's batches are built once)
@@ -256,6 +264,8 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
         log(f"resumed from {ckpt} at step {step}")
         if step >= total_steps:
             log(f"the run already finished its {total_steps} steps; raise --max-steps or --epochs to train further")
+            if cfg.export_merged:  # nothing to train: merge the finished adapter into its base
+                export_merged(model, cfg, dtype, log)
             return 0
         if position["epoch"] != 0:
             batches = epoch_batches(position["epoch"])
@@ -281,7 +291,7 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
             write_json_atomic(run_dir / "train_config.json", dataclasses.asdict(cfg))
             if (run_dir / "metrics.jsonl").is_symlink():  # appending would write wherever a stranger's link points
                 (run_dir / "metrics.jsonl").unlink()
-            drop_metrics_after(run_dir / "metrics.jsonl", step)
+            drop_metrics_after(run_dir / "metrics.jsonl", step if continuing else -1)  # (a fresh run: none kept)
         tuning_text = {kernel_tuning.TUNING_FILE: kernel_tuning.to_file(tuning)} if tuning else {}
 
         def write_model_files(folder: Path, trained: dict[str, torch.Tensor]) -> None:
@@ -371,18 +381,25 @@ def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int
             raise NonFiniteLoss(f"{failure}; saved the last good state as {final}. Lower the learning rate "
                                 f"(python train.py --resume {run_dir} --lr ...), or start again with a lower --alpha")
         if step < total_steps:  # stopped by a signal
+            if world.is_main:
+                plot_loss(run_dir, progress.say)
             progress.say(f"interrupted: saved {final}; continue with: python train.py --resume {run_dir}")
             return 130
         if world.is_main:
             write_model_files(run_dir, trained)
             progress.say(f"done: {'model' if cfg.full else 'adapter'} in {run_dir}, checkpoint {final}")
-            if cfg.export_merged and not cfg.full:
-                merge_lora(model)
-                save_model(model, cfg.export_merged, dtype=dtype, tokenizer_from=cfg.model)
-                progress.say(f"merged model written to {cfg.export_merged}")
+            if cfg.export_merged:
+                export_merged(model, cfg, dtype, progress.say)
             plot_loss(run_dir, progress.say)
         distributed.barrier(world)
     return 0
+
+
+def export_merged(model: Phi3ForCausalLM, cfg: TrainConfig, dtype: torch.dtype, say) -> None:
+    """Base + adapter merged into one complete model folder (weights, config, tokenizer) at --export-merged."""
+    merge_lora(model)
+    save_model(model, cfg.export_merged, dtype=dtype, tokenizer_from=cfg.model)
+    say(f"merged model written to {cfg.export_merged}")
 
 
 def read_tuning(checkpoint: Path, log) -> dict | None:
@@ -404,15 +421,17 @@ def read_tuning(checkpoint: Path, log) -> dict | None:
 
 def drop_metrics_after(path: Path, step: int) -> None:
     """A run resumed from an older checkpoint (after a kill) redoes the steps past it: drop their old lines."""
-    if not path.is_file():
+    try:
+        with open_regular(path) as f:  # (a FIFO in a stranger's run folder: an error, not a hang)
+            lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+    except FileNotFoundError:
         return
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
     keep = []
     for line in lines:
         try:
             row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
+        except (ValueError, RecursionError):
+            continue  # a line cut short by a kill, or a stranger's
         if isinstance(row, dict) and type(row.get("step")) is int and row["step"] <= step:
             keep.append(line)
     if len(keep) != len(lines):
@@ -424,7 +443,8 @@ def main(argv=None) -> int:
     try:
         cfg = resolve_config(argv)
         return train(cfg)
-    except (FlagError, DataError, CheckpointError, ConfigError, TokenizerError, RunStateError, NonFiniteLoss) as e:
+    except (FlagError, DataError, CheckpointError, ConfigError, TokenizerError, RunStateError, RunFolderError,
+            NonFiniteLoss) as e:
         message = str(e)
     except OSError as e:  # unreadable inputs, unwritable outputs, a full disk: the failed write left nothing behind
         message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
@@ -432,11 +452,14 @@ def main(argv=None) -> int:
         message = ("out of GPU memory; lower --batch-size or --max-seq-len, or turn on --gradient-checkpointing "
                    "(the last complete checkpoint, if any, can be resumed with --resume)")
     except KeyboardInterrupt:  # before training started (loading, tuning): no run folder was written yet
-        print("\ninterrupted", file=sys.stderr)
+        emit("\ninterrupted")
         return 130
-    print(f"error: {message}", file=sys.stderr)
+    emit(f"error: {message}")
     return 2
 
 
 if __name__ == "__main__":
+    for name in ("stdout", "stderr"):  # started with it closed (`2>&-`, as some job schedulers do): text is lost
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
     sys.exit(main())

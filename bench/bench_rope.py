@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kernels import launch, rope  # noqa: E402
-from kernels.rope import rope_qk  # noqa: E402
+from phi3.kernels import launch, rope  # noqa: E402
+from phi3.kernels.rope import rope_qk  # noqa: E402
 
 B, T = 4, 2048
 for nh, nkv, hd in [(32, 32, 96), (40, 10, 128)]:

@@ -38,11 +38,12 @@ ABLATIONS = {  # this project with one mechanism switched off: what each buys in
 
 
 def build_ours(checkpointing: bool, ablation: str | None = None):
-    import kernels.launch
+    import phi3.kernels.launch
     import phi3.attention
     import phi3.model
-    from kernels import rms_norm_reference, swiglu_reference
-    from kernels.rope import rope_qk_reference
+    from phi3.kernels.rmsnorm import rms_norm_reference
+    from phi3.kernels.swiglu import swiglu_reference
+    from phi3.kernels.rope import rope_qk_reference
     from phi3.loss import cross_entropy_sum
 
     if ablation == "ours-no-flash":
@@ -53,7 +54,7 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
         phi3.model.rms_norm = rms_norm_reference
         phi3.model.swiglu = swiglu_reference
     elif ablation == "ours-untimed":
-        kernels.launch.AUTOTUNE = False
+        phi3.kernels.launch.AUTOTUNE = False
     model = ours_lora(ours_config(CONFIG), "cuda", torch.bfloat16, checkpointing, offload=ablation != "ours-no-offload")
     if ablation and ablation.startswith("ours-checkpoint-"):  # the middle ground: the first N layers checkpointed
         model.checkpoint_layers = int(ablation.removeprefix("ours-checkpoint-"))

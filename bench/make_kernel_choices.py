@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ["PHI3_KERNEL_CACHE"] = "off"  # every choice made here, by timing, in this process
 
-from kernels import launch, tuning_record  # noqa: E402  (after the switch above)
+from phi3.kernels import launch  # noqa: E402
+from phi3.kernels.tuning import tuning_record  # noqa: E402  (after the switch above)
 from phi3 import Phi3Config, kernel_tuning  # noqa: E402
 from phi3.atomic import atomic_file  # noqa: E402
 from phi3.lora import LoRAConfig  # noqa: E402

@@ -9,7 +9,7 @@ term alone for the "cublas" kind). kernels/lora_linear.py picks the kind per sha
 import triton
 import triton.language as tl
 
-from kernels.lowrank import _dropout
+from .lowrank import _dropout
 
 
 @triton.jit

@@ -19,8 +19,8 @@ import threading
 import torch
 import triton
 
-from kernels.gemm import _lora_gemm_kernel, _lora_gemm_tma_kernel
-from kernels.lowrank import _lora_da_kernel, _lora_down_kernel, _lora_dy_kernel
+from .gemm import _lora_gemm_kernel, _lora_gemm_tma_kernel
+from .lowrank import _lora_da_kernel, _lora_down_kernel, _lora_dy_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("LORA_AUTOTUNE", "1") == "1"  # False: first config of each list (fast GPU tests)

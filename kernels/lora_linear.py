@@ -32,8 +32,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels import launch
-from kernels.lowrank import _dropout_mask_kernel
+from . import launch
+from .lowrank import _dropout_mask_kernel
 
 GEMM_CHOICES = ("auto", "triton", "cublas")  # auto: timed choice; triton: pointer loads; cublas: hybrid
 GEMM = os.environ.get("LORA_GEMM", "auto")  # train.py rejects other values before loading anything

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import launch
-from kernels.lora_linear import _empty, _on
+from . import launch
+from .lora_linear import _empty, _on
 
 MAX_HIDDEN = 65536  # one row per block; wider rows (no Phi-3 comes close) take the torch path
 _DW_WAVES = 4  # weight-gradient backward: programs = this many waves of SMs, each owning one fp32 partial

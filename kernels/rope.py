@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import launch
-from kernels.lora_linear import _empty, _on
+from . import launch
+from .lora_linear import _empty, _on
 
 _TILE = 1024  # values of each half (x1, x2) per program: heads per program = _TILE / (hd/2 padded); fastest on an H200
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others (fp64) take the torch path

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import launch
-from kernels.lora_linear import _empty, _on
+from . import launch
+from .lora_linear import _empty, _on
 
 _BLOCK = 1024  # columns per program: 2 KiB of each bf16 operand per program, 4 warps of 16-byte loads
 

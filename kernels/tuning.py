@@ -11,12 +11,10 @@ Keys are shapes and flags, never the device index ("dx M_BUCKET=8192 N=3072 K=16
 dtype=torch.bfloat16"). A record is a stranger's file: it is checked against the shipped kinds and config lists
 (ValueError naming what is wrong), and a config is stored as the shipped object it equals; nothing in it runs.
 """
-import importlib
 import re
 
-from kernels import launch
-
-ll = importlib.import_module("kernels.lora_linear")  # the module: kernels.lora_linear is also the function
+from . import launch
+from . import lora_linear as ll
 
 VERSION = 2  # 2: no concat kind ("fwd" keys lost SPARE, "down" keys COPY)
 MAX_ENTRIES = 10_000  # a real run has hundreds (shapes x token buckets x dropout on/off)

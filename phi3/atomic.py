@@ -5,6 +5,7 @@ A crash or kill at any moment leaves either the previous version or the new one,
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -12,6 +13,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 
 # .NAME.tmp-1a2b3c4d (being written) and .NAME.old-1a2b3c4d (the version being replaced)
@@ -54,3 +59,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """save_file, atomically, with its failures as OSError: safetensors reports a full disk as its own error
+    type ("... No space left on device (os error 28)"), which callers would otherwise meet as a traceback."""
+    with atomic_file(path) as tmp:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:
+            code = re.search(r"os error (\d+)", str(e))
+            number = int(code.group(1)) if code else errno.EIO
+            raise OSError(number, os.strerror(number) if code else str(e).splitlines()[0], str(path)) from None

@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from phi3.atomic import atomic_dir, atomic_file
-from phi3.config import ConfigError, Phi3Config, is_int, read_json_object, show
+from phi3.atomic import atomic_dir, atomic_file, write_safetensors
+from phi3.config import ConfigError, Phi3Config, is_int, open_regular, read_json_object, show
 from phi3.model import Phi3ForCausalLM
 
 
@@ -98,10 +98,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     CheckpointError."""
     bad = f"{path}: truncated or corrupt safetensors file"
     fix = "download or copy the file again"
-    if not path.is_file():  # also refuses a FIFO, whose open() would block
-        raise CheckpointError(f"{path}: not found or not a regular file; {fix}")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise CheckpointError(f"{bad} ({size} bytes); {fix}")
@@ -279,8 +277,7 @@ def write_hf_files(model: Phi3ForCausalLM, folder: Path, dtype: torch.dtype | st
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     for name, shard in zip(names, shards):
-        with atomic_file(folder / name) as tmp:
-            save_file(shard, tmp, metadata={"format": "pt"})
+        write_safetensors(shard, folder / name, metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {n: file for file, shard in zip(names, shards) for n in shard}}
@@ -294,11 +291,44 @@ def write_hf_files(model: Phi3ForCausalLM, folder: Path, dtype: torch.dtype | st
                     shutil.copyfile(src, tmp)
 
 
-def save_model(model: Phi3ForCausalLM, path: str | Path, dtype: torch.dtype | str | None = None,
-               max_shard_bytes: int = 5 * 2**30, tokenizer_from: str | Path | None = None) -> Path:
-    """A checkpoint folder in Hugging Face layout, written under a temporary name and renamed at the end, so a
-    crash never leaves a half-written checkpoint behind (an existing folder is replaced whole)."""
+EXPORT_MARKER = "phi3_lora_export.json"  # marks a folder save_model wrote: a later save may replace it
+
+
+def _written_by_save(name: str) -> bool:
+    return (name in ("config.json", "model.safetensors", "model.safetensors.index.json", EXPORT_MARKER, *TOKENIZER_FILES)
+            or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None)
+
+
+def check_replaceable(folder: str | Path) -> None:
+    """CheckpointError unless save_model may write `folder`: new, empty, or an earlier save_model output (its
+    marker file and only the files save_model writes). A folder holding anything else is never replaced."""
+    folder = Path(folder).expanduser()
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (a file or a link); name a new folder to save the model in")
+    names = sorted(p.name for p in folder.iterdir())
+    if not names or (EXPORT_MARKER in names and all(map(_written_by_save, names))):
+        return
+    others = [n for n in names if not _written_by_save(n)] or names
+    raise CheckpointError(f"{folder}: holds files this program did not write ({', '.join(others[:3])}); save the model "
+                          "into a new or empty folder")
+
+
+def save_model(model: Phi3ForCausalLM, path: str | Path, *, tokenizer_from: str | Path,
+               dtype: torch.dtype | str | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """A complete model folder in Hugging Face layout: config.json, the weights, and the tokenizer and generation
+    files of `tokenizer_from` (the base model's folder), so that it loads in sample.py, transformers and vLLM.
+    Written under a temporary name and renamed at the end: a crash never leaves half a folder. It replaces only
+    an earlier save (check_replaceable), never a folder holding other files."""
     final = Path(path).expanduser()
+    source = Path(tokenizer_from).expanduser()
+    if not (source / "tokenizer.json").is_file():
+        raise CheckpointError(f"{source}: no tokenizer.json to save with the model; pass tokenizer_from= the base "
+                              "model's folder")
+    check_replaceable(final)
     with atomic_dir(final) as tmp:
-        write_hf_files(model, tmp, dtype, max_shard_bytes, tokenizer_from)
+        write_hf_files(model, tmp, dtype, max_shard_bytes, source)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "phi3-lora save_model",
+                                                     "tokenizer_from": str(source.resolve())}, indent=2) + "\n")
     return final

@@ -7,8 +7,10 @@ classic `rope_scaling` key and transformers v5's `rope_parameters`; "su" and "ya
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,21 +37,38 @@ def show(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+class NotARegularFile(OSError):
+    """A FIFO, device or socket where a file was expected."""
+
+
+def open_regular(path: str | Path, fifo_ok: bool = False):
+    """`path` opened for reading in binary, if it is a regular file (or, with fifo_ok, a pipe such as bash's
+    `<(zcat data.gz)`); else OSError "not a regular file". Opened without blocking first: a FIFO nobody writes to
+    would otherwise hang the program in open(), beyond Ctrl-C; read from one without a writer it is empty."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "a folder, not a file", os.fspath(path))
+        if not (stat.S_ISREG(mode) or (fifo_ok and stat.S_ISFIFO(mode))):
+            raise NotARegularFile(errno.EINVAL, "not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_json_object(path: str | Path, error: type[ValueError], fix: str) -> dict:
     """The JSON object in `path`. A missing, unreadable, special (a FIFO would block), huge, non-UTF-8, invalid,
     too deeply nested or non-object file raises `error` with one line: "PATH: what is wrong; `fix`"."""
     try:
-        info = Path(path).stat()
-        regular = stat.S_ISREG(info.st_mode)
-        if regular and info.st_size <= MAX_JSON_BYTES:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_JSON_BYTES + 1)
+        with open_regular(path) as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
     except OSError as e:
         raise error(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
-    if not regular:
-        raise error(f"{path}: not a regular file; {fix}")
-    if info.st_size > MAX_JSON_BYTES or len(raw) > MAX_JSON_BYTES:
-        raise error(f"{path}: too large for this file ({info.st_size} bytes, at most {MAX_JSON_BYTES}); {fix}")
+    if len(raw) > MAX_JSON_BYTES:
+        raise error(f"{path}: too large for this file (more than {MAX_JSON_BYTES} bytes); {fix}")
     try:
         data = json.loads(raw.decode("utf-8-sig"))  # -sig: tolerate a byte-order mark
     except UnicodeDecodeError as e:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import stat
 from bisect import bisect_left, insort
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from phi3.config import NotARegularFile, open_regular
 
 IGNORE = -100
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -254,15 +254,15 @@ def _lines(path: str):
     time so a huge file or one without newlines is never held whole. Problems with the file itself raise DataError."""
     todo = "Check the path and the file's permissions"
     try:
-        mode = os.stat(path).st_mode
+        f = open_regular(path, fifo_ok=True)  # a pipe (`--data <(zcat x.gz)`) is data; a device may never end
+    except IsADirectoryError:
+        raise DataError(path, None, "is a directory, not a JSONL file", "Pass the path of the .jsonl file") from None
+    except NotARegularFile:
+        raise DataError(path, None, "is not a regular file", "Pass the path of a .jsonl file") from None
     except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
         raise DataError(path, None, f"cannot read the file ({getattr(e, 'strerror', None) or e})", todo) from None
-    if stat.S_ISDIR(mode):
-        raise DataError(path, None, "is a directory, not a JSONL file", "Pass the path of the .jsonl file")
-    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # a device may never end (/dev/zero)
-        raise DataError(path, None, "is not a regular file", "Pass the path of a .jsonl file")
     try:
-        with open(path, "rb") as f:
+        with f:
             n = 0
             while line := f.readline(MAX_LINE_BYTES + 1):
                 n += 1
@@ -362,12 +362,14 @@ def read_jsonl(path, tokenizer, train_on: str = "assistant", max_seq_len: int | 
 
 def pad_token_for(tokenizer) -> int:
     """Id to pad with: tokenizer.pad_id unless it is a stop id (Phi-3's pad is <|endoftext|>, a stop id, so a model
-    trained to see it could learn to end early); then <unk> (0), as Microsoft's fine-tuning recipe does."""
+    trained to see it could learn to end early); then <unk> (0), as Microsoft's fine-tuning recipe does; then the
+    first id that stops nothing. Padding is never trained nor attended to, so any such id pads correctly, whatever
+    a model folder's generation settings call a stop."""
     stops = set(tokenizer.stop_ids)
-    for i in (tokenizer.pad_id, getattr(tokenizer, "unk_id", None), 0):
+    for i in (tokenizer.pad_id, getattr(tokenizer, "unk_id", None)):
         if i is not None and i not in stops:
             return i
-    raise ValueError("no padding id that is not a stop id")
+    return next(i for i in range(len(stops) + 1) if i not in stops)
 
 
 def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import kernels
-from kernels import launch, tuning_record, use_tuning_record
-from kernels.launch import AUTOTUNE_MIN_M, m_bucket
+from phi3.kernels import launch, tuning
+from phi3.kernels.tuning import tuning_record, use_tuning_record
+from phi3.kernels.launch import AUTOTUNE_MIN_M, m_bucket
 from phi3.atomic import atomic_file
 from phi3.lora import LoRAConfig, add_lora, lora_modules, mark_only_lora_as_trainable
 from phi3.model import MLP, Phi3ForCausalLM, token_tiles
@@ -222,7 +222,7 @@ def share_from_main(record: dict, rank: int, world_size: int, device: torch.devi
 def kernels_source() -> str:
     """A hash of kernels/*.py: choices made for other kernel code are not reused."""
     source = hashlib.sha256()
-    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
+    for path in sorted(Path(launch.__file__).parent.glob("*.py")):
         source.update(path.name.encode() + b"\0" + path.read_bytes())
     return source.hexdigest()
 
@@ -232,9 +232,9 @@ def choices_source() -> str:
     and GEMM kinds chosen among. Shipped choices stay valid through host-side changes elsewhere in kernels/."""
     source = hashlib.sha256()
     for name in ("gemm.py", "lowrank.py"):
-        source.update(name.encode() + b"\0" + (Path(kernels.__file__).parent / name).read_bytes())
-    space = [kernels.tuning.VERSION, kernels.tuning._KINDS,
-             [(name, [kernels.tuning._config_json(c) for c in tuner.configs]) for name, tuner in launch._tuned.items()]]
+        source.update(name.encode() + b"\0" + (Path(launch.__file__).parent / name).read_bytes())
+    space = [tuning.VERSION, tuning._KINDS,
+             [(name, [tuning._config_json(c) for c in tuner.configs]) for name, tuner in launch._tuned.items()]]
     source.update(json.dumps(space).encode())
     return source.hexdigest()
 
@@ -349,7 +349,7 @@ def prepare(model, token_counts, dtype: torch.dtype, device: torch.device, saved
     if device.type != "cuda":
         return {}  # the CPU path runs torch, not the timed kernels
     version = saved.get("version") if isinstance(saved, dict) else None
-    if type(version) is int and version < kernels.tuning.VERSION:  # this project's own, from before a kernel change
+    if type(version) is int and version < tuning.VERSION:  # this project's own, from before a kernel change
         log(f"note: the resumed run's kernel choices (record version {version}) were made for older kernels; "
             "choosing anew, so the resumed steps may round differently from an uninterrupted run")
         saved = None

@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from kernels import lora_linear
-from phi3.atomic import atomic_file
+from phi3.kernels.lora_linear import lora_linear
+from phi3.atomic import atomic_file, write_safetensors
 from phi3.checkpoint import CheckpointError, read_safetensors
 from phi3.config import finite_number, is_int, read_json_object, show
 from phi3.patterns import PatternError, Patterns
@@ -95,6 +94,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(sum(e - s for s, e in slices), rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and peft; B = 0 -> starts at the base
         self.merged = False
+        self.train(base.training)  # an adapter added to a model in eval mode has no dropout: as the layer it wraps
 
     def full_B(self) -> torch.Tensor:
         """B as one (out, n*r) matrix: the layer's B itself, or the slices' Bs placed block-diagonally."""
@@ -240,8 +240,7 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str | Path | 
         "rank_pattern": {f"^{re.escape(n)}$": v for n, v in ranks.items() if v != r},
         "alpha_pattern": {f"^{re.escape(n)}$": v for n, v in alphas.items() if v != alpha},
     }
-    with atomic_file(folder / ADAPTER_WEIGHTS) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+    write_safetensors(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     with atomic_file(folder / ADAPTER_CONFIG) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     return folder

@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.rmsnorm import rms_norm
-from kernels.rope import rope_qk
-from kernels.swiglu import swiglu
+from phi3.kernels.rmsnorm import rms_norm
+from phi3.kernels.rope import rope_qk
+from phi3.kernels.swiglu import swiglu
 from phi3.attention import Visibility, attend
 from phi3.config import Phi3Config
 from phi3.offload import CheckpointOffload
@@ -73,20 +73,31 @@ class RotaryEmbedding(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for all layers: (layers, B, kv_heads, max_len, head_dim)."""
+    """Keys/values for all layers: (layers, B, kv_heads, capacity, head_dim), for up to max_len tokens. The buffers
+    grow as tokens arrive (to twice their size, at most max_len), so asking for a long reply on a long-context model
+    costs memory only for the tokens actually generated."""
 
     def __init__(self, config: Phi3Config, batch_size: int, max_len: int, device, dtype):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.max_len = max_len
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, 0, config.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0  # tokens already stored; advanced by the model after all layers ran
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
+    def _grow(self, needed: int) -> None:
+        if needed > self.max_len:
+            raise ValueError(f"the KV cache holds at most {self.max_len} tokens, {needed} were asked for")
+        capacity = min(max(needed, 2 * self.k.shape[3]), self.max_len)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty((*old.shape[:3], capacity, old.shape[4]))
+            new[:, :, :, :self.length] = old[:, :, :, :self.length]
+            setattr(self, name, new)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            self._grow(end)
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

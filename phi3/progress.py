@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
+import stat
 import sys
 import time
 from pathlib import Path
@@ -11,6 +14,29 @@ from pathlib import Path
 import torch
 
 from phi3.atomic import atomic_file
+from phi3.config import NotARegularFile, open_regular
+
+
+def emit(text: str, end: str = "\n") -> None:
+    """Text to stderr. A closed or failing stderr (`2>&-` under a scheduler, /dev/full, a reader that left) loses
+    the text, never the run."""
+    if sys.stderr is None:  # started with it closed
+        return
+    try:
+        print(text, end=end, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        pass
+
+
+def open_metrics(path: Path):
+    """metrics.jsonl opened for appending: only a regular file (a FIFO would block the open, beyond Ctrl-C), and
+    never through a link (a stranger's link would send the lines elsewhere)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotARegularFile(0, "not a regular file; remove it", str(path))
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a")
 
 
 class Progress:
@@ -19,8 +45,8 @@ class Progress:
 
     def __init__(self, total: int, log_every: int, metrics_path: Path, enabled: bool = True):
         self.total, self.log_every, self.enabled = total, log_every, enabled
-        self.metrics = open(metrics_path, "a") if enabled else None
-        self.tty = sys.stderr.isatty()
+        self.metrics = open_metrics(metrics_path) if enabled else None
+        self.tty = sys.stderr is not None and sys.stderr.isatty()
         self.start = time.perf_counter()
         # within-step reports use a clock of their own: reading it never moves train.py's timing of a step
         self.step_started = self.last_within = time.monotonic()
@@ -50,9 +76,9 @@ class Progress:
     def _show(self, line: str) -> None:
         """On a terminal the one live line is rewritten; elsewhere each line is printed."""
         if self.tty:
-            print("\r" + line.ljust(110), end="", file=sys.stderr, flush=True)
+            emit("\r" + line.ljust(110), end="")
         else:
-            print(line, file=sys.stderr, flush=True)
+            emit(line)
 
     def log(self, record: dict) -> None:
         if self.enabled:
@@ -72,13 +98,33 @@ class Progress:
 
     def say(self, text: str) -> None:
         if self.enabled:
-            print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
+            emit(("\n" if self.tty else "") + text)
 
 
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl that hold an integer step and finite numbers. The file may be a stranger's (a
+    copied run folder) or cut short by a kill: any other line, or byte that is not UTF-8, is skipped."""
+    try:
+        with open_regular(path) as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict) and type(row.get("step")) is int and all(
+                type(v) in (int, float) and math.isfinite(v) for k, v in row.items() if k.endswith("loss")):
+            rows.append(row)
+    return rows
 
 
 def plot_loss(run_dir: Path, say=lambda text: None) -> None:
@@ -90,7 +136,7 @@ def plot_loss(run_dir: Path, say=lambda text: None) -> None:
     except ImportError:
         say("loss.png skipped: matplotlib is not installed (pip install matplotlib)")
         return
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     fig, ax = plt.subplots(figsize=(7, 4))
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "eval_loss" in r]
@@ -99,6 +145,8 @@ def plot_loss(run_dir: Path, say=lambda text: None) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
-    with atomic_file(run_dir / "loss.png") as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
-    plt.close(fig)
+    try:
+        with atomic_file(run_dir / "loss.png") as tmp:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)

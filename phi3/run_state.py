@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from phi3.atomic import TEMPORARY_RE, atomic_dir, atomic_file
+from phi3.atomic import TEMPORARY_RE, atomic_dir, atomic_file, write_safetensors
+from phi3.config import open_regular, read_json_object
 from phi3.distributed import shard_like
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
@@ -77,8 +78,8 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     final = run_dir / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         write_model_files(tmp)  # adapter (PEFT) or full model (HF layout), for users
-        save_file(trainable, tmp / TRAINABLE_FILE)
-        save_file(moments, tmp / OPTIMIZER_FILE)
+        write_safetensors(trainable, tmp / TRAINABLE_FILE)
+        write_safetensors(moments, tmp / OPTIMIZER_FILE)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         state = {"format": FORMAT, "step": step, "position": {k: int(v) for k, v in position.items()},
@@ -134,12 +135,17 @@ def find_checkpoint(path: str | Path) -> Path:
         raise RunStateError(f"{path}: no such folder; --resume takes a run folder or one of its checkpoint-STEP folders")
     if (path / STATE_FILE).is_file():
         return path
+    if os.path.lexists(path / STATE_FILE):  # a FIFO or a link: never opened
+        raise RunStateError(f"{path / STATE_FILE}: not a regular file; resume from another checkpoint")
     found = list_checkpoints(path)
     if found:
         return found[-1]
     if (path / "state.pt").is_file() or any(path.glob("checkpoint-*/state.pt")):
         raise RunStateError(f"{path}: written by an older version of train.py (a pickled state.pt, which is never "
                             "read because loading a pickle can run code); start a new run")
+    if (path / "train_config.json").is_file() and not CHECKPOINT_RE.fullmatch(path.name):
+        raise RunStateError(f"{path}: its run never saved a step (it stopped before its first checkpoint), so there is "
+                            f"nothing to resume; start it again with --out {path} and its flags")
     raise RunStateError(f"{path}: no checkpoint-STEP folder with {STATE_FILE} to resume from")
 
 
@@ -153,10 +159,7 @@ def run_folder_of(checkpoint: Path) -> Path:
 def read_state(folder: Path) -> tuple[int, dict, int]:
     """(step, data position, torchrun processes) from state.json, every value checked."""
     path = folder / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise RunStateError(f"{path}: unreadable ({e}); resume from another checkpoint") from None
+    state = read_json_object(path, RunStateError, "resume from another checkpoint")
     position = state.get("position") if isinstance(state, dict) else None
     ok = (isinstance(state, dict) and state.get("format") == FORMAT and _count(state.get("step"))
           and isinstance(position, dict) and set(position) == {"epoch", "batch"} and all(map(_count, position.values()))
@@ -174,6 +177,7 @@ def _count(v) -> bool:
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
+        open_regular(path).close()  # a FIFO would block load_file's open, beyond Ctrl-C
         return load_file(path)
     except (OSError, SafetensorError, ValueError, RuntimeError) as e:
         raise RunStateError(f"{path}: unreadable or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "

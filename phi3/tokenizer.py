@@ -31,7 +31,7 @@ from bisect import bisect_right
 
 from tokenizers import Tokenizer
 
-from phi3.config import is_int, read_json_object, show
+from phi3.config import is_int, open_regular, read_json_object, show
 
 ROLES = ("system", "user", "assistant")
 FIX = "use the checkpoint's own tokenizer files (download them again)"
@@ -82,10 +82,8 @@ def _read_json(path: str) -> dict:
 def _read_template_file(path: str) -> str:
     """chat_template.jinja, cut after what could still be a Phi-3 template (a longer text cannot match one; bytes
     that are not UTF-8 cannot either, so they become U+FFFD instead of an error)."""
-    if not os.path.isfile(path):  # a FIFO would block
-        raise TokenizerError(f"{path}: not a regular file; {FIX}")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return f.read(4 * MAX_TEMPLATE_CHARS + 1).decode("utf-8", errors="replace")
     except OSError as e:
         raise TokenizerError(f"{path}: cannot be read ({e.strerror or e}); {FIX}") from None
@@ -257,14 +255,21 @@ def load_tokenizer(path, chat_format: str | None = None) -> Phi3Tokenizer:
         raise TokenizerError(f"{folder}: checkpoint folder not found; pass a folder in Hugging Face layout "
                              "(config.json, model.safetensors, tokenizer.json)")
     tj = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(tj):
+    if not os.path.exists(tj):
         raise TokenizerError(f"{tj}: not found. Point at a checkpoint folder that holds tokenizer.json "
                              "(the HF Phi-3 repos ship one).")
-    if os.path.getsize(tj) > MAX_TOKENIZER_BYTES:
-        raise TokenizerError(f"{tj}: {os.path.getsize(tj)} bytes, too large for a tokenizer.json "
-                             f"(at most {MAX_TOKENIZER_BYTES}); {FIX}")
+    try:  # read here, not by path in tokenizers: a FIFO must not block, and the size is bounded
+        with open_regular(tj) as f:
+            raw = f.read(MAX_TOKENIZER_BYTES + 1)
+        text = raw.decode("utf-8")
+    except OSError as e:
+        raise TokenizerError(f"{tj}: cannot be read ({e.strerror or e}); {FIX}") from None
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{tj}: cannot be parsed by tokenizers (not UTF-8 text: byte {e.start}); {FIX}") from None
+    if len(raw) > MAX_TOKENIZER_BYTES:
+        raise TokenizerError(f"{tj}: more than {MAX_TOKENIZER_BYTES} bytes, too large for a tokenizer.json; {FIX}")
     try:
-        tok = Tokenizer.from_file(tj)
+        tok = Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a plain Exception on bad files
         raise TokenizerError(f"{tj}: cannot be parsed by tokenizers ({show(str(e), 200)}); {FIX}") from None
     except BaseException as e:  # a Rust panic arrives as pyo3's PanicException, a BaseException

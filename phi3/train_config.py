@@ -17,11 +17,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernels.lora_linear import GEMM_CHOICES
+from phi3.kernels.lora_linear import GEMM_CHOICES
 from phi3 import distributed
-from phi3.checkpoint import EMBEDDED_MODEL, check_tokenizer_fits
-from phi3.config import Phi3Config
+from phi3.checkpoint import EMBEDDED_MODEL, CheckpointError, check_replaceable, check_tokenizer_fits
+from phi3.config import Phi3Config, read_json_object
 from phi3.lora import parse_targets
+from phi3.run_folder import check_fresh_run_folder, check_places
 from phi3.run_state import find_checkpoint, read_state, run_folder_of
 
 
@@ -92,6 +93,9 @@ class FlagError(ValueError):
     """A command-line value that cannot work."""
 
 
+MAX_STEPS = 2**31 - 1  # optimizer steps in one run: counts past it are typos (--epochs 1e300), not plans
+
+
 # Fields added after version 1 of train_config.json: a run saved before them resumes with their defaults.
 ADDED_LATER = ("offload_checkpoints", "checkpoint_layers")
 
@@ -103,10 +107,7 @@ RESUME_FIXED = ("full", "init", "rank", "alpha", "dropout", "targets", "rslora",
 
 def config_from_json(path: Path) -> TrainConfig:
     """A saved train_config.json, read as untrusted data: every field present, of its declared type."""
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FlagError(f"{path}: unreadable ({e}); start a new run, or resume another run folder") from None
+    saved = read_json_object(path, FlagError, "start a new run, or resume another run folder")
     fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     problem = None
     if not isinstance(saved, dict) or not set(fields) - set(ADDED_LATER) <= set(saved) <= set(fields):
@@ -137,10 +138,10 @@ def resolve_config(argv) -> TrainConfig:
     if given.get("resume"):
         ckpt = find_checkpoint(given["resume"])
         saved = ckpt / "train_config.json"
-        if not saved.is_file():
+        if not os.path.lexists(saved):
             raise FlagError(f"{saved}: missing; every checkpoint-STEP folder train.py writes has one: resume from a "
                             "complete checkpoint")
-        base = config_from_json(saved)
+        base = dataclasses.replace(config_from_json(saved), export_merged=None)  # only the command line says where
         changed = [n for n in RESUME_FIXED if n in given and given[n] != getattr(base, n)]  # (before grad_accum is set)
         if changed:
             n = changed[0]
@@ -158,11 +159,26 @@ def resolve_config(argv) -> TrainConfig:
                                 f"{now} processes cannot share them evenly: resume on a number of processes that "
                                 f"divides {per_step}")
             given["grad_accum"] = per_step // now
-        return validate(dataclasses.replace(base, **given))
+        return check_outputs(validate(dataclasses.replace(base, **given)), run_folder_of(ckpt))
     config = TrainConfig(**given)
     if not config.data:
         raise FlagError("--data is required (a JSONL file; see README.md for the formats)")
-    return validate(config)
+    return check_outputs(validate(config))
+
+
+def check_outputs(cfg: TrainConfig, resumed_run: Path | None = None) -> TrainConfig:
+    """Where the run writes, checked against what it reads and keeps before anything loads (phi3/run_folder.py).
+    A resumed run may write into its own run folder; any other --out must not hold a run."""
+    check_places(cfg.out, {"--model": cfg.model, "--data": cfg.data, "--eval-data": cfg.eval_data},
+                 cfg.export_merged, resumed_run)
+    if cfg.export_merged is not None:
+        try:  # the export replaces its folder whole: only a new or empty one, or an earlier export
+            check_replaceable(cfg.export_merged)
+        except CheckpointError as e:
+            raise FlagError(f"--export-merged {e}") from None
+    if resumed_run is None or Path(cfg.out).resolve() != resumed_run.resolve():
+        check_fresh_run_folder(Path(cfg.out))
+    return cfg
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -180,8 +196,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                  if getattr(cfg, n) < 0]
     if cfg.lr > 1:
         problems.append("--lr must be <= 1 (AdamW moves each weight by about lr per step)")
-    if cfg.max_steps != -1 and cfg.max_steps <= 0:
-        problems.append("--max-steps must be > 0 (or left out: --epochs decides)")
+    if cfg.max_steps != -1 and not 0 < cfg.max_steps <= MAX_STEPS:
+        problems.append(f"--max-steps must be in [1, {MAX_STEPS}] (or left out: --epochs decides)")
+    if cfg.warmup > MAX_STEPS:
+        problems.append(f"--warmup must be at most {MAX_STEPS} steps (or a fraction < 1 of the run)")
     if not 0 <= cfg.seed < 2**31:
         problems.append("--seed must be in [0, 2**31)")
     if not 0 <= cfg.dropout < 1:
@@ -205,11 +223,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("out", "export_merged"):
         if getattr(cfg, name) is not None:
             check_writable_folder(Path(getattr(cfg, name)), flag(name))
-    merged = Path(cfg.export_merged) if cfg.export_merged else None
-    if merged and merged.is_dir() and any(merged.iterdir()) and not (merged / "config.json").is_file():
-        # the export replaces the folder whole (write, then rename): never a folder that holds something else
-        raise FlagError(f"--export-merged {merged} is a folder with other files in it; name a new folder (or an "
-                        "earlier export, which is replaced)")
+    if cfg.export_merged is not None:
+        if cfg.full:
+            raise FlagError("--export-merged merges a LoRA adapter into its base; a --full run's folder already holds "
+                            "the whole model: drop --export-merged")
     return cfg
 
 
@@ -226,17 +243,6 @@ def check_writable_folder(path: Path, flag: str) -> None:
         raise FlagError(f"{flag} {path} {where} a file, not a folder; choose another {flag}")
     if not existing.exists() or not os.access(existing, os.W_OK | os.X_OK):
         raise FlagError(f"{flag} {path}: {existing} is not a writable folder; choose another {flag}")
-
-
-def check_fresh_run_folder(run_dir: Path) -> None:
-    """A new run must not share its folder with another: --keep would delete that run's checkpoints and a later
-    --resume would continue the wrong run."""
-    if not run_dir.is_dir():
-        return
-    found = [p.name for p in (run_dir / "train_config.json", *run_dir.glob("checkpoint-*")) if p.exists()]
-    if found:
-        raise FlagError(f"--out {run_dir} holds another run ({', '.join(sorted(found)[:3])}); continue it with "
-                        f"--resume {run_dir}, or choose a new --out (or delete the folder)")
 
 
 def check_against_model(cfg: TrainConfig, config: Phi3Config, tokenizer) -> None:

@@ -3,7 +3,6 @@
 Tests keep no kernel choices on disk between runs (phi3/kernel_tuning.py's cache): each GPU test run times its own,
 and nothing is written to the user's ~/.cache. tests/test_kernel_tuning.py points the cache at a temporary folder."""
 
-import importlib.metadata
 import os
 import shutil
 from pathlib import Path
@@ -14,18 +13,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["PHI3_KERNEL_CACHE"] = "off"
-
-
-def pytest_configure(config):
-    """Hugging Face's `kernels` package (transformers >= 5.25 requires it) has this repository's kernels/ as its
-    import name: transformers, the tests' reference oracle, would import ours and fail."""
-    try:
-        importlib.metadata.version("kernels")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    pytest.exit("Hugging Face's `kernels` package is installed: its import name is this repository's kernels/, and "
-                "transformers would import ours. Install the tests' requirements (pip install -r requirements-test.txt: "
-                "transformers < 5.25, which does not need it), then `pip uninstall kernels`.", returncode=2)
 
 
 REPO = Path(__file__).parent.parent

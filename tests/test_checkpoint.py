@@ -17,6 +17,7 @@ from test_model import assert_as_accurate
 from tiny import save_hf, transformers_or_skip
 
 CONFIGS = Path(__file__).parent.parent / "assets" / "configs"
+TOKENIZER = Path(__file__).parent.parent / "assets" / "tokenizer"
 
 
 @pytest.mark.parametrize("name,heads,kv,rope,window", [
@@ -117,7 +118,7 @@ def test_missing_and_unexpected_tensors(ckpt):
 
 def test_missing_shard(ckpt, tmp_path):
     model = load_model(ckpt)
-    save_model(model, tmp_path / "sharded", max_shard_bytes=2**20)
+    save_model(model, tmp_path / "sharded", max_shard_bytes=2**20, tokenizer_from=TOKENIZER)
     shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match="shard listed in model.safetensors.index.json is missing"):
@@ -130,7 +131,7 @@ def test_missing_shard(ckpt, tmp_path):
 def test_save_reload_is_bit_identical_and_loads_in_transformers(ckpt, tmp_path, shard_bytes):
     transformers = transformers_or_skip()
     model = load_model(ckpt)
-    out = save_model(model, tmp_path / "saved", max_shard_bytes=shard_bytes)
+    out = save_model(model, tmp_path / "saved", max_shard_bytes=shard_bytes, tokenizer_from=TOKENIZER)
     assert (out / "model.safetensors.index.json").exists() == (shard_bytes < 2**21)
     again = load_model(out)
     for (n1, a), (n2, b) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -146,21 +147,25 @@ def test_save_bf16_and_tied_embeddings(tmp_path):
     save_hf("tied", tmp_path / "t")
     model = load_model(tmp_path / "t", dtype="bf16")
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    out = save_model(model, tmp_path / "saved")
+    out = save_model(model, tmp_path / "saved", tokenizer_from=TOKENIZER)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     again = load_model(out, dtype=torch.bfloat16)
     assert again.lm_head.weight is again.model.embed_tokens.weight
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
 
 
-def test_save_replaces_existing_folder_atomically(ckpt, tmp_path):
+def test_save_replaces_an_earlier_save_atomically_and_nothing_else(ckpt, tmp_path):
     model = load_model(ckpt)
     target = tmp_path / "saved"
-    save_model(model, target)
-    (target / "stale.txt").write_text("old run")
-    save_model(model, target, tokenizer_from=Path(__file__).parent.parent / "assets" / "tokenizer")
-    assert not (target / "stale.txt").exists() and (target / "tokenizer.json").exists()
+    save_model(model, target, tokenizer_from=TOKENIZER)
+    first = (target / "model.safetensors").stat().st_ino
+    save_model(model, target, tokenizer_from=TOKENIZER)  # an earlier save: replaced whole
+    assert (target / "model.safetensors").stat().st_ino != first and (target / "tokenizer.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    (target / "notes.txt").write_text("the user's")  # now it holds a file save_model did not write: never replaced
+    with pytest.raises(CheckpointError, match="did not write \\(notes.txt\\)"):
+        save_model(model, target, tokenizer_from=TOKENIZER)
+    assert (target / "notes.txt").read_text() == "the user's"
 
 
 # ---- files from strangers: every bad value is one CheckpointError / ConfigError line, never a traceback ----------
@@ -296,7 +301,7 @@ def test_safetensors_too_short_for_its_header(tmp_path, content, what):
 
 @pytest.fixture
 def sharded(ckpt, tmp_path):
-    save_model(load_model(ckpt), tmp_path / "sharded", max_shard_bytes=2**20)
+    save_model(load_model(ckpt), tmp_path / "sharded", max_shard_bytes=2**20, tokenizer_from=TOKENIZER)
     return tmp_path / "sharded"
 
 

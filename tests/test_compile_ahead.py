@@ -14,9 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported by kernels
 
-launch = importlib.import_module("kernels.launch")
-from kernels.lowrank import _lora_down_kernel  # noqa: E402
-from kernels.swiglu import _swiglu_fwd_kernel  # noqa: E402
+launch = importlib.import_module("phi3.kernels.launch")
+from phi3.kernels.lowrank import _lora_down_kernel  # noqa: E402
+from phi3.kernels.swiglu import _swiglu_fwd_kernel  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -261,7 +261,7 @@ def test_read_error_half_way(tmp_path, tok, monkeypatch):
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             return self.f.readline(size)
 
-    monkeypatch.setattr(data, "open", Failing, raising=False)
+    monkeypatch.setattr(data, "open_regular", lambda path, fifo_ok: Failing(path, "rb"))
     with pytest.raises(DataError, match=rf"^{p}: cannot read the file \(Input/output error\)"):
         read_jsonl(p, tok, max_seq_len=64)
 
@@ -497,6 +497,26 @@ def test_pad_token_is_not_a_stop_id(tok):
         pad_id, unk_id, stop_ids = 5, 0, (2,)
 
     assert pad_token_for(Fake()) == 5
+
+    class EverythingStops:  # a model folder whose generation_config.json calls pad, unk and 0 to 2 stop ids
+        pad_id, unk_id, stop_ids = 1, 0, (0, 1, 2, 32000)
+
+    assert pad_token_for(EverythingStops()) == 3
+
+
+def test_a_fifo_without_a_writer_is_an_empty_file_and_a_pipe_is_read(tmp_path, tok):
+    """--data names a FIFO nobody writes to: 'empty', at once (an open() that waits would hang beyond Ctrl-C). A
+    pipe with a writer (bash's `--data <(zcat chat.jsonl.gz)`) is read like a file."""
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="empty"):
+        read_jsonl(fifo, tok, max_seq_len=64)
+    read_end, write_end = os.pipe()
+    os.write(write_end, (json.dumps(CHAT) + "\n").encode())
+    os.close(write_end)
+    (example,), _ = read_jsonl(f"/dev/fd/{read_end}", tok, max_seq_len=64)
+    os.close(read_end)
+    assert example.ids == tok.render(CHAT["messages"])[0]
 
 
 def test_split_eval():

@@ -17,12 +17,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
-from kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
+from phi3.kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
+from phi3.kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
 
-rn = importlib.import_module("kernels.rmsnorm")
-ll = importlib.import_module("kernels.lora_linear")  # the module: its _empty allocates every output
-launch = importlib.import_module("kernels.launch")
+rn = importlib.import_module("phi3.kernels.rmsnorm")
+ll = importlib.import_module("phi3.kernels.lora_linear")  # the module: its _empty allocates every output
+launch = importlib.import_module("phi3.kernels.launch")
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 EPS = 1e-5  # Phi-3's rms_norm_eps

@@ -123,3 +123,21 @@ def test_generation_stops_at_the_context(model_64):
     assert len(list(generate(model_64, [1, 2, 3], 10**18))) == 61  # the KV cache is sized by the context, not this
     assert list(generate(model_64, [1, 2, 3], 0)) == []
     assert list(generate(model_64, torch.tensor([1, 2, 3]), 5)) == list(generate(model_64, [1, 2, 3], 5))
+
+
+def test_the_kv_cache_grows_with_the_reply_not_with_max_new_tokens(tmp_path, monkeypatch):
+    """A long-context model asked for a huge reply allocates the cache only for tokens generated: a reply that stops
+    early holds at most twice its length, whatever max_new_tokens says (a 131k model's cache up front is ~50 GB)."""
+    save_hf("longrope", tmp_path, seed=1)
+    model = load_model(tmp_path)
+    caches = []
+    real = phi3.generate.KVCache
+    monkeypatch.setattr(phi3.generate, "KVCache", lambda *a: caches.append(real(*a)) or caches[-1])
+    tokens = []
+    for token in generate(model, [5, 6, 7], max_new_tokens=10**9):
+        tokens.append(token)
+        if len(tokens) == 40:
+            break
+    (cache,) = caches
+    assert cache.max_len == model.config.max_position_embeddings and cache.length == 3 + 39
+    assert 42 <= cache.k.shape[3] <= 2 * 42 and cache.v.shape == cache.k.shape

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from kernels import use_tuning_record
+from phi3.kernels.tuning import use_tuning_record
 from phi3 import kernel_tuning
 
-ll = importlib.import_module("kernels.lora_linear")
-launch = importlib.import_module("kernels.launch")
+ll = importlib.import_module("phi3.kernels.lora_linear")
+launch = importlib.import_module("phi3.kernels.launch")
 KIND_KEY = "fwd M_BUCKET=8192 N=9216 K=3072 R=16 DROPOUT=False dtype=torch.bfloat16"
 RECORD = {"version": 2, "kinds": {KIND_KEY: "tma"}, "configs": {}}
 COMPILED = []  # the calls of kernel_tuning.compile_run_kernels (faked)

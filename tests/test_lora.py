@@ -390,3 +390,22 @@ def test_pattern_keys_outside_the_subset_are_refused(tmp_path, adapter, key, wha
 def test_too_many_pattern_keys_to_evaluate(tmp_path, adapter):
     edit_config(adapter, rank_pattern={f"([a-z_.0-9]*){{200}}q{i}": 4 for i in range(300)})
     assert_refused(tmp_path, adapter, "rank_pattern is too large or complex to evaluate")
+
+
+def test_an_adapter_loaded_into_a_model_in_eval_mode_has_no_dropout(tmp_path):
+    """load_model returns a model in eval mode; the LoRA layers added to it follow it (dropout off), so two calls
+    give the same logits and merging changes nothing (a LoRA layer in training mode would drop inputs at random)."""
+    from phi3 import Phi3Config, Phi3ForCausalLM
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                                       pad_token_id=0)).eval()
+    add_lora(model, LoRAConfig(rank=4, dropout=0.5))
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_()
+        ids = torch.randint(0, 64, (1, 9))
+        first = model(ids)
+        torch.testing.assert_close(model(ids), first, rtol=0, atol=0)
+        merge_lora(model)
+        torch.testing.assert_close(model(ids), first, rtol=1e-5, atol=1e-5)
+    assert not any(m.training for m in lora_modules(model).values())

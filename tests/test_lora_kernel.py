@@ -24,11 +24,12 @@ import importlib  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernels import dropout_mask, lora_linear, lora_linear_reference, tuning_record, use_tuning_record  # noqa: E402
-from kernels.lowrank import _dropout  # noqa: E402
+from phi3.kernels.lora_linear import dropout_mask, lora_linear, lora_linear_reference  # noqa: E402
+from phi3.kernels.tuning import tuning_record, use_tuning_record  # noqa: E402
+from phi3.kernels.lowrank import _dropout  # noqa: E402
 
-ll = importlib.import_module("kernels.lora_linear")  # the module (kernels.lora_linear is the function)
-launch = importlib.import_module("kernels.launch")
+ll = importlib.import_module("phi3.kernels.lora_linear")  # the module (kernels.lora_linear is the function)
+launch = importlib.import_module("phi3.kernels.launch")
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 needs_triton = pytest.mark.skipif(
@@ -504,7 +505,9 @@ def test_cuda_every_autotune_config(monkeypatch, gate_up_problem, name, index):
 
 _CHILD = r"""
 import json, sys, torch
-from kernels import launch, lora_linear, tuning_record, use_tuning_record
+from phi3.kernels import launch
+from phi3.kernels.lora_linear import lora_linear
+from phi3.kernels.tuning import tuning_record, use_tuning_record
 record_in, out = sys.argv[1:]
 if record_in != "-":
     use_tuning_record(json.load(open(record_in)))

@@ -19,12 +19,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.rope import rope_qk, rope_qk_reference  # noqa: E402
+from phi3.kernels.rope import rope_qk, rope_qk_reference  # noqa: E402
 from phi3.config import Phi3Config  # noqa: E402
 from phi3.model import RotaryEmbedding  # noqa: E402
 
-ll = importlib.import_module("kernels.lora_linear")  # the module: its _empty allocates every output
-launch = importlib.import_module("kernels.launch")
+ll = importlib.import_module("phi3.kernels.lora_linear")  # the module: its _empty allocates every output
+launch = importlib.import_module("phi3.kernels.launch")
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 needs_triton = pytest.mark.skipif(

@@ -313,7 +313,7 @@ def test_tokenizer_json_that_tokenizers_cannot_load(tmp_path, content):
     assert_refused(d, "tokenizer.json", "cannot be parsed by tokenizers")
 
 
-@pytest.mark.parametrize("file", ["tokenizer_config.json", "chat_template.jinja"])
+@pytest.mark.parametrize("file", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
 def test_fifo_instead_of_a_file_does_not_hang(tmp_path, file):
     d = _make_folder(tmp_path, "phi3")
     (d / file).unlink(missing_ok=True)

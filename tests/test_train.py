@@ -443,8 +443,11 @@ HOSTILE_CHECKPOINTS = [
     ("truncated", lambda c: (c / "trainable.safetensors").write_bytes((c / "trainable.safetensors").read_bytes()[:100]),
      "corrupt"),
     ("garbage", lambda c: (c / "optimizer.safetensors").write_bytes(os.urandom(300)), "corrupt"),
-    ("state not json", lambda c: (c / "state.json").write_text("{step: 4"), "unreadable"),
-    ("state deep", lambda c: (c / "state.json").write_text("[" * 100000), "unreadable"),
+    ("state not json", lambda c: (c / "state.json").write_text("{step: 4"), "not valid JSON"),
+    ("state deep", lambda c: (c / "state.json").write_text("[" * 100000), "not valid JSON"),
+    ("state a fifo", lambda c: ((c / "state.json").unlink(), os.mkfifo(c / "state.json")), "not a regular file"),
+    ("trainable a fifo", lambda c: ((c / "trainable.safetensors").unlink(), os.mkfifo(c / "trainable.safetensors")),
+     "not a regular file"),
     ("state wrong types", lambda c: (c / "state.json").write_text(
         '{"format": 2, "step": "4", "position": {"epoch": 0, "batch": 1}, "processes": 1}'), "non-negative integers"),
     ("negative position", lambda c: (c / "state.json").write_text(
@@ -455,7 +458,7 @@ HOSTILE_CHECKPOINTS = [
         '{"format": 2, "step": 4, "position": {"epoch": 0, "batch": 99999}, "processes": 1}'), "past the"),
     ("config wrong type", lambda c: (c / "train_config.json").write_text(
         (c / "train_config.json").read_text().replace('"rank": 4', '"rank": "4"')), "rank"),
-    ("config not an object", lambda c: (c / "train_config.json").write_text("[1]"), "fields differ"),
+    ("config not an object", lambda c: (c / "train_config.json").write_text("[1]"), "expected a JSON object"),
     ("config nan lr", lambda c: (c / "train_config.json").write_text(
         (c / "train_config.json").read_text().replace('"lr": 0.0002', '"lr": NaN')), "finite"),
     ("no config", lambda c: (c / "train_config.json").unlink(), "missing"),
@@ -482,7 +485,7 @@ def test_hostile_checkpoint_is_one_clear_line(finished_run, tmp_path, name, tamp
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("error: ") and what.lower() in message.lower(), message
-    assert not list_checkpoints(run_dir)[-1].name.endswith("-3")
+    assert not [c for c in list_checkpoints(run_dir) if c.name.endswith("-3")]
 
 
 def test_a_run_saved_before_the_newer_flags_resumes_with_their_defaults(finished_run, tmp_path, capsys):
@@ -557,14 +560,15 @@ def test_loss_plot_is_written(finished_run):
 
 def test_failed_write_is_one_line_and_keeps_the_last_checkpoint(base, small_chat, tmp_path, monkeypatch, capsys):
     """A full disk while writing checkpoint-4: one line, exit 2, checkpoint-2 intact, no half-written folder."""
-    import phi3.run_state as run_state
-    real = run_state.save_file
+    import phi3.atomic as atomic
+    from safetensors import SafetensorError
+    real = atomic.save_file
 
-    def disk_full(tensors, path, *a, **k):
+    def disk_full(tensors, path, *a, **k):  # what safetensors raises on a full disk
         if "checkpoint-4" in str(path):
-            raise OSError(28, "No space left on device", str(path))
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(tensors, path, *a, **k)
-    monkeypatch.setattr(run_state, "save_file", disk_full)
+    monkeypatch.setattr(atomic, "save_file", disk_full)
     out = tmp_path / "r"
     assert run("--data", small_chat, "--model", base, "--out", out, "--max-steps", 6, "--save-every", 2,
                "--eval-fraction", 0) == 2
@@ -585,7 +589,11 @@ def test_failed_write_is_one_line_and_keeps_the_last_checkpoint(base, small_chat
     (["--checkpoint-layers", "-1"], "--checkpoint-layers must be >= 0"),
     (["--checkpoint-layers", "all"], "invalid int value"),
     (["--lr", "0"], "--lr must be > 0"),
-    (["--max-steps", "0"], "--max-steps must be > 0"),
+    (["--max-steps", "0"], "--max-steps must be in [1, 2147483647]"),
+    (["--max-steps", str(2**31)], "--max-steps must be in [1, 2147483647]"),
+    (["--warmup", "1e300"], "--warmup must be at most"),
+    (["--epochs", "1e300"], "lower --epochs"),
+    (["--epochs", "1e308"], "lower --epochs"),
     (["--seed", "-1"], "--seed must be in"),
     (["--device", "bogus"], "--device 'bogus' is not a device"),
     (["--device", "mps"], "only cpu and cuda"),
