@@ -40,7 +40,7 @@ bench-long:  ## GPU: attention kernels, long-context LoRA steps (16k to 131k tok
 	$(PYTHON) bench/bench_long.py
 	$(PYTHON) bench/bench_long_train.py
 
-kernel-choices:  ## GPU: time the kernel choices for Phi-3-mini/medium on this GPU model, into phi3/kernel_choices/ (~5 min)
+kernel-choices:  ## GPU: time every kernel option at Phi-3 shapes on this GPU, into kernels/tables/<architecture>.json
 	$(PYTHON) bench/make_kernel_choices.py
 
 tiny-data:  ## WordNet pretraining text + demo chats (needs Debian's wordnet-base)

@@ -20,7 +20,6 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds) ends
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # written before run() takes the signals over (StopRequest)
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -31,14 +30,14 @@ from pathlib import Path
 import torch
 
 from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load_model, load_tokenizer, save_model
-from phi3 import distributed, kernel_tuning
+from phi3 import compile_ahead, distributed
 from phi3.atomic import atomic_file
 from phi3.checkpoint import default_dtype, parse_dtype, write_hf_files
-from phi3.config import open_regular, read_json_object
+from phi3.config import open_regular
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, merge_lora, parse_targets, save_adapter
 from phi3.loss import cross_entropy_sum
-from phi3.offload import CheckpointOffload
+from phi3.model import Recompute
 from phi3.progress import Progress, emit, peak_memory_gib, plot_loss
 from phi3.run_state import (RunStateError, clean_stale_writes, find_checkpoint, load_checkpoint, lr_lambda,
                             optimizer_tensors, run_folder_of, save_checkpoint, trainable_tensors, write_json_atomic)
@@ -52,23 +51,27 @@ def lora_config(cfg: TrainConfig) -> LoRAConfig:
     return LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, parse_targets(cfg.targets), cfg.rslora)
 
 
+def recompute_of(cfg: TrainConfig) -> Recompute | None:
+    """The model's gradient checkpointing, from the flags (resolved: see Run.start)."""
+    if not cfg.gradient_checkpointing:
+        return None
+    return Recompute(layers=cfg.checkpoint_layers, offload=cfg.offload_checkpoints)
+
+
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Phi3ForCausalLM:
     if cfg.init == "random":
-        model = Phi3ForCausalLM(Phi3Config.from_json(Path(cfg.model) / "config.json")).to(device)
+        model = Phi3ForCausalLM(Phi3Config.from_json(Path(cfg.model) / "config.json"), recompute_of(cfg)).to(device)
         model.init_weights(cfg.seed)
     else:
         # --full keeps fp32 master weights and computes in `dtype` under autocast; LoRA keeps the base in `dtype`.
-        model = load_model(cfg.model, dtype=torch.float32 if cfg.full else dtype, device=device)
+        model = load_model(cfg.model, dtype=torch.float32 if cfg.full else dtype, device=device,
+                           recompute=recompute_of(cfg))
     if cfg.full:
         model.requires_grad_(True)  # already fp32: built that way or loaded with dtype=float32 above
     else:
         add_lora(model, lora_config(cfg))
         mark_only_lora_as_trainable(model)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.checkpoint_layers = cfg.checkpoint_layers
-    if cfg.offload_checkpoints:
-        model.offload = CheckpointOffload(device)
-    return model
+    return model.train()
 
 
 class MicroBatchLoss(torch.nn.Module):
@@ -179,220 +182,267 @@ def train(cfg: TrainConfig) -> int:
 
 
 def run(cfg: TrainConfig, world: distributed.World, device: torch.device) -> int:
-    log = emit if world.is_main else (lambda text: None)
-    dtype = default_dtype(device) if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
-    if cfg.gradient_checkpointing is None:
-        cfg.gradient_checkpointing = device.type == "cuda"
-    offload_applies = cfg.gradient_checkpointing and device.type == "cuda"
-    if cfg.offload_checkpoints and not offload_applies:  # given, or saved by a resumed run on a GPU
-        log("note: --offload-checkpoints applies only with gradient checkpointing on a CUDA device; off here")
-    cfg.offload_checkpoints = offload_applies and cfg.offload_checkpoints is not False  # (None: the default, on)
-    run_dir = Path(cfg.out)
-    continuing = bool(cfg.resume) and run_dir.resolve() == run_folder_of(find_checkpoint(cfg.resume)).resolve()
-    if not continuing:  # checked again under the lock: another run may have saved here since the flags were read
-        check_fresh_run_folder(run_dir)
-    torch.manual_seed(cfg.seed)
-    log("config: " + json.dumps(dataclasses.asdict(cfg)))
+    """The outline: set up, train step by step until done, stopped or diverged, then save and finish."""
+    state = Run(cfg, world, device)
+    if state.finished_already():
+        return 0
+    with StopRequest(state.log) as stop:  # from here on, Ctrl-C and SIGTERM end the run at a step boundary
+        state.open_folder()
+        progress = Progress(state.total_steps, cfg.log_every, state.run_dir / "metrics.jsonl", enabled=world.is_main)
+        progress.watch(state.model.model.layers)  # where a long step is, on the live line
+        if state.step == 0 and state.eval_batches:
+            state.evaluate(progress, "before training")
+        failure = None
+        while state.step < state.total_steps and not stop.requested and failure is None:
+            failure = state.train_step(progress, stop)
+        return state.finish(progress, failure)
 
-    tokenizer = load_tokenizer(cfg.model)
-    check_against_model(cfg, Phi3Config.from_json(Path(cfg.model).expanduser() / "config.json"), tokenizer)
-    examples, stats = read_jsonl(cfg.data, tokenizer, cfg.train_on, cfg.max_seq_len)
-    log(f"data {cfg.data}: {stats.summary()}")
-    if cfg.eval_data:
-        eval_examples, eval_stats = read_jsonl(cfg.eval_data, tokenizer, cfg.train_on, cfg.max_seq_len)
-        log(f"eval {cfg.eval_data}: {eval_stats.summary()}")
-    else:
-        examples, eval_examples = split_eval(examples, cfg.eval_fraction, cfg.seed)
-        log(f"eval: {len(eval_examples)} examples held out of {cfg.data}")
-    pad_id = pad_token_for(tokenizer)
-    epoch_batches = lambda epoch: make_batches(examples, cfg.batch_size, cfg.max_seq_len, pad_id, cfg.packing,
-                                               shuffle=True, seed=cfg.seed, epoch=epoch)
-    eval_batches = make_batches(eval_examples, cfg.batch_size, cfg.max_seq_len, pad_id, cfg.packing,
-                                shuffle=False, seed=0) if eval_examples else []
-    group_size = cfg.grad_accum * world.size  # micro-batches per optimizer step, all processes together
-    batches = epoch_batches(0)  # every epoch has the same number of batches
-    if group_size > len(batches):
-        raise FlagError(f"--grad-accum {cfg.grad_accum} x {world.size} processes = {group_size} micro-batches per step, "
-                        f"more than the {len(batches)} of a whole epoch of {cfg.data}; lower --grad-accum or --batch-size")
 
-    steps_per_epoch = math.ceil(len(batches) / group_size)
-    if not (cfg.max_steps > 0 or steps_per_epoch * cfg.epochs <= MAX_STEPS):
-        raise FlagError(f"--epochs {cfg.epochs} is {steps_per_epoch * cfg.epochs:.3g} steps of {cfg.data}, more than "
-                        f"{MAX_STEPS:,}; lower --epochs")
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
+class Run:
+    """A training run from its flags to its last checkpoint: the data, the model and optimizer, and where it is
+    (step, data position). Built by __init__ (data, model, resume; nothing written yet), advanced by train_step."""
 
-    @functools.cache  # (asked for by the early compile and by prepare: every epoch's batches are built once)
-    def token_counts():  # the tokens of every micro-batch this run can take (all processes), train and eval
-        epochs = math.ceil(total_steps * group_size / len(batches))  # (the same number of batches each epoch)
-        return {"train": {b.input_ids.numel() for e in range(epochs) for b in epoch_batches(e)},
-                "eval": {b.input_ids.numel() for b in eval_batches}}
+    def __init__(self, cfg: TrainConfig, world: distributed.World, device: torch.device):
+        self.cfg, self.world, self.device = cfg, world, device
+        self.log = emit if world.is_main else (lambda text: None)
+        self.dtype = default_dtype(device) if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
+        self.resolve_memory_flags()
+        self.run_dir = Path(cfg.out)
+        self.continuing = bool(cfg.resume) and (self.run_dir.resolve() ==
+                                                run_folder_of(find_checkpoint(cfg.resume)).resolve())
+        if not self.continuing:  # checked again under the lock: another run may have saved here since the flags
+            check_fresh_run_folder(self.run_dir)
+        torch.manual_seed(cfg.seed)
+        self.log("config: " + json.dumps(dataclasses.asdict(cfg)))
+        self.read_data()
+        compiling = self.start_compiling()  # on a GPU: the kernels, in threads, while the checkpoint loads
+        self.build_model()
+        self.resume()
+        if compiling is not None and self.step < self.total_steps:
+            waited = time.perf_counter()
+            compiling.wait()
+            self.log(f"kernels: {len(compiling.jobs)} binaries compiled in threads (waited "
+                     f"{time.perf_counter() - waited:.1f} s for them after loading)")
+        self.window_tokens, self.window_seconds, self.start_step = 0, 0.0, self.step  # tokens/s: training time only
 
-    early = None  # the kernels this run needs, compiling (in threads) against two layers while the checkpoint loads
-    if device.type == "cuda" and world.is_main and not cfg.full:
-        config = Phi3Config.from_json(Path(cfg.model).expanduser() / "config.json")
-        early = kernel_tuning.start_compiling(kernel_tuning.stand_in(config, lora_config(cfg), device, dtype,
-                                                                     cfg.gradient_checkpointing, cfg.checkpoint_layers),
-                                              token_counts, dtype, device)
-    model = build_model(cfg, device, dtype).train()
-    compute_loss = MicroBatchLoss(model)
-    if cfg.full:  # under torchrun, each process keeps 1/N of the weights, gradients and (built below) AdamW moments
-        distributed.shard(compute_loss, model.model.layers, world, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # (after sharding: the shards)
-    held = sum(distributed.local(p).numel() for p in model.parameters())  # (this process's part)
-    log(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{sum(p.numel() for p in trainable):,} trained, {device} {str(dtype).removeprefix('torch.')}, "
-        f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
-        + (f" for the first {cfg.checkpoint_layers} layers" if cfg.gradient_checkpointing
-           and cfg.checkpoint_layers is not None else "")
-        + (" (layer inputs wait in pinned CPU memory)" if cfg.offload_checkpoints else "")
-        + (f", {world.size} processes" if world.size > 1 else "")
-        + (f", sharded: {held:,} parameters in this process" if cfg.full and world.size > 1 else ""))
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    warmup_steps = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
-    eval_every = cfg.eval_every or max(1, total_steps // 5)
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=cfg.full and dtype != torch.float32)
+    def resolve_memory_flags(self) -> None:
+        cfg, on_gpu = self.cfg, self.device.type == "cuda"
+        if cfg.gradient_checkpointing is None:
+            cfg.gradient_checkpointing = on_gpu
+        offload_applies = cfg.gradient_checkpointing and on_gpu
+        if cfg.offload_checkpoints and not offload_applies:  # given, or saved by a resumed run on a GPU
+            self.log("note: --offload-checkpoints applies only with gradient checkpointing on a CUDA device; off here")
+        cfg.offload_checkpoints = offload_applies and cfg.offload_checkpoints is not False  # (None: default, on)
 
-    step, position, saved_tuning = 0, {"epoch": 0, "batch": 0}, None
-    if cfg.resume:
-        ckpt = find_checkpoint(cfg.resume)
-        step, position = load_checkpoint(ckpt, model, optimizer)
-        if position["batch"] > len(batches):
-            raise RunStateError(f"{ckpt / 'state.json'}: data position {position} is past the {len(batches)} "
-                                "batches of an epoch of this data; resume with the data the run was trained on")
-        saved_tuning = read_tuning(ckpt, log)
-        log(f"resumed from {ckpt} at step {step}")
-        if step >= total_steps:
-            log(f"the run already finished its {total_steps} steps; raise --max-steps or --epochs to train further")
-            if cfg.export_merged:  # nothing to train: merge the finished adapter into its base
-                export_merged(model, cfg, dtype, log)
-            return 0
-        if position["epoch"] != 0:
-            batches = epoch_batches(position["epoch"])
-    for group in optimizer.param_groups:  # LambdaLR's public way to start at `step` (last_epoch = step - 1) reads it
-        group["initial_lr"] = cfg.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, warmup_steps, total_steps),
-                                                  last_epoch=step - 1)  # its first step() sets lr = cfg.lr * f(step)
-    try:
-        tuning = kernel_tuning.prepare(model, token_counts, dtype, device, saved_tuning, world.rank, world.size, log,
-                                       early)
-    except ValueError as e:  # the resumed record is not one (a stranger's or damaged file)
-        if saved_tuning is None:
-            raise
-        raise RunStateError(f"{ckpt / kernel_tuning.TUNING_FILE}: {e}; delete it to let the run choose kernels "
-                            "afresh") from None
+    def read_data(self) -> None:
+        cfg, log = self.cfg, self.log
+        tokenizer = load_tokenizer(cfg.model)
+        check_against_model(cfg, Phi3Config.from_json(Path(cfg.model).expanduser() / "config.json"), tokenizer)
+        examples, stats = read_jsonl(cfg.data, tokenizer, cfg.train_on, cfg.max_seq_len)
+        log(f"data {cfg.data}: {stats.summary()}")
+        if cfg.eval_data:
+            eval_examples, eval_stats = read_jsonl(cfg.eval_data, tokenizer, cfg.train_on, cfg.max_seq_len)
+            log(f"eval {cfg.eval_data}: {eval_stats.summary()}")
+        else:
+            examples, eval_examples = split_eval(examples, cfg.eval_fraction, cfg.seed)
+            log(f"eval: {len(eval_examples)} examples held out of {cfg.data}")
+        self.pad_id = pad_token_for(tokenizer)
+        self.epoch_batches = lambda epoch: make_batches(examples, cfg.batch_size, cfg.max_seq_len, self.pad_id,
+                                                        cfg.packing, shuffle=True, seed=cfg.seed, epoch=epoch)
+        self.eval_batches = make_batches(eval_examples, cfg.batch_size, cfg.max_seq_len, self.pad_id, cfg.packing,
+                                         shuffle=False, seed=0) if eval_examples else []
+        self.group_size = cfg.grad_accum * self.world.size  # micro-batches per optimizer step, all processes
+        self.batches = self.epoch_batches(0)  # every epoch has the same number of batches
+        if self.group_size > len(self.batches):
+            raise FlagError(f"--grad-accum {cfg.grad_accum} x {self.world.size} processes = {self.group_size} "
+                            f"micro-batches per step, more than the {len(self.batches)} of a whole epoch of "
+                            f"{cfg.data}; lower --grad-accum or --batch-size")
+        steps_per_epoch = math.ceil(len(self.batches) / self.group_size)
+        if not (cfg.max_steps > 0 or steps_per_epoch * cfg.epochs <= MAX_STEPS):
+            raise FlagError(f"--epochs {cfg.epochs} is {steps_per_epoch * cfg.epochs:.3g} steps of {cfg.data}, more "
+                            f"than {MAX_STEPS:,}; lower --epochs")
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
 
-    with StopRequest(log) as stop:  # from here on, Ctrl-C and SIGTERM end the run at a step boundary
-        # The run folder is created only now: the data, the model and the checkpoint are known to be good.
-        if world.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in clean_stale_writes(run_dir):
-                log(f"removed {stale}, left by a write that was killed")
-            write_json_atomic(run_dir / "train_config.json", dataclasses.asdict(cfg))
-            if (run_dir / "metrics.jsonl").is_symlink():  # appending would write wherever a stranger's link points
-                (run_dir / "metrics.jsonl").unlink()
-            drop_metrics_after(run_dir / "metrics.jsonl", step if continuing else -1)  # (a fresh run: none kept)
-        tuning_text = {kernel_tuning.TUNING_FILE: kernel_tuning.to_file(tuning)} if tuning else {}
+    def start_compiling(self):
+        """The kernels every micro-batch of this run needs, compiling in threads against a two-layer stand-in."""
+        if self.device.type != "cuda" or not self.world.is_main or self.cfg.full:
+            return None
+        epochs = math.ceil(self.total_steps * self.group_size / len(self.batches))
+        counts = {"train": {b.input_ids.numel() for e in range(epochs) for b in self.epoch_batches(e)},
+                  "eval": {b.input_ids.numel() for b in self.eval_batches}}
+        config = Phi3Config.from_json(Path(self.cfg.model).expanduser() / "config.json")
+        return compile_ahead.start(config, lora_config(self.cfg), self.device, self.dtype, recompute_of(self.cfg),
+                                   counts)
 
-        def write_model_files(folder: Path, trained: dict[str, torch.Tensor]) -> None:
-            """trained: the trained parameters, whole, on the CPU (the model itself may hold only shards)."""
-            (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-            if cfg.full:
-                write_hf_files(model, folder, dtype=dtype, tokenizer_from=cfg.model, state=trained)
-            else:
-                save_adapter(model, folder, base_model=Path(cfg.model).resolve())
+    def build_model(self) -> None:
+        cfg, world, device = self.cfg, self.world, self.device
+        self.model = build_model(cfg, device, self.dtype)
+        self.compute_loss = MicroBatchLoss(self.model)
+        if cfg.full:  # under torchrun, each process keeps 1/N of the weights, gradients and (below) AdamW moments
+            distributed.shard(self.compute_loss, self.model.model.layers, world, device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # (after sharding: the shards)
+        held = sum(distributed.local(p).numel() for p in self.model.parameters())  # (this process's part)
+        self.log(f"model {cfg.model}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                 f"{sum(p.numel() for p in self.trainable):,} trained, {device} {str(self.dtype).removeprefix('torch.')}"
+                 f", gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+                 + (f" for the first {cfg.checkpoint_layers} layers" if cfg.gradient_checkpointing
+                    and cfg.checkpoint_layers is not None else "")
+                 + (" (layer inputs wait in pinned CPU memory)" if cfg.offload_checkpoints else "")
+                 + (f", {world.size} processes" if world.size > 1 else "")
+                 + (f", sharded: {held:,} parameters in this process" if cfg.full and world.size > 1 else ""))
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        self.autocast = lambda: torch.autocast(device.type, dtype=self.dtype,
+                                               enabled=cfg.full and self.dtype != torch.float32)
 
-        def save_now() -> tuple[Path, dict[str, torch.Tensor]]:
-            """Written by the main process only, after every process took part in gathering the sharded tensors;
-            the others wait so that no process runs ahead of a save. Returns the folder and the trained tensors."""
-            final = run_dir / f"checkpoint-{step}"
-            trained = distributed.gather_to_cpu(trainable_tensors(model), world.is_main)
-            moments = distributed.gather_to_cpu(optimizer_tensors(model, optimizer), world.is_main)
-            if world.is_main and not (final / "state.json").is_file():  # this step's state is already there
-                save_checkpoint(run_dir, step, trained, moments, dict(position),
-                                lambda folder: write_model_files(folder, trained), cfg.keep, tuning_text, world.size)
-            distributed.barrier(world)
-            return final, trained
+    def resume(self) -> None:
+        """Step and data position of the resumed checkpoint (0 and the start for a new run); the lr schedule there."""
+        cfg = self.cfg
+        self.step, self.position = 0, {"epoch": 0, "batch": 0}
+        if cfg.resume:
+            ckpt = find_checkpoint(cfg.resume)
+            self.step, self.position = load_checkpoint(ckpt, self.model, self.optimizer)
+            if self.position["batch"] > len(self.batches):
+                raise RunStateError(f"{ckpt / 'state.json'}: data position {self.position} is past the "
+                                    f"{len(self.batches)} batches of an epoch of this data; resume with the data the "
+                                    "run was trained on")
+            self.log(f"resumed from {ckpt} at step {self.step}")
+            self.batches = self.epoch_batches(self.position["epoch"])
+        warmup_steps = int(cfg.warmup * self.total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+        for group in self.optimizer.param_groups:  # LambdaLR's public way to start at `step` reads it
+            group["initial_lr"] = cfg.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # its first step() sets lr = cfg.lr * f(step)
+            self.optimizer, lr_lambda(cfg.lr_schedule, warmup_steps, self.total_steps), last_epoch=self.step - 1)
 
-        loss_of = distributed.data_parallel(compute_loss, world, device)  # after loading: no broadcast
-        progress = Progress(total_steps, cfg.log_every, run_dir / "metrics.jsonl", enabled=world.is_main)
-        model.on_layer = progress.within_step  # where a long step is, on the live line
-        start_step, failure = step, None
-        window_tokens, window_seconds = 0, 0.0  # training time only: evals and saves are not in tokens/s
-        if step == 0 and eval_batches:
-            loss, ppl = evaluate(compute_loss, eval_batches, device, autocast, world)
-            progress.say(f"eval before training: loss {loss:.4f} ppl {ppl:.2f}")
-            progress.log({"step": 0, "eval_loss": loss, "eval_ppl": ppl})
-        while step < total_steps and not stop.requested:
-            started = time.perf_counter()
-            step_start_position, step_start_batches = dict(position), batches
-            group = []  # this step's micro-batches, the same list in every process
-            while len(group) < group_size:
-                if position["batch"] >= len(batches):
-                    position = {"epoch": position["epoch"] + 1, "batch": 0}
-                    batches = epoch_batches(position["epoch"])
-                group.append(batches[position["batch"]])
-                position["batch"] += 1
-            torch.manual_seed(step_seed(cfg.seed, step, world.rank))
-            step_tokens = sum(b.trained_tokens for b in group)
-            progress.begin_step(step + 1)
-            loss = accumulate_gradients(loss_of, group[world.rank::world.size], device, autocast, step_tokens,
-                                        progress.begin_micro_batch)
-            grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)))
-            # one collective carries the loss, the norm's finiteness and any process's stop request
-            train_loss, bad, stopping = distributed.sum_scalars(
-                [loss, float(not math.isfinite(loss + grad_norm)), float(stop.requested)], world, device)
-            if stopping or bad:
-                optimizer.zero_grad(set_to_none=True)  # this step is dropped: the state stays that of `step`
-                position, batches = step_start_position, step_start_batches
-                if bad:
-                    failure = (f"step {step + 1}: the loss ({train_loss:.4g}) or the gradient norm ({grad_norm:.4g}) "
-                               "is not finite")
-                stop.requested = True
-                break
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+    def finished_already(self) -> bool:
+        """A resumed run that has no step left: said; with --export-merged, the adapter is merged now."""
+        if self.step < self.total_steps:
+            return False
+        self.log(f"the run already finished its {self.total_steps} steps; raise --max-steps or --epochs to train "
+                 "further")
+        if self.cfg.export_merged and self.world.is_main:
+            export_merged(self.model, self.cfg, self.dtype, self.log)
+        return True
 
-            window_tokens += sum(int((b.input_ids != pad_id).sum()) for b in group)
-            window_seconds += time.perf_counter() - started
-            tokens_per_s = window_tokens / max(window_seconds, 1e-9)
-            peak = peak_memory_gib(device)
-            progress.step(step, train_loss, lr, tokens_per_s, peak, step - start_step)
-            if step % cfg.log_every == 0 or step == total_steps:
-                progress.log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                              "tokens_per_s": tokens_per_s, "peak_gib": peak, "epoch": position["epoch"]})
-                window_tokens, window_seconds = 0, 0.0
-            if eval_batches and (step % eval_every == 0 or step == total_steps):
-                loss, ppl = evaluate(compute_loss, eval_batches, device, autocast, world)
-                progress.say(f"eval at step {step}: loss {loss:.4f} ppl {ppl:.2f}")
-                progress.log({"step": step, "eval_loss": loss, "eval_ppl": ppl})
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save_now()
+    def open_folder(self) -> None:
+        """The run folder is written only now: the data, the model and the checkpoint are known to be good."""
+        self.loss_of = distributed.data_parallel(self.compute_loss, self.world, self.device)  # after loading
+        if not self.world.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in clean_stale_writes(self.run_dir):
+            self.log(f"removed {stale}, left by a write that was killed")
+        write_json_atomic(self.run_dir / "train_config.json", dataclasses.asdict(self.cfg))
+        if (self.run_dir / "metrics.jsonl").is_symlink():  # appending would write wherever a stranger's link points
+            (self.run_dir / "metrics.jsonl").unlink()
+        drop_metrics_after(self.run_dir / "metrics.jsonl", self.step if self.continuing else -1)  # (a new run: none)
 
+    def next_micro_batches(self) -> list:
+        """This step's micro-batches (all processes'), the data position moved past them."""
+        group = []
+        while len(group) < self.group_size:
+            if self.position["batch"] >= len(self.batches):
+                self.position = {"epoch": self.position["epoch"] + 1, "batch": 0}
+                self.batches = self.epoch_batches(self.position["epoch"])
+            group.append(self.batches[self.position["batch"]])
+            self.position["batch"] += 1
+        return group
+
+    def train_step(self, progress: Progress, stop: StopRequest) -> str | None:
+        """One optimizer step, or none when a process was asked to stop or the loss is not finite (then returned as
+        the failure): the run's state stays that of the last step."""
+        cfg, world = self.cfg, self.world
+        started, before = time.perf_counter(), (dict(self.position), self.batches)
+        group = self.next_micro_batches()
+        torch.manual_seed(step_seed(cfg.seed, self.step, world.rank))
+        progress.begin_step(self.step + 1)
+        loss = accumulate_gradients(self.loss_of, group[world.rank::world.size], self.device, self.autocast,
+                                    sum(b.trained_tokens for b in group), progress.begin_micro_batch)
+        grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)))
+        # one collective carries the loss, the norm's finiteness and any process's stop request
+        train_loss, bad, stopping = distributed.sum_scalars(
+            [loss, float(not math.isfinite(loss + grad_norm)), float(stop.requested)], world, self.device)
+        if stopping or bad:
+            self.optimizer.zero_grad(set_to_none=True)  # this step is dropped: the state stays that of `step`
+            self.position, self.batches = before
+            stop.requested = True
+            return (f"step {self.step + 1}: the loss ({train_loss:.4g}) or the gradient norm ({grad_norm:.4g}) is not "
+                    "finite") if bad else None
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.window_tokens += sum(int((b.input_ids != self.pad_id).sum()) for b in group)
+        self.window_seconds += time.perf_counter() - started
+        self.report(progress, train_loss, lr, grad_norm)
+        return None
+
+    def report(self, progress: Progress, train_loss: float, lr: float, grad_norm: float) -> None:
+        """After a step: the live line, metrics every --log-every steps, evals and checkpoints when due."""
+        cfg, step = self.cfg, self.step
+        tokens_per_s, peak = self.window_tokens / max(self.window_seconds, 1e-9), peak_memory_gib(self.device)
+        progress.step(step, train_loss, lr, tokens_per_s, peak, step - self.start_step)
+        if step % cfg.log_every == 0 or step == self.total_steps:
+            progress.log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": tokens_per_s, "peak_gib": peak, "epoch": self.position["epoch"]})
+            self.window_tokens, self.window_seconds = 0, 0.0
+        eval_every = cfg.eval_every or max(1, self.total_steps // 5)
+        if self.eval_batches and (step % eval_every == 0 or step == self.total_steps):
+            self.evaluate(progress, f"at step {step}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
+            self.save()
+
+    def evaluate(self, progress: Progress, when: str) -> None:
+        loss, ppl = evaluate(self.compute_loss, self.eval_batches, self.device, self.autocast, self.world)
+        progress.say(f"eval {when}: loss {loss:.4f} ppl {ppl:.2f}")
+        progress.log({"step": self.step, "eval_loss": loss, "eval_ppl": ppl})
+
+    def write_model_files(self, folder: Path, trained: dict[str, torch.Tensor]) -> None:
+        """trained: the trained parameters, whole, on the CPU (the model itself may hold only shards)."""
+        (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n")
+        if self.cfg.full:
+            write_hf_files(self.model, folder, dtype=self.dtype, tokenizer_from=self.cfg.model, state=trained)
+        else:
+            save_adapter(self.model, folder, base_model=Path(self.cfg.model).resolve())
+
+    def save(self) -> tuple[Path, dict[str, torch.Tensor]]:
+        """checkpoint-STEP, written by the main process only, after every process took part in gathering the
+        sharded tensors; the others wait, so that none runs ahead of a save. Returns it and the trained tensors."""
+        final = self.run_dir / f"checkpoint-{self.step}"
+        trained = distributed.gather_to_cpu(trainable_tensors(self.model), self.world.is_main)
+        moments = distributed.gather_to_cpu(optimizer_tensors(self.model, self.optimizer), self.world.is_main)
+        if self.world.is_main and not (final / "state.json").is_file():  # this step's state is already there
+            save_checkpoint(self.run_dir, self.step, trained, moments, dict(self.position),
+                            lambda folder: self.write_model_files(folder, trained), self.cfg.keep, self.world.size)
+        distributed.barrier(self.world)
+        return final, trained
+
+    def finish(self, progress: Progress, failure: str | None) -> int:
+        """The last checkpoint, then the final adapter (or model), the merged export and loss.png; exit code."""
+        world, run_dir = self.world, self.run_dir
         if failure and distributed.sum_scalars(  # (each process checks its shards; all take part)
-                [float(not all(torch.isfinite(distributed.local(p)).all() for p in trainable))], world, device)[0]:
+                [float(not all(torch.isfinite(distributed.local(p)).all() for p in self.trainable))], world,
+                self.device)[0]:
             raise NonFiniteLoss(f"{failure}, and the weights already hold NaN or inf; resume from an earlier "
                                 f"checkpoint in {run_dir} with a lower --lr")
-        final, trained = save_now()  # signals only set stop.requested from here on: this save always completes
+        final, trained = self.save()  # signals only set stop.requested from here on: this save always completes
         if failure:
             raise NonFiniteLoss(f"{failure}; saved the last good state as {final}. Lower the learning rate "
                                 f"(python train.py --resume {run_dir} --lr ...), or start again with a lower --alpha")
-        if step < total_steps:  # stopped by a signal
+        if self.step < self.total_steps:  # stopped by a signal
             if world.is_main:
                 plot_loss(run_dir, progress.say)
             progress.say(f"interrupted: saved {final}; continue with: python train.py --resume {run_dir}")
             return 130
         if world.is_main:
-            write_model_files(run_dir, trained)
-            progress.say(f"done: {'model' if cfg.full else 'adapter'} in {run_dir}, checkpoint {final}")
-            if cfg.export_merged:
-                export_merged(model, cfg, dtype, progress.say)
+            self.write_model_files(run_dir, trained)
+            progress.say(f"done: {'model' if self.cfg.full else 'adapter'} in {run_dir}, checkpoint {final}")
+            if self.cfg.export_merged:
+                export_merged(self.model, self.cfg, self.dtype, progress.say)
             plot_loss(run_dir, progress.say)
         distributed.barrier(world)
-    return 0
+        return 0
 
 
 def export_merged(model: Phi3ForCausalLM, cfg: TrainConfig, dtype: torch.dtype, say) -> None:
@@ -400,23 +450,6 @@ def export_merged(model: Phi3ForCausalLM, cfg: TrainConfig, dtype: torch.dtype, 
     merge_lora(model)
     save_model(model, cfg.export_merged, dtype=dtype, tokenizer_from=cfg.model)
     say(f"merged model written to {cfg.export_merged}")
-
-
-def read_tuning(checkpoint: Path, log) -> dict | None:
-    """The kernel choices saved with a checkpoint (checked when they are used), or None."""
-    path = checkpoint / kernel_tuning.TUNING_FILE
-    if not path.is_file():
-        return None
-    fix = "delete it to let the run choose kernels afresh"
-    data = read_json_object(path, RunStateError, fix)
-    try:
-        saved_settings, record = kernel_tuning.from_file(data)
-    except ValueError as e:
-        raise RunStateError(f"{path}: {e}; {fix}") from None
-    if saved_settings != kernel_tuning.settings():
-        log(f"warning: the run chose its kernels with {saved_settings}, this process has {kernel_tuning.settings()}; "
-            "set the same environment to resume bit-exactly")
-    return record
 
 
 def drop_metrics_after(path: Path, step: int) -> None:

@@ -44,8 +44,7 @@ def ours(args, device):
     from train import MicroBatchLoss, accumulate_gradients
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype,  # micro-batches of 1-N rows
-                      train_tokens=[rows * ROW for rows in range(1, args.rows + 1)])
+    model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype)
     loss_of = MicroBatchLoss(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
 

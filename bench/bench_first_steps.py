@@ -6,13 +6,11 @@
 Issue 12, items 6 and 7. Each run is a fresh process, timed from its launch to the end of its 10th optimizer step,
 loading the checkpoint included:
 - ours: `train.py --model CKPT --data examples/chat.jsonl --packing --max-steps 10 --log-every 1` (its defaults
-  otherwise: LoRA r16 on qkv/o/gate_up/down, batch 4 x 2048, checkpointing and offloading on). "Cold": empty Triton
-  cache and kernel-choice cache (a fresh machine or container); "warm": both as the cold run left them.
+  otherwise: LoRA r16 on qkv/o/gate_up/down, batch 4 x 2048, checkpointing and offloading on). "Cold": an empty Triton
+  cache (a fresh machine or container); "warm": as the cold run left it.
 - transformers + peft: from_pretrained, get_peft_model (same LoRA), gradient checkpointing, AdamW, the same examples
   in batches of 4 padded to their longest (no packing in transformers without extra code). Its cold run has an
   empty Triton cache too (torch may compile nothing; then cold = warm).
-- ours on an "unknown GPU": cold, with the kernel choices shipped for this GPU model switched off
-  (PHI3_SHIPPED_CHOICES=off), as a first run on a GPU model without a file in phi3/kernel_choices/ goes.
 Also printed: train.py's tokens/s over steps 3-10 (its own live-line number) next to `bench_train.py`'s at the same
 shapes, which item 6 wants within 5 %.
 """
@@ -63,7 +61,7 @@ def reference(args) -> None:
         print(json.dumps({"step": step + 1}), flush=True)
 
 
-def timed(cmd: list[str], env: dict, until: str, show: str = "kernel choices:") -> float:
+def timed(cmd: list[str], env: dict, until: str, show: str = "kernels:") -> float:
     """Seconds from launching cmd to the first output line (stdout or stderr) containing `until`; lines containing
     `show` are printed with their time."""
     start = time.perf_counter()
@@ -86,7 +84,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--no-unknown", action="store_true", help="skip the unknown-GPU run (ours cold, no shipped choices)")
     args = p.parse_args()
     if args.system:
         return reference(args)
@@ -94,20 +91,15 @@ def main() -> None:
         random_checkpoint(args.ckpt, ours_config(CONFIG, TINY if args.tiny else None), args.device)
     caches = Path(tempfile.mkdtemp(prefix="first-steps-"))
     results = {}
-    scenarios = ("cold", "warm") if args.no_unknown else ("cold", "warm", "unknown GPU")
-    for temperature in scenarios:  # warm: the caches as the cold run left them
-        env = {**os.environ, "TRITON_CACHE_DIR": str(caches / "triton"), "PHI3_KERNEL_CACHE": str(caches / "kernels")}
-        if temperature == "unknown GPU":  # cold, and no choices shipped for this GPU model: every one is timed
-            env.update(TRITON_CACHE_DIR=str(caches / "triton-unknown"), PHI3_SHIPPED_CHOICES="off",
-                       PHI3_KERNEL_CACHE=str(caches / "kernels-unknown"))
+    scenarios = ("cold", "warm")
+    for temperature in scenarios:  # warm: the cache as the cold run left it
+        env = {**os.environ, "TRITON_CACHE_DIR": str(caches / "triton")}
         out = caches / f"run-{temperature.replace(' ', '-')}"
         ours = [sys.executable, "train.py", "--model", str(args.ckpt), "--data", str(DATA), "--packing",
                 "--max-steps", str(args.steps), "--log-every", "1", "--save-every", "0", "--eval-fraction", "0",
                 "--device", args.device, "--out", str(out)]
         print(f"  ours, {temperature}:", flush=True)
         results[f"ours {temperature}"] = timed(ours, env, f"step {args.steps}/{args.steps}")
-        if temperature == "unknown GPU":
-            break
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         results[f"ours tokens/s {temperature}"] = sorted(r["tokens_per_s"] for r in rows if r.get("step", 0) >= 3
                                                         and "tokens_per_s" in r)
@@ -118,10 +110,8 @@ def main() -> None:
     print(f"launch to the end of step {args.steps}, {'tiny' if args.tiny else 'Phi-3-mini'} checkpoint {args.ckpt}, "
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'} (load included)")
     for temperature in scenarios:
-        unknown = temperature == "unknown GPU"
-        a, b = results[f"ours {temperature}"], results[f"reference {'cold' if unknown else temperature}"]
-        print(f"  {temperature}: ours {a:.1f} s, transformers+peft {b:.1f} s{' (cold)' if unknown else ''}, "
-              f"ratio {a / b:.2f}" + ("" if unknown else " (target <= 1)"))
+        a, b = results[f"ours {temperature}"], results[f"reference {temperature}"]
+        print(f"  {temperature}: ours {a:.1f} s, transformers+peft {b:.1f} s, ratio {a / b:.2f} (target <= 1)")
     speeds = results["ours tokens/s warm"]
     if speeds:
         print(f"train.py's own tokens/s, steps 3-{args.steps} (warm run): median {speeds[len(speeds) // 2]:,.0f} "

@@ -41,7 +41,7 @@ def build_ours(args, device, dtype):
     elif args.system == "ours-no-keep":
         phi3.attention.keep_outputs = False  # the recompute computes attention again instead of taking it from the host
     # as train.py runs it on a GPU: offloaded layer inputs, MLP tiles, kernel choices made before the timed steps
-    model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype, train_tokens=[args.length])
+    model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype)
 
     def loss_fn(ids, labels):
         return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()

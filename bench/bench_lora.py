@@ -8,8 +8,8 @@ in 5 interleaved rounds (--rounds); the median round is reported):
   a   frozen linear alone: cuBLAS forward + dx (the floor)
   b   peft-style: base in bf16, adapter path in fp32 (x cast up), result added in fp32 and cast back
   b'  all-bf16 torch LoRA (kernels.lora_linear_reference with autograd)
-  c   kernels.lora_linear as shipped (GEMM="auto": per shape, the faster of the TMA Triton GEMM and the cuBLAS
-      hybrid, timed once; "GEMM kinds chosen" lists them)
+  c   kernels.lora_linear as shipped (GEMM="auto": per shape, the kind and configs kernels/choices.py's table names,
+      the TMA Triton GEMM or the cuBLAS hybrid)
   c_ptr  GEMM="triton" (pointer-load Triton GEMM)      c_cub  GEMM="cublas" (cuBLAS + low-rank term)
 graph = the same step replayed from a CUDA graph: GPU time alone. The do_bench columns also hold host time
 wherever Python and launches take longer than the GPU work (the o projection: see bench/NOTES-lora.md).
@@ -26,7 +26,6 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from phi3.kernels.lora_linear import lora_linear, lora_linear_reference  # noqa: E402
-from phi3.kernels.tuning import tuning_record  # noqa: E402
 
 ll = importlib.import_module("phi3.kernels.lora_linear")
 SHAPES = {"qkv": (3072, 9216), "o": (3072, 3072), "gate_up": (3072, 16384), "down": (8192, 3072)}
@@ -65,7 +64,7 @@ def prepare(fn, sets, s, with_lora):
         y = fn(x, w, a, b, s)
         torch.autograd.grad(y, [x, a, b] if with_lora else [x], dy)
 
-    step()  # compiles, autotunes and picks kinds
+    step()  # compiles
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -103,18 +102,16 @@ def parts(m, k, n, r):
     a = torch.randn(r, k, device=dev) / k**0.5
     b = torch.randn(n, r, device=dev) / r**0.5
     dy = torch.randn(m, n, device=dev, dtype=dt)
-    plan = {}
-    s_ = ll._lora_down(plan, x, a, 0, 0.0)
-    g, _, _ = ll._lora_skinny_backward(plan, x, dy, a, b, s_, 2.0, 0, 0.0)
+    s_ = ll._lora_down(x, a, 0, 0.0)
+    g, _, _ = ll._lora_skinny_backward(x, dy, a, b, s_, 2.0, 0, 0.0)
     t = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
     out = {"mm x W^T": t(lambda: x @ w.t()), "mm dy W": t(lambda: dy @ w),
-           "S=xA^T": t(lambda: ll._lora_down(plan, x, a, 0, 0.0)),
-           "dy+dA passes": t(lambda: ll._lora_skinny_backward(plan, x, dy, a, b, s_, 2.0, 0, 0.0))}
+           "S=xA^T": t(lambda: ll._lora_down(x, a, 0, 0.0)),
+           "dy+dA passes": t(lambda: ll._lora_skinny_backward(x, dy, a, b, s_, 2.0, 0, 0.0))}
     for gemm in ("auto", "cublas"):
         ll.GEMM = gemm
-        gplan = {}
-        out[f"fwd gemm {gemm}"] = t(lambda: ll._gemm(gplan, "fwd", x, w.t(), s_, b.t(), 2.0, dt))
-        out[f"dx gemm {gemm}"] = t(lambda: ll._gemm(gplan, "dx", dy, w, g, a, 1.0, dt))
+        out[f"fwd gemm {gemm}"] = t(lambda: ll._gemm("fwd", x, w.t(), s_, b.t(), 2.0, dt))
+        out[f"dx gemm {gemm}"] = t(lambda: ll._gemm("dx", dy, w, g, a, 1.0, dt))
     out["GB/s of S (x read)"] = x.numel() * 2 / out["S=xA^T"] / 1e6
     out["GB/s of dy+dA (dy, x read)"] = (dy.numel() + x.numel()) * 2 / out["dy+dA passes"] / 1e6
     print(f"parts M={m} {k}->{n} r={r}: " + "  ".join(f"{kk}={v:.3f}" for kk, v in out.items()), flush=True)
@@ -162,7 +159,6 @@ def main():
         rows.append((name, res))
         del sets
         torch.cuda.empty_cache()
-    print("GEMM kinds chosen by auto (shape key -> kind):", tuning_record()["kinds"])
     print("\n| shape | a ms | b ms | b' ms | c ms | c_cub ms | c/a | b/c | graph a / c ms | graph c/a | "
           "graph c_cub/a | peak MiB a / b / b' / c |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

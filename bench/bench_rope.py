@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from phi3.kernels import launch, rope  # noqa: E402
+from phi3.kernels import rope  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+time_ms = lambda fn: do_bench(fn, return_mode="median")  # noqa: E731
 from phi3.kernels.rope import rope_qk  # noqa: E402
 
 B, T = 4, 2048
@@ -32,12 +35,12 @@ for nh, nkv, hd in [(32, 32, 96), (40, 10, 128)]:
 
     mb = B * T * W * 2 / 1e6
     for backend in ("torch", "triton"):
-        f, fb = launch.time_ms(lambda: forward(backend)), launch.time_ms(lambda: forward_backward(backend))
+        f, fb = time_ms(lambda: forward(backend)), time_ms(lambda: forward_backward(backend))
         print(f"{nh}/{nkv}/{hd} {backend}: fwd {f * 1e3:.0f} us, fwd+bwd {fb * 1e3:.0f} us (qkv {mb:.0f} MB)")
     default = rope._TILE
     for tile in (128, 256, 512, 1024, 2048):
         rope._TILE = tile
-        print(f"  tile {tile}: fwd+bwd {launch.time_ms(lambda: forward_backward('triton')) * 1e3:.0f} us")
+        print(f"  tile {tile}: fwd+bwd {time_ms(lambda: forward_backward('triton')) * 1e3:.0f} us")
     rope._TILE = default
     q, k, v = [t.detach().requires_grad_() for t in rope_qk(qkv, cos, sin, nh, nkv, hd)]
 
@@ -46,4 +49,4 @@ for nh, nkv, hd in [(32, 32, 96), (40, 10, 128)]:
         torch.autograd.backward(out, grads[0])
     contiguous = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
     for name, qkv_set in (("(B, T, H, D) views", (q, k, v)), ("(B, H, T, D) contiguous", contiguous)):
-        print(f"  SDPA fwd+bwd on {name}: {launch.time_ms(lambda: sdpa(*qkv_set)) * 1e3:.0f} us")
+        print(f"  SDPA fwd+bwd on {name}: {time_ms(lambda: sdpa(*qkv_set)) * 1e3:.0f} us")

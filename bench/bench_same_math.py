@@ -75,6 +75,7 @@ def main() -> None:
     import train
     from phi3 import Phi3Config, Phi3ForCausalLM
     from phi3.lora import load_adapter, mark_only_lora_as_trainable
+    from phi3.model import Recompute
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -103,11 +104,10 @@ def main() -> None:
         if args.tiny:
             config = dataclasses.replace(config, **TINY)
         with torch.device("meta"):
-            ours = Phi3ForCausalLM(config)
+            ours = Phi3ForCausalLM(config, Recompute() if device.type == "cuda" else None)
         ours.load_state_dict(base_state, strict=False, assign=True)  # (+ no buffers of ours missing: RoPE is computed)
         ours = load_adapter(ours.to(device=device, dtype=dtype), tmp)
     mark_only_lora_as_trainable(ours)
-    ours.gradient_checkpointing = device.type == "cuda"
     ours.train()
     curves["ours"] = train_curve(ours, lambda b: train.batch_loss_sum(ours, b, device) / b.trained_tokens, data, device)
 

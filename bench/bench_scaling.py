@@ -31,6 +31,7 @@ def worker(args) -> dict:
 
     from phi3 import Phi3Config, Phi3ForCausalLM, distributed
     from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
+    from phi3.model import Recompute
     from train import MicroBatchLoss
 
     world, device = distributed.init(args.device)
@@ -38,13 +39,12 @@ def worker(args) -> dict:
     if args.tiny:
         config = dataclasses.replace(config, **TINY)
     with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
+        model = Phi3ForCausalLM(config, Recompute() if device.type == "cuda" else None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to_empty(device=device).to(dtype)
     model.init_weights(seed=0)
     add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
     mark_only_lora_as_trainable(model)
-    model.gradient_checkpointing = device.type == "cuda"
     model.train()
     loss_of = distributed.data_parallel(MicroBatchLoss(model), world, device)
     trainable = [p for p in model.parameters() if p.requires_grad]

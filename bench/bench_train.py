@@ -33,12 +33,12 @@ ABLATIONS = {  # this project with one mechanism switched off: what each buys in
     "ours-torch-norm-swiglu": "RMSNorm, residual add and SwiGLU as torch ops instead of their kernels",
     # the LoRA kernel's own mechanism (issue 12: each must pay for itself in the whole step; the concat GEMM kind
     # and the private fast launcher did not, and were removed: bench/README.md)
-    "ours-untimed": "kernel configs and GEMM kinds by rule instead of timed per shape (LORA_AUTOTUNE=0)",
+    "ours-rule": "kernel configs and GEMM kinds by the rule alone, the shipped table switched off (kernels/choices.py)",
 }
 
 
 def build_ours(checkpointing: bool, ablation: str | None = None):
-    import phi3.kernels.launch
+    import phi3.kernels.choices
     import phi3.attention
     import phi3.model
     from phi3.kernels.rmsnorm import rms_norm_reference
@@ -53,11 +53,12 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
     elif ablation == "ours-torch-norm-swiglu":
         phi3.model.rms_norm = rms_norm_reference
         phi3.model.swiglu = swiglu_reference
-    elif ablation == "ours-untimed":
-        phi3.kernels.launch.AUTOTUNE = False
-    model = ours_lora(ours_config(CONFIG), "cuda", torch.bfloat16, checkpointing, offload=ablation != "ours-no-offload")
-    if ablation and ablation.startswith("ours-checkpoint-"):  # the middle ground: the first N layers checkpointed
-        model.checkpoint_layers = int(ablation.removeprefix("ours-checkpoint-"))
+    elif ablation == "ours-rule":
+        phi3.kernels.choices.use_table({})
+    layers = None  # the middle ground, ours-checkpoint-N: only the first N layers checkpointed
+    if ablation and ablation.startswith("ours-checkpoint-"):
+        layers = int(ablation.removeprefix("ours-checkpoint-"))
+    model = ours_lora(ours_config(CONFIG), "cuda", torch.bfloat16, checkpointing, ablation != "ours-no-offload", layers)
 
     def loss_fn(ids, labels):
         return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()

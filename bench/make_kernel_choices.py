@@ -1,70 +1,101 @@
-"""Make the kernel choices the repository ships for this GPU model (phi3/kernel_choices/), run on that GPU.
+"""Make the kernels' table for this GPU's architecture (kernels/tables/smXY.json) by timing every option, on that GPU.
 
-    python3 bench/make_kernel_choices.py            # writes phi3/kernel_choices/<GPU name>.json
+    python3 bench/make_kernel_choices.py            # all the shapes below; writes kernels/tables/sm90.json on Hopper
+    python3 bench/make_kernel_choices.py --quick    # Phi-3-mini at r16 up to 8,192 tokens only (about a minute)
 
-A first run on a fresh machine then times no kernel for the shapes below (phi3/kernel_tuning.py reads the file;
-issue 12, item 7: launch to the end of step 10 no slower than transformers + peft, cold). The file is tied to the
-timed kernels (kernels/gemm.py, lowrank.py) and the configs they choose among (launch.py): after a change there,
-run this again on each GPU model that has a file (the test suite fails until then). Shapes covered, LoRA as
-train.py's defaults (r16, alpha 32, dropout 0.05, qkv/o/gate_up/down, gradient checkpointing): Phi-3-mini up to
-131,072 tokens per micro-batch (the 128k model's longest), and ranks 8, 32 and 64 up to 8,192 (4 x 2048, the
-default batch); Phi-3-medium up to 8,192. Other shapes are timed by the run that meets them, once per machine
-(~/.cache/phi3-lora).
+For each LoRA layer shape of the models below (train.py's defaults: qkv/o/gate_up/down) and each token bucket (powers
+of two) up to each run's longest, the layer runs forward + backward with dropout (training) and forward without
+(evaluation) while kernels/choices.py's timer is set: every launch site times each of its options (GEMM kinds, and
+each kind's configs first) in three interleaved rounds of triton.testing.do_bench and keeps the median's fastest.
+Runs never time anything: they read the table (a key it lacks takes the nearest bucket of the same shape, else the
+rule), so every process and every resume computes with the same kernels. After a change to the kernels or to
+choices.CONFIGS, run this again on each architecture that has a table (tests/test_choices.py checks the names).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+import triton
+from triton.testing import do_bench
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-os.environ["PHI3_KERNEL_CACHE"] = "off"  # every choice made here, by timing, in this process
 
-from phi3.kernels import launch  # noqa: E402
-from phi3.kernels.tuning import tuning_record  # noqa: E402  (after the switch above)
-from phi3 import Phi3Config, kernel_tuning  # noqa: E402
+from phi3 import Phi3Config  # noqa: E402
 from phi3.atomic import atomic_file  # noqa: E402
-from phi3.lora import LoRAConfig  # noqa: E402
+from phi3.kernels import choices  # noqa: E402
+from phi3.kernels.lora_linear import lora_linear  # noqa: E402
 
 CONFIGS = REPO / "assets" / "configs"
-RUNS = [("phi3-mini-4k-instruct", 16, 131072), ("phi3-mini-4k-instruct", 8, 8192), ("phi3-mini-4k-instruct", 32, 8192),
+RUNS = [("phi3-mini-4k-instruct", 16, 32768), ("phi3-mini-4k-instruct", 8, 8192), ("phi3-mini-4k-instruct", 32, 8192),
         ("phi3-mini-4k-instruct", 64, 8192), ("phi3-medium-4k-instruct", 16, 8192)]
+QUICK = [("phi3-mini-4k-instruct", 16, 8192)]
+SMALLEST = 1024  # the first bucket timed; smaller ones take the nearest (its choices differ little there)
+
+
+def layer_shapes(config: Phi3Config) -> list[tuple[int, int]]:
+    """(in, out) of qkv_proj, o_proj, gate_up_proj and down_proj."""
+    h, i = config.hidden_size, config.intermediate_size
+    return [(h, sum(config.qkv_sizes)), (h, h), (h, 2 * i), (i, h)]
+
+
+class Timer:
+    """choices' timer: each key's options timed once, the fastest kept (and returned for later asks of that key)."""
+
+    def __init__(self, rounds: int = 3):
+        self.rounds, self.table = rounds, {}
+
+    def __call__(self, key: str, options: list, run) -> str:
+        if key not in self.table:
+            times = {option: [] for option in options}
+            for _ in range(self.rounds):  # interleaved: clock and power drift hit every option alike
+                for option in options:
+                    times[option].append(do_bench(lambda: run(option), warmup=5, rep=20))
+            self.table[key] = min(options, key=lambda o: sorted(times[o])[self.rounds // 2])
+        return self.table[key]
+
+
+def time_layer(k: int, n: int, rank: int, tokens: int) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, k, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(n, k, generator=g, device="cuda") / k**0.5).bfloat16()
+    a = (torch.randn(rank, k, generator=g, device="cuda") / k**0.5).requires_grad_()
+    b = (torch.randn(n, rank, generator=g, device="cuda") / rank**0.5).requires_grad_()
+    lora_linear(x, w, a, b, 2.0, 0.05, seed=1).backward(torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16))
+    with torch.no_grad():
+        lora_linear(x, w, a, b, 2.0, 0.0, training=False)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=None, help="file to write (default: the shipped one for this GPU)")
+    p.add_argument("--out", type=Path, default=None, help="file to write (default: the shipped one of this GPU)")
     p.add_argument("--quick", action="store_true", help="only Phi-3-mini r16 up to 8,192 tokens (train.py's defaults)")
     args = p.parse_args()
-    if any(kernel_tuning.settings().values()):
-        sys.exit(f"unset {', '.join(kernel_tuning.SETTINGS)}: shipped choices are for the default kernel settings")
     device = torch.device("cuda")
-    name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
-    for config_name, rank, max_tokens in [("phi3-mini-4k-instruct", 16, 8192)] if args.quick else RUNS:
-        started = time.perf_counter()
-        # the model cut to two layers (their LoRA shapes are every layer's), LoRA and checkpointing as train.py's
-        config = Phi3Config.from_json(CONFIGS / config_name / "config.json")
-        lora = LoRAConfig(rank=rank, alpha=2 * rank, dropout=0.05)
-        model = kernel_tuning.stand_in(config, lora, device, torch.bfloat16)
-        with launch.compile_ahead(device):
-            kernel_tuning.tune_lora_layers(model, max_tokens, torch.bfloat16)
-        kernel_tuning.tune_lora_layers(model, max_tokens, torch.bfloat16)
-        del model
-        torch.cuda.empty_cache()
-        print(f"{config_name} r{rank} up to {max_tokens:,} tokens: {time.perf_counter() - started:.0f} s, "
-              f"{sum(len(part) for part in tuning_record().values() if isinstance(part, dict))} choices so far",
-              flush=True)
-    out = args.out or kernel_tuning.shipped_file(name)
+    timer, started = Timer(), time.perf_counter()
+    choices.set_timer(timer)
+    for name, rank, longest in QUICK if args.quick else RUNS:
+        config = Phi3Config.from_json(CONFIGS / name / "config.json")
+        for tokens in (SMALLEST << i for i in range(20) if SMALLEST << i <= longest):
+            for k, n in layer_shapes(config):
+                time_layer(k, n, rank, tokens)
+            print(f"{name} r{rank} {tokens} tokens: {len(timer.table)} choices, {time.perf_counter() - started:.0f} s",
+                  flush=True)
+    choices.set_timer(None)
+    architecture = choices.architecture(device)
+    out = args.out or choices.TABLES / f"{architecture}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as tmp:
-        tmp.write_text(kernel_tuning.shipped_text(name, capability, tuning_record()))
-    print(f"wrote {out} ({name}, sm{capability[0]}{capability[1]})")
+        tmp.write_text(json.dumps({"architecture": architecture, "made_on": torch.cuda.get_device_name(device),
+                                   "made_with": {"torch": torch.__version__, "triton": triton.__version__},
+                                   "choices": dict(sorted(timer.table.items()))}, indent=1) + "\n")
+    print(f"wrote {out} ({len(timer.table)} choices)")
 
 
 if __name__ == "__main__":

@@ -18,29 +18,22 @@ import torch
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool = True, train_tokens: list[int] = ()):
+def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool = True, layers: int | None = None):
     """This project's Phi-3 with LoRA, training mode; checkpointed layer inputs offloaded on a GPU (train.py's
-    default); with train_tokens (the token count of each micro-batch the bench trains on), every kernel choice
-    made before the first step, as train.py makes them."""
+    default); layers: only the first N checkpointed."""
     from phi3 import Phi3ForCausalLM
-    from phi3.kernel_tuning import prepare
     from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
-    from phi3.offload import CheckpointOffload
+    from phi3.model import Recompute
 
     device = torch.device(device)
+    recompute = Recompute(layers, offload=offload and device.type == "cuda") if checkpointing else None
     with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
+        model = Phi3ForCausalLM(config, recompute)
     model = model.to_empty(device=device).to(dtype)
     model.init_weights(seed=0)
     add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
     mark_only_lora_as_trainable(model)
-    model.gradient_checkpointing = checkpointing
-    if checkpointing and offload and device.type == "cuda":
-        model.offload = CheckpointOffload(device)
-    model.train()
-    if train_tokens:
-        prepare(model, {"train": train_tokens, "eval": []}, dtype, device, None)
-    return model
+    return model.train()
 
 
 def ours_config(path: Path, overrides: dict | None = None):

@@ -4,7 +4,7 @@
 
 Two kernels, same math: `_lora_gemm_tma_kernel` (Hopper and newer: persistent grid, TMA loads and stores: the
 "tma" kind) and `_lora_gemm_kernel` (pointer loads: any strides, any GPU, fp32; with K = 0 it writes the low-rank
-term alone for the "cublas" kind). kernels/lora_linear.py picks the kind per shape.
+term alone for the "cublas" kind). kernels/choices.py picks the kind and the config per shape.
 """
 import triton
 import triton.language as tl
@@ -47,7 +47,7 @@ def _add_low_rank(acc, l_ptr, r_ptr, offs_m, offs_n, M, N, R, scale, seed, p, in
 @triton.jit(do_not_specialize=["seed"])
 def _lora_gemm_kernel(a_ptr, b_ptr, l_ptr, r_ptr, c_ptr, M, N, K, R, scale, seed, p, inv_keep,
                       stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr, stride_rr, stride_rn,
-                      stride_cm, stride_cn, M_BUCKET,
+                      stride_cm, stride_cn,
                       DOT_PREC: tl.constexpr, R_PAD: tl.constexpr, BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C = A_op B_op + scale * L R   with A_op (M, K), B_op (K, N), L (M, R) fp32, R (R, N); fp32 accumulator.
@@ -80,8 +80,8 @@ def _lora_gemm_kernel(a_ptr, b_ptr, l_ptr, r_ptr, c_ptr, M, N, K, R, scale, seed
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, M, N, K, R, scale, seed, p, inv_keep,
-                          stride_am, stride_b, stride_cm, stride_lm, stride_lr, stride_rr, stride_rn, M_BUCKET,
-                          B_KMAJOR: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr,
+                          stride_am, stride_b, stride_cm, stride_lm, stride_lr, stride_rr, stride_rn,
+                          B_KMAJOR: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr,
                           BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr, NUM_SMS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                           SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr):
@@ -90,7 +90,6 @@ def _lora_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, M, N, K, R, scale, 
     fill past the edges), C stored by TMA. B_KMAJOR: b_ptr holds B_op^T (N, K), i.e. W itself in the forward.
     SUBTILE stores C in two halves, which frees shared memory for one more pipeline stage. FLATTEN / WARP_SPEC:
     Triton's loop flattening (next tile's loads during this one's epilogue) and warp specialization, per config.
-    DTYPE: autotune key only.
     The descriptors are built on the device (needs triton.set_allocator): host-built ones cost tens of
     microseconds of host time per launch."""
     dt = c_ptr.dtype.element_ty

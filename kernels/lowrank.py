@@ -44,7 +44,7 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, p, inv_keep, BLOCK_M: tl.constexpr
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_down_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed, p, inv_keep, stride_xm, stride_xk, stride_ar, stride_ak,
-                      M_BUCKET, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                      DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """S[m, j] = sum_k dropout(x)[m, k] A[j, k]   (M, R) fp32; rank chunk of BLOCK_R per program axis 1.
     Persistent: the programs (a wave or two) walk the row tiles, so no partly filled last wave idles the GPU.
@@ -100,7 +100,7 @@ def _summed(part, parts_ptr, part_stride, tile, mask, count_ptr, n_parts, index)
 
 @triton.jit
 def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, g_ptr, dbp_ptr, count_ptr, M, N, R, scale, gn, cols_per_item,
-                    stride_dym, stride_dyn, stride_bn, stride_br, M_BUCKET,
+                    stride_dym, stride_dyn, stride_bn, stride_br,
                     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """One pass over dy for both skinny products. Work item (pm, pn) = row block pm, column range pn:
         Gp[pn]      = s dy[rows, cols] B[cols]      G accumulates in registers over the column loop
@@ -138,7 +138,7 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, gp_ptr, g_ptr, dbp_ptr, count_ptr, M, 
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_da_kernel(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, dbp_ptr, db_ptr, M, K, R, seed, p, inv_keep,
-                    gm, rows_per_item, db_items, db_parts, db_numel, stride_xm, stride_xk, M_BUCKET,
+                    gm, rows_per_item, db_items, db_parts, db_numel, stride_xm, stride_xk,
                     DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DB: tl.constexpr):
     """dA = G^T dropout(x)  (R, K) fp32, the mask regenerated from the seed; also finishes dB.

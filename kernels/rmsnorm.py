@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .lora_linear import _empty, _on
 
 MAX_HIDDEN = 65536  # one row per block; wider rows (no Phi-3 comes close) take the torch path
 _DW_WAVES = 4  # weight-gradient backward: programs = this many waves of SMs, each owning one fp32 partial
@@ -76,11 +75,6 @@ def _rms_norm_bwd_kernel(dy_ptr, ds_ptr, s_ptr, w_ptr, rstd_ptr, dx_ptr, dwp_ptr
 
 
 # ------------------------------------------------------------------------------- host side: launches, autograd
-def _rows(t, n):
-    t2 = t.reshape(-1, n)  # a view when possible, any row stride
-    return t2 if t2.stride(1) == 1 else t2.contiguous()
-
-
 def _meta(n):  # the whole row in one block; warps so each thread holds 4-16 values (vector loads, few registers)
     return dict(BLOCK_N=launch.next_pow2(n), num_warps=min(16, max(4, launch.next_pow2(n) // 512)))
 
@@ -97,14 +91,14 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual, eps):
         n, res = x.shape[-1], residual is not None
-        x2, r2 = _rows(x, n), _rows(residual if res else x, n)  # without a residual r2 is never read
+        x2, r2 = launch.rows(x, n), launch.rows(residual if res else x, n)  # without a residual r2 is never read
         s_dtype = torch.promote_types(x.dtype, r2.dtype)
-        y = _empty(x2.shape[0], n, dtype=torch.promote_types(weight.dtype, s_dtype), device=x.device)
-        s = _empty(x2.shape[0], n, dtype=s_dtype, device=x.device) if res else x2
-        rstd = _empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        with _on(x):
-            launch.plain(_rms_norm_fwd_kernel, (x2.shape[0],), x2, r2, weight, y, s, rstd, n, eps, x2.stride(0),
-                         r2.stride(0), RESIDUAL=res, **_meta(n))
+        y = launch.empty(x2.shape[0], n, dtype=torch.promote_types(weight.dtype, s_dtype), device=x.device)
+        s = launch.empty(x2.shape[0], n, dtype=s_dtype, device=x.device) if res else x2
+        rstd = launch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        with launch.on_device(x):
+            launch.run(_rms_norm_fwd_kernel, (x2.shape[0],), (x2, r2, weight, y, s, rstd, n, eps, x2.stride(0),
+                                                             r2.stride(0)), dict(RESIDUAL=res, **_meta(n)))
         ctx.save_for_backward(s, weight, rstd)
         return (y.view(x.shape), s.view(x.shape)) if res else y.view(x.shape)
 
@@ -112,13 +106,13 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy, ds_out=None):
         s, weight, rstd = ctx.saved_tensors
         (M, n), weight_grad = s.shape, ctx.needs_input_grad[1]
-        dy2, ds2 = _rows(dy, n), None if ds_out is None else _rows(ds_out, n)
-        dx = _empty(M, n, dtype=s.dtype, device=s.device)
+        dy2, ds2 = launch.rows(dy, n), None if ds_out is None else launch.rows(ds_out, n)
+        dx = launch.empty(M, n, dtype=s.dtype, device=s.device)
         programs = min(M, _DW_WAVES * launch.num_sms(s.device)) if weight_grad else M  # frozen: one row each
-        dwp = _empty(programs, n, dtype=torch.float32, device=s.device) if weight_grad else None
-        with _on(s):
-            launch.plain(_rms_norm_bwd_kernel, (programs,), dy2, ds2, s, weight, rstd, dx, dwp, M, n, dy2.stride(0),
-                         0 if ds2 is None else ds2.stride(0), s.stride(0), WEIGHT_GRAD=weight_grad, **_meta(n))
+        dwp = launch.empty(programs, n, dtype=torch.float32, device=s.device) if weight_grad else None
+        with launch.on_device(s):
+            launch.run(_rms_norm_bwd_kernel, (programs,), (dy2, ds2, s, weight, rstd, dx, dwp, M, n, dy2.stride(0),
+                       0 if ds2 is None else ds2.stride(0), s.stride(0)), dict(WEIGHT_GRAD=weight_grad, **_meta(n)))
         dw = dwp.sum(0).to(weight.dtype) if weight_grad else None  # fixed-order sum of the partials
         dx = dx.view(dy.shape)  # in s's dtype: autograd casts it to x's and r's (the same in a 16-bit model)
         return dx, dw, dx if ctx.needs_input_grad[2] else None, None

@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .lora_linear import _empty, _on
 
 _TILE = 1024  # values of each half (x1, x2) per program: heads per program = _TILE / (hd/2 padded); fastest on an H200
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others (fp64) take the torch path
@@ -103,8 +102,8 @@ def _launch(kernel, B, T, n_head, n_kv_head, head_dim, args):
     heads = min(launch.next_pow2(max(n_head, n_kv_head)), max(1, _TILE // half))
     grid = (B * T, launch.cdiv(n_head, heads) + launch.cdiv(n_kv_head, heads))
     # no fused multiply-add: torch rounds each product before the sum, and so must fp32 here
-    launch.plain(kernel, grid, *args, NH=n_head, NKV=n_kv_head, HD=head_dim, HEADS=heads, HALF_PAD=half,
-                 enable_fp_fusion=False)
+    launch.run(kernel, grid, args, dict(NH=n_head, NKV=n_kv_head, HD=head_dim, HEADS=heads, HALF_PAD=half,
+                                        enable_fp_fusion=False))
 
 
 def _tables(cos, sin, B, T):
@@ -131,13 +130,12 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, cos, sin, n_head, n_kv_head):
         (B, T, W), hd = qkv.shape, cos.shape[-1]
-        x = qkv.reshape(-1, W)  # a view when possible, any row stride
-        x = x if x.stride(1) == 1 else x.contiguous()
+        x = launch.rows(qkv, W)
         cos, sin = _tables(cos, sin, B, T)
         dtype = torch.promote_types(qkv.dtype, cos.dtype)
-        q = _empty(B, T, n_head, hd, dtype=dtype, device=qkv.device)
-        k = _empty(B, T, n_kv_head, hd, dtype=dtype, device=qkv.device)
-        with _on(qkv):
+        q = launch.empty(B, T, n_head, hd, dtype=dtype, device=qkv.device)
+        k = launch.empty(B, T, n_kv_head, hd, dtype=dtype, device=qkv.device)
+        with launch.on_device(qkv):
             _launch(_rope_fwd_kernel, B, T, n_head, n_kv_head, hd,
                     (x, cos, sin, q, k, T, x.stride(0), cos.stride(0), cos.stride(1)))
         ctx.save_for_backward(cos, sin)
@@ -150,8 +148,8 @@ class RoPEFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         (B, n_head, T, hd), n_kv_head = dq.shape, dk.shape[1]
         dq, dk = _heads_view(dq), _heads_view(dk)
-        dqkv = _empty(B, T, (n_head + 2 * n_kv_head) * hd, dtype=ctx.qkv_dtype, device=dq.device)
-        with _on(dq):
+        dqkv = launch.empty(B, T, (n_head + 2 * n_kv_head) * hd, dtype=ctx.qkv_dtype, device=dq.device)
+        with launch.on_device(dq):
             _launch(_rope_bwd_kernel, B, T, n_head, n_kv_head, hd,
                     (dq, dk, cos, sin, dqkv, T, cos.stride(0), cos.stride(1), *dq.stride()[:3], *dk.stride()[:3]))
         dqkv[..., (n_head + n_kv_head) * hd:].view(B, T, n_kv_head, hd).copy_(dv.transpose(1, 2))

@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .lora_linear import _empty, _on
 
 _BLOCK = 1024  # columns per program: 2 KiB of each bf16 operand per program, 4 warps of 16-byte loads
 
@@ -51,11 +50,6 @@ def _swiglu_bwd_kernel(gu_ptr, dout_ptr, dgu_ptr, I, stride_gu, stride_dout, BLO
 
 
 # ------------------------------------------------------------------------------- host side: launches, autograd
-def _rows(t, n):
-    t2 = t.reshape(-1, n)  # a view when possible, any row stride
-    return t2 if t2.stride(1) == 1 else t2.contiguous()
-
-
 class SwiGLUFunction(torch.autograd.Function):
     """out = up * silu(gate).to(dtype), [gate | up] = gate_up (..., 2I).
 
@@ -66,11 +60,11 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up):
         I = gate_up.shape[-1] // 2
-        gu = _rows(gate_up, 2 * I)
-        out = _empty(gu.shape[0], I, dtype=gate_up.dtype, device=gate_up.device)
-        with _on(gate_up):
-            launch.plain(_swiglu_fwd_kernel, (gu.shape[0], launch.cdiv(I, _BLOCK)), gu, out, I, gu.stride(0),
-                         BLOCK=_BLOCK)
+        gu = launch.rows(gate_up, 2 * I)
+        out = launch.empty(gu.shape[0], I, dtype=gate_up.dtype, device=gate_up.device)
+        with launch.on_device(gate_up):
+            launch.run(_swiglu_fwd_kernel, (gu.shape[0], launch.cdiv(I, _BLOCK)), (gu, out, I, gu.stride(0)),
+                       dict(BLOCK=_BLOCK))
         ctx.save_for_backward(gu)  # a view of the input (a copy only if its last dim was strided)
         return out.view(gate_up.shape[:-1] + (I,))
 
@@ -78,10 +72,10 @@ class SwiGLUFunction(torch.autograd.Function):
     def backward(ctx, dout):
         (gu,) = ctx.saved_tensors
         M, I = gu.shape[0], gu.shape[1] // 2
-        d2, dgu = _rows(dout, I), _empty(M, 2 * I, dtype=gu.dtype, device=gu.device)
-        with _on(gu):
-            launch.plain(_swiglu_bwd_kernel, (M, launch.cdiv(I, _BLOCK)), gu, d2, dgu, I, gu.stride(0), d2.stride(0),
-                         BLOCK=_BLOCK)
+        d2, dgu = launch.rows(dout, I), launch.empty(M, 2 * I, dtype=gu.dtype, device=gu.device)
+        with launch.on_device(gu):
+            launch.run(_swiglu_bwd_kernel, (M, launch.cdiv(I, _BLOCK)), (gu, d2, dgu, I, gu.stride(0), d2.stride(0)),
+                       dict(BLOCK=_BLOCK))
         return dgu.view(dout.shape[:-1] + (2 * I,))
 
 

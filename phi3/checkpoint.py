@@ -22,7 +22,7 @@ import torch
 
 from phi3.atomic import atomic_dir, atomic_file, write_safetensors
 from phi3.config import ConfigError, Phi3Config, is_int, open_regular, read_json_object, show
-from phi3.model import Phi3ForCausalLM
+from phi3.model import Phi3ForCausalLM, Recompute
 
 
 class CheckpointError(ValueError):
@@ -188,9 +188,10 @@ def _names(names, limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
-               ) -> Phi3ForCausalLM:
-    """A Phi3ForCausalLM with the checkpoint's weights, in `dtype` (default: bf16 on CUDA, fp32 on CPU), in eval mode."""
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+               recompute: Recompute | None = None) -> Phi3ForCausalLM:
+    """A Phi3ForCausalLM with the checkpoint's weights, in `dtype` (default: bf16 on CUDA, fp32 on CPU), in eval mode;
+    recompute: its gradient checkpointing when it trains (phi3/model.py)."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found; pass a folder in Hugging Face layout "
@@ -202,7 +203,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     device = torch.device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
     with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
+        model = Phi3ForCausalLM(config, recompute)
     state = load_state_dict(folder)
 
     expected = {name: p.shape for name, p in model.state_dict().items()}

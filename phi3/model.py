@@ -8,11 +8,13 @@ the call, the 4k models' sliding window lets query i see keys i-window < j <= i.
 
     model = Phi3ForCausalLM(config)
     logits = model(input_ids)                      # (B, T, vocab)
+    model = Phi3ForCausalLM(config, Recompute(offload=True))   # for training: gradient checkpointing per layer
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -169,23 +171,26 @@ class Phi3Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+@dataclass(frozen=True)
+class Recompute:
+    """Gradient checkpointing while training (per layer, non-reentrant): the first `layers` decoder layers (None: all)
+    keep only their input and recompute the rest in the backward pass; the others keep their activations, which
+    skips their recompute for more memory (0.85 GiB a layer at batch 4 x 2048 on Phi-3-mini). offload: those inputs
+    wait in pinned host memory (phi3/offload.py; CUDA only)."""
+    layers: int | None = None
+    offload: bool = False
+
+
 class Phi3ForCausalLM(nn.Module):
-    def __init__(self, config: Phi3Config):
+    def __init__(self, config: Phi3Config, recompute: Recompute | None = None):
         super().__init__()
-        self.config = config
+        self.config, self.recompute = config, recompute
         self.model = Phi3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
-        self.gradient_checkpointing = False  # per-layer, non-reentrant; only while training
-        # with checkpointing: only the first N layers are checkpointed (None: all); the others keep their activations,
-        # which skips their recompute (faster) for more memory (an estimated 1 GiB each at batch 4 x 2048 on Phi-3-mini)
-        self.checkpoint_layers: int | None = None
-        self.offload: CheckpointOffload | None = None  # set: checkpointed layer inputs wait in host memory
-        # called (phase, layer index, layers) as each layer's forward is issued and as the backward pass reaches
-        # it: progress within a long step (train.py's live line); the CUDA queue runs a little behind the forward
-        self.on_layer = None
+        self.offload: CheckpointOffload | None = None  # made at the first pass that offloads (it needs the device)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       document_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -199,35 +204,26 @@ class Phi3ForCausalLM(nn.Module):
         config = self.config
         seen = Visibility.of(B, T, offset, config.sliding_window, document_ids, x.dtype, x.device, config.head_dim,
                              gqa=config.num_key_value_heads != config.num_attention_heads, cached=kv_cache is not None)
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        layers = len(self.model.layers)
-        checkpointed = min(self.checkpoint_layers, layers) if self.checkpoint_layers is not None else layers
-        offloaded = None
-        if checkpointing and self.offload is not None:  # all checkpointed layers' inputs but the last go to the host
-            # (the last one stays: of those the backward pass reaches it first), as many as host memory holds
+        layers, checkpointed, offloaded = len(self.model.layers), 0, None
+        if self.recompute is not None and self.training and torch.is_grad_enabled():
+            checkpointed = min(layers, layers if self.recompute.layers is None else self.recompute.layers)
+        if checkpointed and self.recompute.offload:  # checkpointed layers' inputs but the last go to the host (the
+            # last one stays: of those the backward pass reaches it first), as many as host memory holds
+            self.offload = self.offload or CheckpointOffload(x.device)
             offloaded = self.offload.new_pass(checkpointed - 1, x.numel() * x.element_size())
         seen.keeper = offloaded  # where layer inputs wait, long attention outputs may wait too (phi3/attention.py)
         for i, layer in enumerate(self.model.layers):
-            if checkpointing and i < checkpointed:
+            if i < checkpointed:
                 keep = offloaded is None or not offloaded.moves(i)
                 with contextlib.nullcontext() if keep else offloaded.layer_input(x, i):
                     x = checkpoint(layer, x, cos, sin, seen, kv_cache, True, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, seen, kv_cache)
-            self._report(x, i)
         if offloaded is not None:
             offloaded.prefetch_last()
         if kv_cache is not None:
             kv_cache.length += T
         return self.model.norm(x)
-
-    def _report(self, x: torch.Tensor, layer: int) -> None:
-        if self.on_layer is None:
-            return
-        layers = len(self.model.layers)
-        self.on_layer("forward", layer, layers)
-        if x.requires_grad:  # the gradient of a layer's output arrives as the backward pass starts that layer
-            x.register_hook(lambda grad: self.on_layer("backward", layer, layers))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:

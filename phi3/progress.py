@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -50,19 +51,34 @@ class Progress:
         self.start = time.perf_counter()
         # within-step reports use a clock of their own: reading it never moves train.py's timing of a step
         self.step_started = self.last_within = time.monotonic()
-        self.current_step, self.micro_batch, self.in_step = 0, (1, 1), False
+        self.current_step, self.micro_batch, self.in_step, self.forward_done = 0, (1, 1), False, set()
 
     def begin_step(self, step: int) -> None:
         """Step `step` (1-based) starts: within_step reports against it."""
-        self.current_step, self.step_started, self.micro_batch = step, time.monotonic(), (1, 1)
+        self.current_step, self.step_started = step, time.monotonic()
+        self.begin_micro_batch(0, 1)
         self.in_step = True  # until step() reports it: evals and saves in between are not "within" it
 
     def begin_micro_batch(self, index: int, count: int) -> None:
-        self.micro_batch = (index + 1, count)
+        self.micro_batch, self.forward_done = (index + 1, count), set()
+
+    def watch(self, layers) -> None:
+        """Report where a long step is as each decoder layer's forward is issued and as the backward pass reaches it
+        (its output's gradient arrives). A checkpointed layer's forward runs again in the backward pass: skipped."""
+        for i, layer in enumerate(layers):
+            layer.register_forward_hook(functools.partial(self._layer_forward, i, len(layers)))
+
+    def _layer_forward(self, layer: int, layers: int, module, args, output) -> None:
+        if layer in self.forward_done:  # the recompute, in the backward pass
+            return
+        self.forward_done.add(layer)
+        self.within_step("forward", layer, layers)
+        if output.requires_grad:
+            output.register_hook(lambda grad: self.within_step("backward", layer, layers))
 
     def within_step(self, phase: str, layer: int, layers: int) -> None:
-        """Where a long step is (model.on_layer calls this as layers finish their forward and start their backward):
-        shown once a step has run 2 s, then at most twice a second on a terminal, once a minute in a log."""
+        """Where a long step is: shown once a step has run 2 s, then at most twice a second on a terminal, once a
+        minute in a log."""
         now = time.monotonic()
         quiet = 0.5 if self.tty else 60
         if not (self.enabled and self.in_step) or now - self.step_started < 2 or now - self.last_within < quiet:

@@ -70,18 +70,15 @@ def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], moments: dict[str, torch.Tensor],
-                    position: dict, write_model_files, keep: int, extra_files: dict[str, str] | None = None,
-                    processes: int = 1) -> Path:
+                    position: dict, write_model_files, keep: int, processes: int = 1) -> Path:
     """Write run_dir/checkpoint-STEP atomically; delete the oldest so that `keep` remain. trainable and moments: whole
-    CPU tensors (trainable_tensors and optimizer_tensors, gathered); extra_files: name -> text; processes: how many
-    torchrun processes shared each step (a resumed run on another count keeps the step's size)."""
+    CPU tensors (trainable_tensors and optimizer_tensors, gathered); processes: how many torchrun processes shared
+    each step (a resumed run on another count keeps the step's size)."""
     final = run_dir / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
         write_model_files(tmp)  # adapter (PEFT) or full model (HF layout), for users
         write_safetensors(trainable, tmp / TRAINABLE_FILE)
         write_safetensors(moments, tmp / OPTIMIZER_FILE)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
         state = {"format": FORMAT, "step": step, "position": {k: int(v) for k, v in position.items()},
                  "processes": processes}
         (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")  # last: its presence marks the folder complete

@@ -1,7 +1,9 @@
 """Without a GPU, Triton kernels run in its interpreter; the variable must be set before triton is imported.
 
-Tests keep no kernel choices on disk between runs (phi3/kernel_tuning.py's cache): each GPU test run times its own,
-and nothing is written to the user's ~/.cache. tests/test_kernel_tuning.py points the cache at a temporary folder."""
+The kernel tests (test_lora_kernel.py, test_rope.py, test_fused_ops.py) share the markers below and the
+poison_outputs fixture:
+    from conftest import CUDA, DEV, cuda, needs_cuda, needs_triton
+"""
 
 import os
 import shutil
@@ -12,7 +14,21 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ["PHI3_KERNEL_CACHE"] = "off"
+
+from phi3.kernels import launch  # noqa: E402  (after the variable above)
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not CUDA and not launch.INTERPRET,
+                                  reason="no CUDA, and triton was imported before TRITON_INTERPRET=1 was set")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU (run `pytest -m cuda` on the device machine)")
+cuda = pytest.mark.cuda
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Every buffer a kernel writes starts as NaN: an element it leaves unwritten fails the tests' isfinite checks."""
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 REPO = Path(__file__).parent.parent

@@ -7,35 +7,17 @@ slack, where torch = the reference at the same dtype (with autograd) and slack =
 rounding of the largest value (the sums here are short: a row, or the rows of the weight gradient; fp32 errors
 came out at most 0.42 of the bound, fp16 0.35).
 """
-import importlib
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported by kernels
-
-import pytest  # noqa: E402
-
-from phi3.kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
-from phi3.kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
-
-rn = importlib.import_module("phi3.kernels.rmsnorm")
-ll = importlib.import_module("phi3.kernels.lora_linear")  # the module: its _empty allocates every output
-launch = importlib.import_module("phi3.kernels.launch")
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
+from conftest import CUDA, DEV, cuda, needs_cuda, needs_triton
+from phi3.kernels import rmsnorm as rn
+from phi3.kernels.rmsnorm import rms_norm, rms_norm_reference
+from phi3.kernels.swiglu import swiglu, swiglu_reference
 EPS = 1e-5  # Phi-3's rms_norm_eps
-needs_triton = pytest.mark.skipif(
-    not CUDA and not launch.INTERPRET, reason="no CUDA, and triton was imported before TRITON_INTERPRET=1 was set")
-cuda = pytest.mark.cuda
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU (run `pytest -m cuda` on the device machine)")
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    # every buffer the kernels write (y, s, rstd, dx, dW partials; out, d(gate_up)) starts as NaN
-    monkeypatch.setattr(ll, "POISON_OUTPUTS", True)
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def _grads(fn, inputs, douts):

@@ -21,8 +21,7 @@ import train
 from phi3 import load_model
 from phi3.lora import load_adapter, mark_only_lora_as_trainable
 from phi3.loss import cross_entropy_sum
-from phi3.model import MLP
-from phi3.offload import CheckpointOffload
+from phi3.model import MLP, Recompute
 from test_model import assert_as_accurate
 from tiny import save_hf, transformers_or_skip
 
@@ -84,8 +83,7 @@ def check_at_length(tmp_path, device, length, dtype, exact_dtype, narrow, monkey
     peft_low.load_state_dict(peft_exact.state_dict())
     ours = load_adapter(ours, tmp_path / "adapter")
     mark_only_lora_as_trainable(ours)
-    ours.gradient_checkpointing = True
-    ours.offload = CheckpointOffload(torch.device(device))
+    ours.recompute = Recompute(offload=True)
     monkeypatch.setattr(MLP, "tile_tokens", 256 if narrow else MLP.tile_tokens)
     ours.train()
     losses, grads = [], []

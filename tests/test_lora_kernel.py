@@ -6,42 +6,25 @@ Tolerance (flash-attention's rule): for y, dx, dA, dB, max|kernel - fp64| <= 2 *
 where torch = lora_linear_reference at the same dtype (with autograd) and slack = c * eps(dtype) * max|fp64|,
 c = 1 for fp16/bf16 and 16 for fp32 (2e-6 relative: fp32 summation-order noise over K ~ 1000).
 """
-import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
+import triton
+import triton.language as tl
+from torch.utils._python_dispatch import TorchDispatchMode
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported by kernels
-
-import pytest  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-import importlib  # noqa: E402
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from phi3.kernels.lora_linear import dropout_mask, lora_linear, lora_linear_reference  # noqa: E402
-from phi3.kernels.tuning import tuning_record, use_tuning_record  # noqa: E402
-from phi3.kernels.lowrank import _dropout  # noqa: E402
-
-ll = importlib.import_module("phi3.kernels.lora_linear")  # the module (kernels.lora_linear is the function)
-launch = importlib.import_module("phi3.kernels.launch")
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(
-    not CUDA and not launch.INTERPRET, reason="no CUDA, and triton was imported before TRITON_INTERPRET=1 was set")
-cuda = pytest.mark.cuda
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU (run `pytest -m cuda` on the device machine)")
+from conftest import CUDA, DEV, cuda, needs_cuda, needs_triton
+from phi3.kernels import choices, launch
+from phi3.kernels import lora_linear as ll  # the module (its lora_linear is the function)
+from phi3.kernels.lora_linear import dropout_mask, lora_linear, lora_linear_reference
+from phi3.kernels.lowrank import _dropout
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(ll, "POISON_OUTPUTS", True)  # y, S, dx buffers start as NaN
-    monkeypatch.setattr(launch, "AUTOTUNE", False)  # one config per kernel: compile time (bench checks the tuned ones)
+def _poison(poison_outputs, monkeypatch):
     monkeypatch.setattr(ll, "GEMM", "auto")  # TMA GEMM where strides allow it (test_gemm_backends: the others)
 
 
@@ -106,8 +89,8 @@ def test_tma_gemm_odd_shapes(r, p):
     """Sizes off the block grid but with 16-byte aligned rows: the TMA GEMM (edges zero-filled / clipped by TMA).
     16-bit only: fp32 takes the pointer GEMM (its FMA dot does not fit the TMA kernel's shared memory)."""
     x, w, _, _, dy = _inputs((37, 48), 56, r, torch.float16)
-    assert ll._static_kind(x, w.t()) == ll._static_kind(dy, w) == "tma"
-    assert ll._static_kind(x.float(), w.float().t()) == "triton"
+    assert ll._kinds(x, w.t())[0] == ll._kinds(dy, w)[0] == "tma"
+    assert ll._kinds(x.float(), w.float().t()) == ["triton"]
     _check((37, 48), 56, r, torch.float16, scale=1.3, p=p, seed=r)
 
 
@@ -236,111 +219,27 @@ def test_dropout_counter_is_exact_past_int32(n_cols, row0):
         assert not torch.equal(wrapped[idx >= 2**32], ref[idx >= 2**32])
 
 
-# --------------------------------------------------------------------------------------- tuning records
-# keys as lora_linear / launch write them (the file format of a run folder's record): shapes and flags, no device
-_FWD_KEY = "fwd M_BUCKET=64 N=56 K=48 R=4 DROPOUT=False dtype=torch.float16"  # (dropout is in S, not the GEMM)
-_DX_KEY = "dx M_BUCKET=64 N=48 K=56 R=4 DROPOUT=True dtype=torch.float16"
-_TMA_KEY = "tma dtype=torch.bfloat16 M_BUCKET=8192 N=16384 K=3072 R_PAD=16 DROPOUT=False B_KMAJOR=True DTYPE=torch.bfloat16"
-_DOWN_KEY = "down dtype=torch.bfloat16 M_BUCKET=8192 K=3072 R=16"
-_LOW_RANK_KEY = "gemm dtype=torch.float16 M_BUCKET=4096 N=16384 K=0 R_PAD=16 DROPOUT=True"  # cuBLAS hybrid's pass
-
-
-def _config_json(cfg):
-    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-
-
-def _record():
-    return {"version": 2, "kinds": {_DX_KEY: "cublas", _FWD_KEY: "cublas"},
-            "configs": {_DOWN_KEY: _config_json(launch._DOWN_CONFIGS[2]), _TMA_KEY: _config_json(launch._TMA_CONFIGS[4]),
-                        _LOW_RANK_KEY: _config_json(launch._GEMM_CONFIGS[1])}}
-
-
-@pytest.fixture
-def fresh_tuning(monkeypatch):
-    """This test's own choices: nothing timed or recorded before it."""
-    monkeypatch.setattr(ll, "_chosen_kinds", {})
-    monkeypatch.setattr(launch, "_best", {})
-    monkeypatch.setattr(ll, "_plans", {})
-
-
-def test_tuning_record_round_trip(fresh_tuning):
-    assert tuning_record() == {"version": 2, "kinds": {}, "configs": {}}
-    record = _record()
-    use_tuning_record(json.loads(json.dumps(record)))
-    assert json.loads(json.dumps(tuning_record())) == record
-    assert launch._best[_TMA_KEY] is launch._TMA_CONFIGS[4]  # the shipped object, not the file's dict
-    assert launch._best[_DOWN_KEY] is launch._DOWN_CONFIGS[2] and launch._best[_LOW_RANK_KEY] is launch._GEMM_CONFIGS[1]
-
-
+# ---------------------------------------------------------------------------------- the choices a launch takes
 @needs_triton
-def test_tuning_record_kind_is_used(fresh_tuning, monkeypatch):
-    """A recorded kind replaces timing: the rule picks the TMA GEMM here, the record says cuBLAS hybrid (both run
-    in the interpreter), and no kernel is timed."""
+def test_the_table_decides_each_launch(monkeypatch):
+    """A table naming the cuBLAS hybrid for both GEMMs and a skinny config: those run (the rule would take the TMA
+    GEMM here; in the interpreter both kinds run), results stay exact, and the keys are the ones looked up."""
     x, w, *_ = _inputs((37, 48), 56, 4, torch.float16)
-    assert ll._static_kind(x, w.t()) == "tma"
-    monkeypatch.setattr(ll, "_timed", lambda a: True)  # as on a tuned GPU problem
-
-    def no_timing(fn, reps=7):
-        raise AssertionError("a recorded choice was timed")
-    monkeypatch.setattr(launch, "time_ms", no_timing)
-    launched = []
-    real_launch = launch.launch
-    monkeypatch.setattr(launch, "launch", lambda name, *a: launched.append(name) or real_launch(name, *a))
-    use_tuning_record({"kinds": {_FWD_KEY: "cublas", _DX_KEY: "cublas"}})
-    _check((37, 48), 56, 4, torch.float16, scale=1.3, p=0.25)
-    kinds = {site: plan[site + " kind"] for plan in ll._plans.values() for site in ("fwd", "dx") if site + " kind" in plan}
-    assert kinds == {"fwd": "cublas", "dx": "cublas"} and "tma" not in launched and "gemm" in launched
-    assert tuning_record()["kinds"] == {_FWD_KEY: "cublas", _DX_KEY: "cublas"}  # the keys lora_linear looked up
-
-
-def _hostile_records():
-    cfg = _config_json(launch._TMA_CONFIGS[0])
-    deep = []
-    for _ in range(10_000):
-        deep = [deep]
-    return {
-        "list": [], "string": "tma", "none": None, "unknown field": {"kind": {}}, "version 1": {"version": 1},
-        "version 3": {"version": 3},
-        "version text": {"version": "1"}, "version bool": {"version": True},
-        "kinds not object": {"kinds": [["dx", "tma"]]}, "configs not object": {"configs": "x"},
-        "unknown kind": {"kinds": {_DX_KEY: "magic"}}, "kind not text": {"kinds": {_DX_KEY: ["tma"]}},
-        "code as kind": {"kinds": {_DX_KEY: "__import__('os').system('true')"}},
-        "a removed kind": {"kinds": {_FWD_KEY: "concat"}},
-        "a key of version 1": {"kinds": {"fwd SPARE=False " + _FWD_KEY[4:]: "tma"}},
-        "unknown site": {"kinds": {"bwd" + _DX_KEY[2:]: "tma"}},
-        "missing field": {"kinds": {_DX_KEY.replace(" R=4", ""): "tma"}},
-        "extra field": {"kinds": {_DX_KEY + " X=1": "tma"}},
-        "field order": {"kinds": {"dx N=48 M_BUCKET=64 K=56 R=4 DROPOUT=True dtype=torch.float16": "tma"}},
-        "bucket not a power of two": {"kinds": {_DX_KEY.replace("M_BUCKET=64", "M_BUCKET=100"): "tma"}},
-        "huge size": {"kinds": {_DX_KEY.replace("N=48", "N=99999999999"): "tma"}},
-        "negative size": {"kinds": {_DX_KEY.replace("N=48", "N=-48"): "tma"}},
-        "fp32 dtype": {"kinds": {_DX_KEY.replace("float16", "float32"): "tma"}},
-        "non-text key": {"kinds": {7: "tma"}},
-        "huge key": {"kinds": {"dx " + "x" * 100_000: "tma"}},
-        "too many": {"kinds": {_DX_KEY.replace("N=48", f"N={n}"): "tma" for n in range(1, 10_002)}},
-        "unknown kernel": {"configs": {"mm" + _TMA_KEY[3:]: cfg}},
-        "config not shipped": {"configs": {_TMA_KEY: {**cfg, "BLOCK_M": 512}}},
-        "config field missing": {"configs": {_TMA_KEY: {k: v for k, v in cfg.items() if k != "num_stages"}}},
-        "config field extra": {"configs": {_TMA_KEY: {**cfg, "maxnreg": 128}}},
-        "config text value": {"configs": {_TMA_KEY: {**cfg, "BLOCK_M": "128"}}},
-        "config float value": {"configs": {_TMA_KEY: {**cfg, "BLOCK_M": 128.0}}},
-        "config int for bool": {"configs": {_TMA_KEY: {**cfg, "SUBTILE": 1}}},
-        "config of another kernel": {"configs": {_DOWN_KEY: cfg}},
-        "config nested": {"configs": {_TMA_KEY: {**cfg, "BLOCK_M": deep}}},
-        "config list": {"configs": {_TMA_KEY: list(cfg.values())}},
-        "nan": {"configs": {_TMA_KEY: {**cfg, "BLOCK_M": float("nan")}}},
-    }
-
-
-@pytest.mark.parametrize("case", list(_hostile_records()))
-def test_tuning_record_refuses_hostile(fresh_tuning, case):
-    """A record from a run folder is a stranger's file: anything this code could not have written is refused with
-    ValueError, and nothing of it is applied."""
-    use_tuning_record(_record())
-    before = tuning_record()
-    with pytest.raises(ValueError, match="tuning record"):
-        use_tuning_record(_hostile_records()[case])
-    assert tuning_record() == before
+    assert ll._kinds(x, w.t())[0] == "tma"
+    monkeypatch.setattr(ll, "_kinds", lambda a, b_op: ["tma", "cublas"])  # both apply, as on a Hopper GPU
+    fwd, dx = "fwd 64 56 48 4 0", "dx 64 48 56 4 1"  # (site, token bucket, N, K, rank, dropout)
+    asked, launched = [], []
+    real_choose, real_run = choices.choose, launch.run
+    monkeypatch.setattr(choices, "choose", lambda site, key, *a: asked.append((site, key)) or real_choose(site, key, *a))
+    monkeypatch.setattr(launch, "run", lambda fn, grid, args, meta: launched.append(fn.__name__) or
+                        real_run(fn, grid, args, meta))
+    choices.use_table({fwd: "cublas", dx: "cublas"})
+    try:
+        _check((37, 48), 56, 4, torch.float16, scale=1.3, p=0.25)
+    finally:
+        choices.use_table(None)
+    assert ("fwd", (64, 56, 48, 4, 0)) in asked and ("dx", (64, 48, 56, 4, 1)) in asked
+    assert "_lora_gemm_tma_kernel" not in launched and "_lora_gemm_kernel" in launched
 
 
 # ------------------------------------------------------------------------------------------- GPU only
@@ -467,10 +366,6 @@ def test_cuda_offsets_past_int32(monkeypatch, k, n, m, p, gemms):
         del got
 
 
-_AUTOTUNE_LISTS = {"gemm": launch._GEMM_CONFIGS, "tma": launch._TMA_CONFIGS, "down": launch._DOWN_CONFIGS,
-                   "dy": launch._DY_CONFIGS, "da": launch._DA_CONFIGS}
-
-
 @pytest.fixture(scope="module")
 def gate_up_problem():
     """gate_up at 4000 tokens, bf16, r = 16, dropout 0.1: inputs, the torch result and the fp64 one, computed once
@@ -484,36 +379,26 @@ def gate_up_problem():
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("name,index", [(name, i) for name, cfgs in _AUTOTUNE_LISTS.items() for i in range(len(cfgs))])
-def test_cuda_every_autotune_config(monkeypatch, gate_up_problem, name, index):
-    """Each shipped autotune config, forced for its kernel (the others take their first), at a Phi-3-mini shape:
+@pytest.mark.parametrize("kernel,option", [(k, o) for k, configs in choices.CONFIGS.items() for o in configs])
+def test_cuda_every_config(monkeypatch, gate_up_problem, kernel, option):
+    """Each config a table may name, forced for its kernel (the others take the rule's), at a Phi-3-mini shape:
     outputs and gradients within the rule of _check. "gemm" configs run as the pointer GEMM (GEMM="triton"), the
     rest under the TMA GEMM."""
-    cfg = _AUTOTUNE_LISTS[name][index]
-    plain = launch._plain_config
-    monkeypatch.setattr(launch, "_plain_config", lambda n, dtype: cfg if n == name else plain(n, dtype))
-    monkeypatch.setattr(ll, "_plans", {})
-    monkeypatch.setattr(ll, "GEMM", "triton" if name == "gemm" else "auto")
+    monkeypatch.setattr(ll, "GEMM", "triton" if kernel == "gemm" else "auto")
     used = []
-    real_launch = launch.launch
-    monkeypatch.setattr(launch, "launch", lambda n, *a: used.append(n) or real_launch(n, *a))
-    inputs, ref, exact = gate_up_problem
-    got = _run(lambda *t: lora_linear(*t, 2.0, 0.1, seed=1234), *inputs)
-    assert name in used
+    choices.set_timer(lambda key, options, run: used.append(key) or (option if option in options else options[0]))
+    try:
+        inputs, ref, exact = gate_up_problem
+        got = _run(lambda *t: lora_linear(*t, 2.0, 0.1, seed=1234), *inputs)
+    finally:
+        choices.set_timer(None)
+    assert any(key.split()[0].endswith("." + kernel) for key in used), used
     _assert_close(got, ref, exact, torch.bfloat16)
 
 
 _CHILD = r"""
-import json, sys, torch
-from phi3.kernels import launch
+import sys, torch
 from phi3.kernels.lora_linear import lora_linear
-from phi3.kernels.tuning import tuning_record, use_tuning_record
-record_in, out = sys.argv[1:]
-if record_in != "-":
-    use_tuning_record(json.load(open(record_in)))
-    def no_timing(*a, **k):
-        raise AssertionError("a recorded choice was timed")
-    launch.time_ms = no_timing
 g = torch.Generator(device="cuda").manual_seed(0)
 x = torch.randn(4000, 3072, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 w = torch.randn(16384, 3072, generator=g, device="cuda", dtype=torch.bfloat16) / 64
@@ -526,25 +411,18 @@ for p in (0.0, 0.1):
     y.backward(dy)
     results.update({f"{n} {p}": t.detach().cpu() for n, t in (("y", y), ("dx", x.grad), ("dA", a.grad), ("dB", b.grad))})
     x.grad = a.grad = b.grad = None
-torch.save(results, out + ".pt")
-json.dump(tuning_record(), open(out + ".json", "w"))
+torch.save(results, sys.argv[1])
 """
 
 
 @cuda
 @needs_cuda
-def test_cuda_tuning_record_reproduces_in_fresh_process(tmp_path):
-    """A record written by one process (autotuned, kinds timed) makes a fresh process compute the same bits, with
-    no timing of its own (it would raise) and no choice beyond the record's."""
-    env = {**os.environ, "LORA_AUTOTUNE": "1", "LORA_GEMM": "auto",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                          os.environ.get("PYTHONPATH", "")])}
-    first, second = str(tmp_path / "first"), str(tmp_path / "second")
-    subprocess.run([sys.executable, "-c", _CHILD, "-", first], env=env, check=True, timeout=500)
-    record = json.load(open(first + ".json"))
-    assert record["kinds"] and record["configs"], record  # the first process did time and tune
-    assert not any("cuda" in key for key in [*record["kinds"], *record["configs"]])
-    subprocess.run([sys.executable, "-c", _CHILD, first + ".json", second], env=env, check=True, timeout=500)
-    assert json.load(open(second + ".json")) == record
-    a, b = torch.load(first + ".pt"), torch.load(second + ".pt")
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])]
+def test_cuda_two_processes_compute_the_same_bits(tmp_path):
+    """Choices come from the shipped table or the rule, never from timing: two fresh processes (as two torchrun
+    ranks, or a run and its resume) compute the same bits."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    for name in ("first.pt", "second.pt"):
+        subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / name)], env=env, check=True, timeout=500)
+    first, second = (torch.load(tmp_path / name, weights_only=True) for name in ("first.pt", "second.pt"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

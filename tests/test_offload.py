@@ -15,6 +15,7 @@ import torch
 
 from phi3 import Phi3Config, Phi3ForCausalLM
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
+from phi3.model import Recompute
 from phi3.offload import CheckpointOffload
 from test_attention import mask_of_sequences
 
@@ -36,12 +37,14 @@ def lora_model(device, dtype, layers=4, hidden=64, heads=4, dropout=0.1, window=
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.normal_(0, 0.05, generator=torch.Generator(device=device).manual_seed(hash(name) % 2**31))
-    model.gradient_checkpointing = True
+    model.recompute = Recompute()
     return model.train()
 
 
 def gradients(model, batches, offload):
     model.offload = offload
+    if model.recompute is not None:  # offloading with checkpointing, as train.py sets it up on a GPU
+        model.recompute = Recompute(model.recompute.layers, offload=offload is not None)
     model.zero_grad(set_to_none=True)
     for i, ids in enumerate(batches):
         torch.manual_seed(i)  # dropout masks: the same draws in both runs
@@ -84,7 +87,7 @@ def test_offloaded_gradients_are_bit_identical_on_the_cpu():
 def test_only_the_layer_inputs_move_and_nothing_keeps_them():
     model, (ids, *_) = lora_model("cpu", torch.float32), micro_batches("cpu")
     offload = CheckpointOffload(torch.device("cpu"))
-    model.offload = offload
+    model.offload, model.recompute = offload, Recompute(offload=True)
     passes = recorded_passes(offload)
     inputs = []  # weak references to each layer's input in the forward pass
     for layer in model.model.layers:
@@ -260,9 +263,9 @@ def test_kept_attention_outputs_on_the_gpu(monkeypatch, backend):
     seen = phi3.attention.Visibility.of(2, 2048, 0, None, None, torch.bfloat16, batches[0].device, 128)
     assert seen.backend == backend
     offload = CheckpointOffload(torch.device("cuda"))
-    model.gradient_checkpointing = False
+    model.recompute = None
     exact = gradients(model, batches, None)
-    model.gradient_checkpointing = True
+    model.recompute = Recompute()
     monkeypatch.setattr(phi3.attention, "keep_outputs", False)
     recomputed = gradients(model, batches, offload)
     monkeypatch.setattr(phi3.attention, "keep_outputs", True)

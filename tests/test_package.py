@@ -47,8 +47,8 @@ def test_wheel_holds_one_package_of_its_own_name(wheel):
     assert not top & WELL_KNOWN and all(set(owned.get(name, [])) <= {"phi3-lora"} for name in top), owned
     assert {f"phi3/{p.name}" for p in (REPO / "phi3").glob("*.py")} <= set(names)  # every module of the tree
     assert {f"phi3/kernels/{p.name}" for p in (REPO / "kernels").glob("*.py")} <= set(names)
-    choices = {f"phi3/kernel_choices/{p.name}" for p in (REPO / "phi3" / "kernel_choices").glob("*.json")}
-    assert choices and choices <= set(names)  # the shipped kernel choices, which phi3/kernel_tuning.py reads
+    tables = {f"phi3/kernels/tables/{p.name}" for p in (REPO / "kernels" / "tables").glob("*.json")}
+    assert tables <= set(names)  # the kernels' tables per GPU architecture, which kernels/choices.py reads
 
 
 def test_the_kernels_folder_is_not_importable_as_kernels():

@@ -1,21 +1,27 @@
-"""Progress within a long step: the model reports each layer's forward and backward, the live line shows it."""
+"""Progress within a long step: Progress.watch reports each layer's forward and backward, the live line shows it."""
 import pytest
 import torch
 
 import phi3.progress as progress_module
+from phi3.model import Recompute
 from phi3.progress import Progress
 from test_offload import lora_model
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_the_model_reports_every_layer_forward_then_backward(checkpointing):
+@pytest.mark.parametrize("recompute", [Recompute(), None])
+def test_every_layer_is_reported_forward_then_backward(tmp_path, recompute):
+    """Once each, in order: a checkpointed layer's forward, run again in the backward pass, is not a forward."""
     model = lora_model("cpu", torch.float32)
-    model.gradient_checkpointing = checkpointing
+    model.recompute = recompute
+    progress = Progress(10, 1, tmp_path / "metrics.jsonl")
     calls = []
-    model.on_layer = lambda phase, layer, layers: calls.append((phase, layer, layers))
+    progress.within_step = lambda phase, layer, layers: calls.append((phase, layer, layers))
+    progress.watch(model.model.layers)
+    progress.begin_step(1)
     model.hidden_states(torch.randint(0, 512, (2, 20))).sum().backward()
     assert calls == [("forward", i, 4) for i in range(4)] + [("backward", i, 4) for i in (3, 2, 1, 0)]
     calls.clear()
+    progress.begin_micro_batch(1, 2)
     with torch.no_grad():
         model(torch.randint(0, 512, (2, 20)))
     assert calls == [("forward", i, 4) for i in range(4)]  # no backward to report

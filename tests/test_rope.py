@@ -9,35 +9,19 @@ Tolerance (flash-attention's rule, DESIGN.md section 4): max|kernel - fp64| <= 2
 max|fp64|. On top, every output and gradient must equal torch's at the same dtype bit for bit: the kernel rounds
 each product and sum where torch does (that is the model's semantics, and what keeps a checkpoint's behaviour).
 """
-import importlib
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported by kernels
+from conftest import CUDA, DEV, cuda, needs_cuda, needs_triton
+from phi3.kernels.rope import rope_qk, rope_qk_reference
+from phi3.config import Phi3Config
+from phi3.model import RotaryEmbedding
 
-import pytest  # noqa: E402
-
-from phi3.kernels.rope import rope_qk, rope_qk_reference  # noqa: E402
-from phi3.config import Phi3Config  # noqa: E402
-from phi3.model import RotaryEmbedding  # noqa: E402
-
-ll = importlib.import_module("phi3.kernels.lora_linear")  # the module: its _empty allocates every output
-launch = importlib.import_module("phi3.kernels.launch")
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(
-    not CUDA and not launch.INTERPRET, reason="no CUDA, and triton was imported before TRITON_INTERPRET=1 was set")
-cuda = pytest.mark.cuda
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU (run `pytest -m cuda` on the device machine)")
 NAMES = ["q", "k", "v", "d_qkv"]
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    # q, k and d(qkv) start as NaN: a column the kernels (or the dv copy) leave unwritten fails isfinite below
-    monkeypatch.setattr(ll, "POISON_OUTPUTS", True)
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def _tables(B, T, n_head, n_kv_head, hd, dtype, kind, g):

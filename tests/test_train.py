@@ -17,6 +17,7 @@ import train
 from phi3 import load_model, load_tokenizer
 from phi3.data import make_batches, pad_token_for, read_jsonl
 from phi3.lora import LoRAConfig, add_lora, load_adapter, lora_modules, mark_only_lora_as_trainable
+from phi3.model import Recompute
 from phi3.run_state import find_checkpoint, list_checkpoints
 from tiny import transformers_or_skip
 from torchrun_kill import kill_a_worker_past_step
@@ -186,7 +187,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(base, lora_model):
     batch = batches_of(base, 3, 3)
     results = []
     for checkpointing, layers in ((False, None), (True, None), (True, 1), (True, 0)):  # (1: the first layer only)
-        lora_model.gradient_checkpointing, lora_model.checkpoint_layers = checkpointing, layers
+        lora_model.recompute = Recompute(layers=layers) if checkpointing else None
         lora_model.zero_grad()
         torch.manual_seed(11)  # same dropout masks; checkpoint replays the RNG on recompute
         results.append((train.accumulate_gradients(lora_model, batch, "cpu", no_autocast), grads(lora_model)))
@@ -467,8 +468,6 @@ HOSTILE_CHECKPOINTS = [
     ("config bad checkpoint layers", lambda c: (c / "train_config.json").write_text(
         (c / "train_config.json").read_text().replace('"checkpoint_layers": null', '"checkpoint_layers": "all"')),
      "checkpoint_layers"),
-    ("tuning not json", lambda c: (c / "kernel_tuning.json").write_text("[1"), "kernel_tuning.json: not valid JSON"),
-    ("tuning not a record", lambda c: (c / "kernel_tuning.json").write_text('{"record": 1}'), "not a kernel_tuning"),
 ]
 
 
@@ -646,8 +645,8 @@ def test_read_only_out_exits_2(small_chat, tmp_path, capsys):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_ten_steps_resume_ten_steps_equals_twenty(tmp_path):
-    """On the GPU, where kernels are chosen by timing: each run is its own process (its own timings), and the
-    resumed one must reuse the first one's choices (kernel_tuning.json) to compute the same bits."""
+    """On the GPU, with its kernels: each run is its own process, and the resumed one computes the same bits (the
+    kernels' choices come from the shipped table or the rule, the same in every process)."""
     from phi3 import Phi3Config, Phi3ForCausalLM, save_model
     config = Phi3Config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                         num_key_value_heads=16, sliding_window=2047)
@@ -655,15 +654,13 @@ def test_cuda_ten_steps_resume_ten_steps_equals_twenty(tmp_path):
     model.init_weights(seed=1)
     base = tmp_path / "base"
     save_model(model.to(torch.bfloat16), base, tokenizer_from=REPO / "assets" / "tokenizer")
-    # packed rows of 1024 tokens, batch 4: 4096 tokens per micro-batch, a size whose kernels are tuned by timing
+    # packed rows of 1024 tokens, batch 4: 4096 tokens per micro-batch
     common = ["--data", CHAT, "--model", base, "--packing", "--max-seq-len", 1024, "--batch-size", 4,
               "--max-steps", 20, "--lr", 1e-3, "--eval-fraction", 0, "--keep", 5]
-    env = {k: v for k, v in os.environ.items() if k not in ("LORA_AUTOTUNE", "LORA_GEMM")}  # timed choices on
+    env = {k: v for k, v in os.environ.items() if k != "LORA_GEMM"}
     straight = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, common), "--save-every", "10",
                                "--out", str(tmp_path / "straight")], cwd=REPO, env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    tuning = json.loads((tmp_path / "straight" / "checkpoint-10" / "kernel_tuning.json").read_text())
-    assert tuning["record"]["kinds"] and tuning["record"]["configs"]  # choices were made by timing
     shutil.copytree(tmp_path / "straight" / "checkpoint-10", tmp_path / "resumed" / "checkpoint-10")
     resumed = subprocess.run([sys.executable, str(REPO / "train.py"), "--resume", str(tmp_path / "resumed")],
                              cwd=REPO, env=env, capture_output=True, text=True)
@@ -673,7 +670,6 @@ def test_cuda_ten_steps_resume_ten_steps_equals_twenty(tmp_path):
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[0]}"
-    assert json.loads((tmp_path / "resumed" / "checkpoint-20" / "kernel_tuning.json").read_text()) == tuning
 
 
 def test_tokenizer_from_another_model_is_refused_before_loading(small_chat, tmp_path, capsys):
