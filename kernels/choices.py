@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from . import launch
 
@@ -115,6 +116,29 @@ def config(site: str, kernel: str, key: tuple, x: torch.Tensor, run) -> dict:
         return SMALL[kernel]
     configs = CONFIGS[kernel]
     return configs[choose(f"{site}.{kernel}", key, list(configs), lambda name: run(configs[name]), x.device)]
+
+
+_fits = {}  # (device, site, key) -> the config that runs where the chosen one is too large for the GPU
+
+
+def launch_with(site: str, kernel: str, key: tuple, x: torch.Tensor, run) -> None:
+    """run(config) with config(...)'s config. One that does not fit this GPU's shared memory (the rule's, on a GPU
+    with less than Hopper's 227 KB a block) gives way to the next of its list that fits: the same in every process."""
+    chosen = _fits.get((x.device, site, key)) or config(site, kernel, key, x, run)
+    try:
+        return run(chosen)
+    except OutOfResources:
+        if chosen is SMALL[kernel]:
+            raise
+    for cfg in CONFIGS[kernel].values():
+        if cfg is not chosen:
+            try:
+                run(cfg)
+            except OutOfResources:
+                continue
+            _fits[(x.device, site, key)] = cfg
+            return
+    raise OutOfResources(0, 0, f"shared memory: no config of {kernel} fits this GPU")
 
 
 def key(tokens: int, n: int, k: int, rank: int, dropout: bool) -> tuple:

@@ -95,7 +95,7 @@ def _tma_gemm(site, key, a, b_op, lo, ro, scale, c, seed, p):
     meta = dict(B_KMAJOR=b_kmajor, DOT_PREC=_prec(a.dtype), R_PAD=r_pad, BLOCK_R=block_r, DROPOUT=p > 0, NUM_SMS=sms)
     go = lambda cfg: launch.run(_lora_gemm_tma_kernel, (min(sms, launch.cdiv(M, cfg["BLOCK_M"]) * launch.cdiv(
         N, cfg["BLOCK_N"])),), args, {**meta, **cfg})
-    go(choices.config(site, "tma", key, a, go))
+    choices.launch_with(site, "tma", key, a, go)
 
 
 def _pointer_gemm(site, key, a, b_op, lo, ro, scale, c, seed, p, K=None):
@@ -108,7 +108,7 @@ def _pointer_gemm(site, key, a, b_op, lo, ro, scale, c, seed, p, K=None):
     meta = dict(DOT_PREC=_prec(a.dtype), R_PAD=r_pad, BLOCK_R=block_r, DROPOUT=p > 0)
     go = lambda cfg: launch.run(_lora_gemm_kernel, (launch.cdiv(M, cfg["BLOCK_M"]) * launch.cdiv(N, cfg["BLOCK_N"]),),
                                 args, {**meta, **cfg})
-    go(choices.config(site if K else site + ".low-rank", "gemm", key, a, go))
+    choices.launch_with(site if K else site + ".low-rank", "gemm", key, a, go)
 
 
 def _cublas_gemm(site, key, a, b_op, lo, ro, scale, c, seed, p):
@@ -128,7 +128,7 @@ def _lora_down(x2, A, seed, p):
     meta = dict(DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r)
     go = lambda cfg: launch.run(_lora_down_kernel, (_programs(launch.cdiv(M, cfg["BLOCK_M"]), x2.device),
                                                     launch.cdiv(R, block_r)), args, {**meta, **cfg})
-    go(choices.config("down", "down", choices.key(M, R, K, R, p > 0), x2, go))
+    choices.launch_with("down", "down", choices.key(M, R, K, R, p > 0), x2, go)
     return s
 
 
@@ -166,13 +166,13 @@ def _lora_skinny_backward(x2, dy2, A, B, s, scale, seed, p):
     meta = dict(DOT_PREC=_prec(dy2.dtype), BLOCK_R=block_r, BLOCK_M=rows_dy)
     go = lambda cfg: launch.run(_lora_dy_kernel, (_programs(gm * gn, dev), launch.cdiv(R, block_r)), args,
                                 {**meta, **cfg})
-    go(choices.config("dy", "dy", choices.key(M, N, R, R, False), dy2, go))
+    choices.launch_with("dy", "dy", choices.key(M, N, R, R, False), dy2, go)
     args = (x2, g, dap, da, count, dbp, db, M, K, R, seed, p, 1.0 / (1.0 - p), gm_da, rows_da, db_items, gm, N * R,
             x2.stride(0), x2.stride(1))
     meta = dict(DROPOUT=p > 0, DOT_PREC=_prec(x2.dtype), BLOCK_R=block_r, BLOCK_DB=block_db)
     go = lambda cfg: launch.run(_lora_da_kernel, (_programs(db_items + launch.cdiv(K, cfg["BLOCK_K"]) * gm_da, dev),
                                                   launch.cdiv(R, block_r)), args, {**meta, **cfg})
-    go(choices.config("da", "da", choices.key(M, R, K, R, p > 0), x2, go))
+    choices.launch_with("da", "da", choices.key(M, R, K, R, p > 0), x2, go)
     return g, da, db
 
 

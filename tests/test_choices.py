@@ -86,3 +86,26 @@ def test_keys_bucket_token_counts_by_powers_of_two():
     assert choices.key(8192, 9216, 3072, 16, True) == (8192, 9216, 3072, 16, 1)
     assert choices.key(8000, 9216, 3072, 16, False)[0] == choices.key(4097, 1, 1, 1, 0)[0] == 8192
     assert choices.key(1, 1, 1, 1, 0)[0] == 16
+
+
+def test_a_config_too_large_for_the_gpu_gives_way_to_the_next(hopper, monkeypatch):
+    """On a GPU with less shared memory than Hopper's (an RTX 4090: 99 KB a block) the rule's config may not fit:
+    its launch raises OutOfResources, the next config of the list runs, and later launches go to it directly."""
+    from triton.runtime.errors import OutOfResources
+    monkeypatch.setattr(choices.launch, "INTERPRET", False)
+    monkeypatch.setattr(choices, "_fits", {})
+    first, second = list(choices.CONFIGS["gemm"].values())[:2]
+    tried = []
+
+    def run(cfg):
+        tried.append(cfg)
+        if cfg is first:
+            raise OutOfResources(131072, 101376, "shared memory")
+    choices.use_table({})
+    try:
+        x = torch.empty(8, 8, dtype=torch.bfloat16)
+        choices.launch_with("fwd.low-rank", "gemm", (8192, 9216, 3072, 16, 0), x, run)
+        choices.launch_with("fwd.low-rank", "gemm", (8192, 9216, 3072, 16, 0), x, run)
+    finally:
+        choices.use_table(None)
+    assert tried == [first, second, second]
