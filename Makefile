@@ -9,7 +9,7 @@ help:  ## list the targets
 setup:  ## install the runtime + test dependencies; without an NVIDIA GPU, torch's CPU build (not the CUDA one)
 	@$(PYTHON) -c "import torch" 2>/dev/null || if command -v nvidia-smi >/dev/null; \
 	  then $(PYTHON) -m pip install torch; \
-	  else $(PYTHON) -m pip install torch --index-url https://download.pytorch.org/whl/cpu; fi
+	  else $(PYTHON) -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
 	$(PYTHON) -m pip install -q -r requirements-test.txt
 
 test:  ## the whole CPU test suite (Triton kernels run under TRITON_INTERPRET=1)
