@@ -158,19 +158,24 @@ class RoPEFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------------------ the spec (CPU path, oracle) and the API
 def rope_qk_reference(qkv, cos, sin, n_head, n_kv_head, head_dim):
-    """The spec (phi3/model.py's Attention.forward from the split to apply_rope) and the CPU path."""
-    (B, T, _), half, heads = qkv.shape, head_dim // 2, (n_head, n_kv_head, n_kv_head)
+    """The spec (phi3/model.py's Attention.forward from the split to apply_rope) and the CPU path. cos and sin may
+    cover fewer dims than a head (partial rotary: Phi-4-mini's 96 of 128): those are rotated, the rest pass."""
+    (B, T, _), heads = qkv.shape, (n_head, n_kv_head, n_kv_head)
     q, k, v = (t.view(B, T, n, head_dim).transpose(1, 2)  # (B, heads, T, hd)
                for t, n in zip(qkv.split([n * head_dim for n in heads], -1), heads))
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd) broadcast over heads
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rotary_dim) broadcast over heads
+    rot, half = cos.shape[-1], cos.shape[-1] // 2
     rope = lambda x: x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin  # rotate_half(x) = [-x2 | x1]
+    if rot < head_dim:
+        return *(torch.cat((rope(x[..., :rot]), x[..., rot:]), -1) for x in (q, k)), v
     return rope(q), rope(k), v
 
 
 def rope_qk(qkv, cos, sin, n_head: int, n_kv_head: int, head_dim: int, *, backend=None):
     """RoPE on q and k of qkv (B, T, (n_head + 2 n_kv_head) head_dim) -> (q, k, v), each (B, heads, T, head_dim),
-    v unrotated; cos, sin (B or 1, T or 1, head_dim), any positions. Autograd-aware (no gradients for cos, sin:
-    tables that require one take the torch path). backend: "triton", "torch" or None (= triton iff qkv.is_cuda)."""
+    v unrotated; cos, sin (B or 1, T or 1, rotary_dim <= head_dim), any positions. Autograd-aware (no gradients for
+    cos, sin: tables that require one take the torch path, as do partial rotary and fp64). backend: "triton",
+    "torch" or None (= triton iff qkv.is_cuda)."""
     sizes = (n_head, n_kv_head, head_dim)
     if not all(isinstance(n, int) and n > 0 for n in sizes) or head_dim % 2:
         raise ValueError(f"rope_qk: heads and head_dim must be positive ints and head_dim even, got {sizes}")
@@ -178,12 +183,13 @@ def rope_qk(qkv, cos, sin, n_head: int, n_kv_head: int, head_dim: int, *, backen
         raise ValueError(f"rope_qk: qkv {tuple(qkv.shape)} must be (B, T, (n_head + 2 n_kv_head) head_dim = "
                          f"{(n_head + 2 * n_kv_head) * head_dim})")
     B, T, _ = qkv.shape
-    fits = lambda t: t.dim() == 3 and t.shape[0] in (1, B) and t.shape[1] in (1, T) and t.shape[2] == head_dim
-    if not (fits(cos) and fits(sin) and cos.dtype == sin.dtype):
+    rot = cos.shape[-1] if cos.dim() == 3 else 0
+    fits = lambda t: t.dim() == 3 and t.shape[0] in (1, B) and t.shape[1] in (1, T) and t.shape[2] == rot
+    if not (fits(cos) and fits(sin) and cos.dtype == sin.dtype and 2 <= rot <= head_dim and rot % 2 == 0):
         raise ValueError(f"rope_qk: cos {tuple(cos.shape)} {cos.dtype} and sin {tuple(sin.shape)} {sin.dtype} must "
-                         f"be ({B} or 1, {T} or 1, {head_dim}), one dtype")
+                         f"be ({B} or 1, {T} or 1, an even rotary dim <= {head_dim}), one dtype")
     dtype = torch.promote_types(qkv.dtype, cos.dtype)
-    if ((backend or ("triton" if qkv.is_cuda else "torch")) == "torch" or dtype not in _DTYPES
+    if ((backend or ("triton" if qkv.is_cuda else "torch")) == "torch" or dtype not in _DTYPES or rot < head_dim
             or cos.requires_grad or sin.requires_grad):
         return rope_qk_reference(qkv, cos, sin, n_head, n_kv_head, head_dim)
     return RoPEFunction.apply(qkv, cos, sin, n_head, n_kv_head)

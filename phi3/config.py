@@ -25,6 +25,13 @@ class ConfigError(ValueError):
 SIZE_LIMITS = {"vocab_size": 2**22, "hidden_size": 2**16, "intermediate_size": 2**18, "num_hidden_layers": 2**10,
                "num_attention_heads": 2**10}
 MAX_POSITIONS = 2**24
+# Phi models that are another architecture than Phi3ForCausalLM, refused by name (model_type or class name)
+OTHER_ARCHITECTURES = {
+    "phi3small": "Phi-3-small (gegelu MLP, block-sparse attention)", "Phi3SmallForCausalLM": "Phi-3-small",
+    "phi3_v": "Phi-3-vision / Phi-3.5-vision", "Phi3VForCausalLM": "Phi-3-vision / Phi-3.5-vision",
+    "phimoe": "Phi-3.5-MoE", "PhiMoEForCausalLM": "Phi-3.5-MoE", "phi": "Phi-2 / Phi-1.5", "PhiForCausalLM": "Phi-2",
+    "phi4mm": "Phi-4-multimodal", "Phi4MMForCausalLM": "Phi-4-multimodal",
+    "phi4flash": "Phi-4-mini-flash", "Phi4FlashForCausalLM": "Phi-4-mini-flash"}
 MAX_PARAMETERS = 2**37  # ~137e9; Phi-3-medium has 14e9
 MAX_JSON_BYTES = 64 * 2**20  # config / index / tokenizer / adapter JSON files: the real ones are under 4 MiB
 
@@ -109,6 +116,7 @@ class Phi3Config:
     original_max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_type: str = "default"  # "default" or "longrope"
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: 0.75, RoPE on the first 96 of 128 dims of each head
     rope_short_factor: tuple[float, ...] | None = None
     rope_long_factor: tuple[float, ...] | None = None
     rope_attention_factor_override: float | None = None  # explicit `attention_factor` in the config
@@ -124,6 +132,11 @@ class Phi3Config:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (the first ones; the rest pass through), as transformers rounds it."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def qkv_sizes(self) -> tuple[int, int, int]:
@@ -169,19 +182,18 @@ class Phi3Config:
         if architectures is not None and not (isinstance(architectures, list)
                                               and all(isinstance(a, str) for a in architectures)):
             raise bad("architectures", "a list of class names", architectures)
-        if model_type == "phi3small" or "Phi3SmallForCausalLM" in (architectures or []):
-            raise fail("Phi-3-small (model_type 'phi3small') is a different architecture (gegelu MLP, block-sparse "
-                       "attention, tiktoken vocabulary) and is not supported; use Phi-3-mini, Phi-3-medium or Phi-3.5-mini")
-        if model_type != "phi3":
-            raise fail(f"model_type is {show(model_type)}, not 'phi3'; use a Phi3ForCausalLM checkpoint (Phi-3-mini/"
-                       "medium, Phi-3.5-mini)")
+        other = next((name for key, name in OTHER_ARCHITECTURES.items()
+                      if model_type == key or key in (architectures or [])), None)
+        if other:
+            raise fail(f"{other} is another architecture than Phi3ForCausalLM and is not supported; use Phi-3-mini, "
+                       "Phi-3-medium, Phi-3.5-mini, Phi-4-mini or Phi-4")
+        if model_type != "phi3" or architectures and "Phi3ForCausalLM" not in architectures:
+            raise fail(f"model_type {show(model_type)}, architectures {show(architectures)}: not a Phi3ForCausalLM "
+                       "checkpoint (Phi-3-mini/medium, Phi-3.5-mini, Phi-4-mini, Phi-4); use one")
         sizes = {key: integer(key, d.get(key), hi=limit) for key, limit in SIZE_LIMITS.items()}
         if d.get("hidden_act", "silu") != "silu":
             raise fail(f"hidden_act {show(d['hidden_act'])} is not supported; Phi-3 uses 'silu', restore the "
                        "checkpoint's original config.json")
-        if d.get("partial_rotary_factor") is not None and finite_number(d["partial_rotary_factor"]) != 1.0:
-            raise fail(f"partial_rotary_factor {show(d['partial_rotary_factor'])} is not 1.0, so this is not a Phi-3 "
-                       "checkpoint; use a Phi-3 one")
         hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
         kv_heads = d.get("num_key_value_heads")
         kv_heads = heads if kv_heads is None else integer("num_key_value_heads", kv_heads, hi=heads)
@@ -215,6 +227,11 @@ class Phi3Config:
         # RoPE's numbers are used in float32 (1 / (factor * theta**e), e in [0, 1)): these ranges keep every
         # frequency finite and non-zero. Phi-3: theta 1e4, factors 1 to ~60, attention factor ~1.19.
         rope_theta = positive("rope_theta", setting("rope_theta", 10000.0), lo=1.0, hi=1e30)
+        partial = positive("partial_rotary_factor", setting("partial_rotary_factor", 1.0), hi=1.0)
+        rotary = int(hidden // heads * partial)  # (transformers rounds down too)
+        if rotary < 2 or rotary % 2:
+            raise fail(f"partial_rotary_factor {partial:g} of head_dim {hidden // heads} rotates {rotary} dims, not an "
+                       "even number >= 2; restore the checkpoint's original config.json")
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         if not isinstance(rope_type, str):
             raise bad(f"{rope_key}.type", "a string", rope_type)
@@ -224,12 +241,12 @@ class Phi3Config:
                                lo=2, hi=MAX_POSITIONS)  # LongRoPE divides by its log
         short = long = attn_factor = None
         if rope_type == "longrope":
-            half = hidden // heads // 2
+            half = rotary // 2
             factors = {}
             for name in ("short_factor", "long_factor"):
                 value = rope.get(name)
                 if not isinstance(value, list) or len(value) != half:
-                    raise fail(f"{rope_key}.{name} must be a list of head_dim/2 = {half} numbers; restore the "
+                    raise fail(f"{rope_key}.{name} must be a list of rotary_dim/2 = {half} numbers; restore the "
                                "checkpoint's original config.json")
                 factors[name] = tuple(positive(f"{rope_key}.{name}[{i}]", x, 1e-4, 1e4) for i, x in enumerate(value))
             short, long = factors["short_factor"], factors["long_factor"]
@@ -255,7 +272,7 @@ class Phi3Config:
             vocab_size=vocab, hidden_size=hidden, intermediate_size=sizes["intermediate_size"],
             num_hidden_layers=sizes["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
             max_position_embeddings=max_pos, original_max_position_embeddings=original_max, rope_theta=rope_theta,
-            rope_type=rope_type, rope_short_factor=short, rope_long_factor=long,
+            rope_type=rope_type, partial_rotary_factor=partial, rope_short_factor=short, rope_long_factor=long,
             rope_attention_factor_override=attn_factor,
             sliding_window=None if window is None else integer("sliding_window", window),
             rms_norm_eps=positive("rms_norm_eps", d.get("rms_norm_eps", 1e-5)), tie_word_embeddings=tie,

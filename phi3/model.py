@@ -48,8 +48,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         # Plain Python numbers, not buffers: nothing to re-create after building on the meta device and
         # nothing a model-wide .to(bfloat16) could round. The fp32 tables are rebuilt per call (hd/2 values).
-        half = config.head_dim // 2
-        self.dim = config.head_dim
+        half = config.rotary_dim // 2  # (Phi-4-mini rotates 96 of its 128 dims: the tables cover those)
+        self.dim = config.rotary_dim
         self.theta = config.rope_theta
         self.short_factor = list(config.rope_short_factor or [1.0] * half)
         self.long_factor = list(config.rope_long_factor or [1.0] * half)
@@ -68,8 +68,8 @@ class RotaryEmbedding(nn.Module):
             long = self.inv_freq(self.long_factor, position_ids.device)
             inv_freq = torch.where(position_ids.max() + 1 > self.original_max, long, inv_freq)
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
-            freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
-            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+            freqs = position_ids[..., None].float() * inv_freq  # (B, T, rotary_dim/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rotary_dim)
             cos, sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
         return cos.to(dtype), sin.to(dtype)
 

@@ -46,9 +46,15 @@ def write_config(tmp_path, **changes):
     return tmp_path / "config.json"
 
 
-def test_phi3_small_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="Phi-3-small.*not supported"):
-        Phi3Config.from_json(write_config(tmp_path, model_type="phi3small", architectures=["Phi3SmallForCausalLM"]))
+@pytest.mark.parametrize("model_type,architecture,name", [
+    ("phi3small", "Phi3SmallForCausalLM", "Phi-3-small"), ("phi4mm", "Phi4MMForCausalLM", "Phi-4-multimodal"),
+    ("phi4flash", "Phi4FlashForCausalLM", "Phi-4-mini-flash"), ("phi3_v", "Phi3VForCausalLM", "Phi-3-vision"),
+    ("phimoe", "PhiMoEForCausalLM", "Phi-3.5-MoE"), ("phi3", "Phi4MMForCausalLM", "Phi-4-multimodal"),
+    ("llama", "LlamaForCausalLM", "not a Phi3ForCausalLM checkpoint"),
+    ("phi3", "LlamaForCausalLM", "not a Phi3ForCausalLM checkpoint")])
+def test_other_architectures_are_refused_by_name(tmp_path, model_type, architecture, name):
+    with pytest.raises(ConfigError, match=name):
+        Phi3Config.from_json(write_config(tmp_path, model_type=model_type, architectures=[architecture]))
 
 
 def test_unknown_rope_type_is_refused(tmp_path):
@@ -188,7 +194,7 @@ BAD_VALUES = {  # config.json key -> values of a wrong type or out of range, one
     "original_max_position_embeddings": ["4096", -1, 1], "tie_word_embeddings": ["false", 0],
     "bos_token_id": [1.5, -1], "pad_token_id": [32064, -1, "<pad>"], "eos_token_id": [["32000"], [], 10**9],
     "torch_dtype": [16, ["bfloat16"]], "architectures": ["Phi3ForCausalLM", [5]], "model_type": [["phi3"], None],
-    "head_dim": [96.0, 64], "hidden_act": [5, "gelu"], "partial_rotary_factor": [0.5, "1"],
+    "head_dim": [96.0, 64], "hidden_act": [5, "gelu"], "partial_rotary_factor": [0, 1.5, "1", NAN, 0.01, 0.99],
     "rope_scaling": ["longrope", [1.0], {"type": 5}], "rope_parameters": [5],
 }
 
@@ -200,7 +206,7 @@ BAD_VALUES = {  # config.json key -> values of a wrong type or out of range, one
     ({"rope_scaling": dict(LONGROPE, long_factor=[1.0] * 47 + [INF])}, r"long_factor\[47\]"),
     ({"rope_scaling": dict(LONGROPE, short_factor=[True] * 48)}, r"short_factor\[0\]"),
     ({"rope_scaling": dict(LONGROPE, short_factor=[-1.0] * 48)}, r"short_factor\[0\]"),
-    ({"rope_scaling": dict(LONGROPE, short_factor=[1.0] * 47)}, "short_factor must be a list of head_dim/2 = 48"),
+    ({"rope_scaling": dict(LONGROPE, short_factor=[1.0] * 47)}, "short_factor must be a list of rotary_dim/2 = 48"),
     ({"rope_scaling": dict(LONGROPE, short_factor={"a": 1})}, "short_factor must be a list"),
     ({"rope_scaling": dict(LONGROPE, short_factor=[1e-30] * 48)}, r"short_factor\[0\]"),
     ({"rope_scaling": dict(LONGROPE, attention_factor=NAN)}, "attention_factor"),

@@ -12,7 +12,8 @@ from phi3.generate import generate, sample_next
 from tiny import save_hf
 
 
-@pytest.mark.parametrize("name,prompt_len,new", [("4k", 10, 30), ("gqa", 5, 20), ("longrope", 26, 12)])
+@pytest.mark.parametrize("name,prompt_len,new", [("4k", 10, 30), ("gqa", 5, 20), ("longrope", 26, 12),
+                                                  ("phi4mini", 26, 12)])
 def test_greedy_cache_and_no_cache_match_the_reference(tmp_path, monkeypatch, name, prompt_len, new):
     """At every step, with the cache or without, our logits are transformers' float64 logits for that prefix (what
     transformers' greedy generate computes, LongRoPE's re-encoding past original_max_position_embeddings included)

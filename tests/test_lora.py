@@ -409,3 +409,25 @@ def test_an_adapter_loaded_into_a_model_in_eval_mode_has_no_dropout(tmp_path):
         merge_lora(model)
         torch.testing.assert_close(model(ids), first, rtol=1e-5, atol=1e-5)
     assert not any(m.training for m in lora_modules(model).values())
+
+
+@pytest.mark.parametrize("name", ["phi4mini", "phi4"])
+def test_phi4_geometries_exchange_adapters_with_peft_both_ways(tmp_path, name):
+    """Phi-4-mini's and Phi-4's heads (128 wide, 3:1 and 4:1 grouped) with partial rotary and a 200k or 100k
+    vocabulary: per-slice adapters (q, k, v, gate, up) load in peft with our logits, and peft's load here."""
+    transformers = transformers_or_skip()
+    peft = pytest.importorskip("peft", reason="peft is the reference oracle; pip install peft")
+    model = lora_model(tmp_path, name, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "adapter", base_model=tmp_path / "base")
+    hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "base")
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert_as_accurate(model(IDS), theirs(IDS).logits, copy.deepcopy(theirs).double()(IDS).logits)
+    hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "base")
+    trained = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                      target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]))
+    trained.eval().save_pretrained(tmp_path / "peft_adapter")
+    ours = load_adapter(load_model(tmp_path / "base"), tmp_path / "peft_adapter")
+    with torch.no_grad():
+        assert_as_accurate(ours(IDS), trained(IDS).logits, trained.double()(IDS).logits)

@@ -32,6 +32,9 @@ CASES = [  # (config, sequence length): each attention / RoPE regime the model h
     ("longrope", 48),  # above: long factors
     ("gqa", 30),
     ("tied", 12),
+    ("phi4mini", 20),  # partial rotary, short factors
+    ("phi4mini", 48),  # long factors
+    ("phi4", 30),
 ]
 
 
@@ -44,11 +47,11 @@ def test_logits_match_transformers_fp32(tmp_path, name, length):
         ref = ref_model(ids).logits
         exact = ref_model.double()(ids).logits
         out = model(ids)
-    assert out.shape == (2, length, 32064)
+    assert out.shape == (2, length, ref_model.config.vocab_size)
     assert_as_accurate(out, ref, exact)
 
 
-@pytest.mark.parametrize("name,length", [("4k", 40), ("longrope", 48), ("gqa", 30)])
+@pytest.mark.parametrize("name,length", [("4k", 40), ("longrope", 48), ("gqa", 30), ("phi4mini", 48)])
 def test_logits_bf16_error_within_2x_of_transformers_bf16(tmp_path, name, length):
     ref_model = save_hf(name, tmp_path)
     ids = random_ids(2, length, seed=7)

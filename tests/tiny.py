@@ -19,6 +19,19 @@ CONFIGS = {
     # medium-style grouped-query attention (2 query heads per KV head) with an uneven q/k/v split.
     "gqa": dict(TINY, num_attention_heads=4, num_key_value_heads=2, sliding_window=2047),
     "tied": dict(TINY, tie_word_embeddings=True, sliding_window=2047),
+    # Phi-4-mini's geometry at a smaller width: heads of 128 (3 query, 1 key-value: its 24/8 ratio), RoPE on the first
+    # 96 dims (partial_rotary_factor 0.75: 48 LongRoPE factors), tied embeddings, its 200,064-token vocabulary
+    "phi4mini": dict(TINY, vocab_size=200064, hidden_size=384, intermediate_size=512, num_attention_heads=3,
+                     num_key_value_heads=1, partial_rotary_factor=0.75, tie_word_embeddings=True, sliding_window=262144,
+                     max_position_embeddings=256, original_max_position_embeddings=32,
+                     rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.02 * i for i in range(48)],
+                                   "long_factor": [1.5 + 0.3 * i for i in range(48)]},
+                     bos_token_id=199999, eos_token_id=199999, pad_token_id=199999),
+    # Phi-4's: heads of 128 (4 query, 1 key-value: its 40/10), rope_theta 250,000, no scaling, 100,352 tokens, untied
+    "phi4": dict(TINY, vocab_size=100352, hidden_size=512, intermediate_size=640, num_attention_heads=4,
+                 num_key_value_heads=1, rope_theta=250000.0, max_position_embeddings=16384,
+                 original_max_position_embeddings=16384, sliding_window=None, bos_token_id=100257, eos_token_id=100265,
+                 pad_token_id=100349),
 }
 
 
