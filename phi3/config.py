@@ -159,126 +159,20 @@ class Phi3Config:
     def from_dict(cls, d: dict, source: str = "config.json") -> "Phi3Config":
         """Every value is checked for type and range: config.json may come from anyone (note isinstance(True, int),
         NaN / Infinity literals, 10**400), and each problem names its key."""
-        def fail(what: str) -> ConfigError:
-            return ConfigError(f"{source}: {what}")
-
-        def bad(key: str, want: str, value) -> ConfigError:
-            return fail(f"'{key}' must be {want}, got {show(value)}; restore the checkpoint's original config.json")
-
-        def integer(key: str, value, lo: int = 1, hi: int = 2**31) -> int:
-            if not is_int(value) or not lo <= value <= hi:
-                raise bad(key, f"an integer in [{lo}, {hi}]", value)
-            return value
-
-        def positive(key: str, value, lo: float = 0.0, hi: float = math.inf) -> float:
-            f = finite_number(value)
-            if f is None or not lo < f <= hi:
-                raise bad(key, "a finite number > 0" if hi == math.inf else f"a number in ({lo:g}, {hi:g}]", value)
-            return f
-
+        r = _Reader(d, source)
         if not isinstance(d, dict):
-            raise fail(f"expected a JSON object, found {show(d)}; restore the checkpoint's original config.json")
-        model_type, architectures = d.get("model_type"), d.get("architectures")
-        if architectures is not None and not (isinstance(architectures, list)
-                                              and all(isinstance(a, str) for a in architectures)):
-            raise bad("architectures", "a list of class names", architectures)
-        other = next((name for key, name in OTHER_ARCHITECTURES.items()
-                      if model_type == key or key in (architectures or [])), None)
-        if other:
-            raise fail(f"{other} is another architecture than Phi3ForCausalLM and is not supported; use Phi-3-mini, "
-                       "Phi-3-medium, Phi-3.5-mini, Phi-4-mini or Phi-4")
-        if model_type != "phi3" or architectures and "Phi3ForCausalLM" not in architectures:
-            raise fail(f"model_type {show(model_type)}, architectures {show(architectures)}: not a Phi3ForCausalLM "
-                       "checkpoint (Phi-3-mini/medium, Phi-3.5-mini, Phi-4-mini, Phi-4); use one")
-        sizes = {key: integer(key, d.get(key), hi=limit) for key, limit in SIZE_LIMITS.items()}
-        if d.get("hidden_act", "silu") != "silu":
-            raise fail(f"hidden_act {show(d['hidden_act'])} is not supported; Phi-3 uses 'silu', restore the "
-                       "checkpoint's original config.json")
-        hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
-        kv_heads = d.get("num_key_value_heads")
-        kv_heads = heads if kv_heads is None else integer("num_key_value_heads", kv_heads, hi=heads)
-        if hidden % heads or heads % kv_heads or hidden // heads % 2:
-            raise fail(f"hidden_size {hidden} / heads {heads} / kv heads {kv_heads} do not divide evenly into heads of "
-                       "an even size; restore the checkpoint's original config.json")
-        if d.get("head_dim") is not None and (not is_int(d["head_dim"]) or d["head_dim"] != hidden // heads):
-            raise fail(f"head_dim {show(d['head_dim'])} != hidden_size / num_attention_heads, not a Phi-3 layout; "
-                       "restore the checkpoint's original config.json")
-        tie = d.get("tie_word_embeddings", False)
-        if not isinstance(tie, bool):
-            raise bad("tie_word_embeddings", "true or false", tie)
-        vocab = sizes["vocab_size"]
-        qkv_rows = hidden + 2 * kv_heads * (hidden // heads)
-        n_params = vocab * hidden * (1 if tie else 2) + sizes["num_hidden_layers"] * hidden * (
-            qkv_rows + hidden + 3 * sizes["intermediate_size"])  # qkv, o, gate_up and down per layer
-        if n_params > MAX_PARAMETERS:
-            raise fail(f"these sizes make a model of {n_params:.3g} parameters (more than {MAX_PARAMETERS:.3g}); "
-                       "not a Phi-3 checkpoint, restore its original config.json")
-
-        max_pos = integer("max_position_embeddings", d.get("max_position_embeddings", 4096), hi=MAX_POSITIONS)
-        for key in ("rope_scaling", "rope_parameters"):
-            if d.get(key) is not None and not isinstance(d[key], dict):
-                raise bad(key, "an object or null", d[key])
-        rope_key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
-        rope = d.get(rope_key) or {}
-
-        def setting(key: str, default):  # top level first, then inside rope_scaling / rope_parameters
-            return d[key] if d.get(key) is not None else rope.get(key, default)
-
-        # RoPE's numbers are used in float32 (1 / (factor * theta**e), e in [0, 1)): these ranges keep every
-        # frequency finite and non-zero. Phi-3: theta 1e4, factors 1 to ~60, attention factor ~1.19.
-        rope_theta = positive("rope_theta", setting("rope_theta", 10000.0), lo=1.0, hi=1e30)
-        partial = positive("partial_rotary_factor", setting("partial_rotary_factor", 1.0), hi=1.0)
-        rotary = int(hidden // heads * partial)  # (transformers rounds down too)
-        if rotary < 2 or rotary % 2:
-            raise fail(f"partial_rotary_factor {partial:g} of head_dim {hidden // heads} rotates {rotary} dims, not an "
-                       "even number >= 2; restore the checkpoint's original config.json")
-        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-        if not isinstance(rope_type, str):
-            raise bad(f"{rope_key}.type", "a string", rope_type)
-        if rope_type in ("su", "yarn"):
-            rope_type = "longrope"
-        original_max = integer("original_max_position_embeddings", setting("original_max_position_embeddings", max_pos),
-                               lo=2, hi=MAX_POSITIONS)  # LongRoPE divides by its log
-        short = long = attn_factor = None
-        if rope_type == "longrope":
-            half = rotary // 2
-            factors = {}
-            for name in ("short_factor", "long_factor"):
-                value = rope.get(name)
-                if not isinstance(value, list) or len(value) != half:
-                    raise fail(f"{rope_key}.{name} must be a list of rotary_dim/2 = {half} numbers; restore the "
-                               "checkpoint's original config.json")
-                factors[name] = tuple(positive(f"{rope_key}.{name}[{i}]", x, 1e-4, 1e4) for i, x in enumerate(value))
-            short, long = factors["short_factor"], factors["long_factor"]
-            if rope.get("attention_factor") is not None:
-                attn_factor = positive(f"{rope_key}.attention_factor", rope["attention_factor"], 1e-4, 1e4)
-        elif rope_type != "default":
-            raise fail(f"rope type {show(rope_type)} is not supported; Phi-3 uses none (4k models) or "
-                       "'longrope' (also called 'su'/'yarn', 128k models)")
-
+            raise r.fail(f"expected a JSON object, found {show(d)}; restore the checkpoint's original config.json")
+        _check_architecture(r)
+        sizes = _sizes(r)
+        max_pos = r.integer("max_position_embeddings", d.get("max_position_embeddings", 4096), hi=MAX_POSITIONS)
         window = d.get("sliding_window")
-        ids = {}
-        for key, default in (("bos_token_id", 1), ("eos_token_id", 32000), ("pad_token_id", None)):
-            value = d.get(key, default)
-            if key == "eos_token_id" and isinstance(value, list):  # [eos, other stop ids]: the first is the eos
-                if not value:
-                    raise bad(key, "a token id or a non-empty list of them", value)
-                value = [integer(f"{key}[{i}]", v, lo=0, hi=vocab - 1) for i, v in enumerate(value)][0]
-            ids[key] = None if value is None else integer(key, value, lo=0, hi=vocab - 1)
         dtype = d.get("torch_dtype") or d.get("dtype") or "bfloat16"
         if not isinstance(dtype, str):
-            raise bad("torch_dtype", "a string such as 'bfloat16'", dtype)
-        return cls(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=sizes["intermediate_size"],
-            num_hidden_layers=sizes["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv_heads,
-            max_position_embeddings=max_pos, original_max_position_embeddings=original_max, rope_theta=rope_theta,
-            rope_type=rope_type, partial_rotary_factor=partial, rope_short_factor=short, rope_long_factor=long,
-            rope_attention_factor_override=attn_factor,
-            sliding_window=None if window is None else integer("sliding_window", window),
-            rms_norm_eps=positive("rms_norm_eps", d.get("rms_norm_eps", 1e-5)), tie_word_embeddings=tie,
-            bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
-            torch_dtype=dtype,
-        )
+            raise r.bad("torch_dtype", "a string such as 'bfloat16'", dtype)
+        return cls(**sizes, **_rope(r, sizes, max_pos), **_token_ids(r, sizes["vocab_size"]),
+                   max_position_embeddings=max_pos,
+                   sliding_window=None if window is None else r.integer("sliding_window", window),
+                   rms_norm_eps=r.positive("rms_norm_eps", d.get("rms_norm_eps", 1e-5)), torch_dtype=dtype)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Phi3Config":
@@ -305,3 +199,127 @@ class Phi3Config:
             if self.rope_attention_factor_override is not None:
                 d["rope_scaling"]["attention_factor"] = self.rope_attention_factor_override
         return d
+
+
+# ---- reading config.json, a part at a time (Phi3Config.from_dict) -------------------------------------------
+
+class _Reader:
+    """config.json's object and where it came from: checks that raise ConfigError naming the key."""
+
+    def __init__(self, d: dict, source: str):
+        self.d, self.source = d, source
+
+    def fail(self, what: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {what}")
+
+    def bad(self, key: str, want: str, value) -> ConfigError:
+        return self.fail(f"'{key}' must be {want}, got {show(value)}; restore the checkpoint's original config.json")
+
+    def integer(self, key: str, value, lo: int = 1, hi: int = 2**31) -> int:
+        if not is_int(value) or not lo <= value <= hi:
+            raise self.bad(key, f"an integer in [{lo}, {hi}]", value)
+        return value
+
+    def positive(self, key: str, value, lo: float = 0.0, hi: float = math.inf) -> float:
+        f = finite_number(value)
+        if f is None or not lo < f <= hi:
+            raise self.bad(key, "a finite number > 0" if hi == math.inf else f"a number in ({lo:g}, {hi:g}]", value)
+        return f
+
+
+def _check_architecture(r: _Reader) -> None:
+    model_type, architectures = r.d.get("model_type"), r.d.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(a, str) for a in architectures)):
+        raise r.bad("architectures", "a list of class names", architectures)
+    other = next((name for key, name in OTHER_ARCHITECTURES.items()
+                  if model_type == key or key in (architectures or [])), None)
+    if other:
+        raise r.fail(f"{other} is another architecture than Phi3ForCausalLM and is not supported; use Phi-3-mini, "
+                     "Phi-3-medium, Phi-3.5-mini, Phi-4-mini or Phi-4")
+    if model_type != "phi3" or architectures and "Phi3ForCausalLM" not in architectures:
+        raise r.fail(f"model_type {show(model_type)}, architectures {show(architectures)}: not a Phi3ForCausalLM "
+                     "checkpoint (Phi-3-mini/medium, Phi-3.5-mini, Phi-4-mini, Phi-4); use one")
+    if r.d.get("hidden_act", "silu") != "silu":
+        raise r.fail(f"hidden_act {show(r.d['hidden_act'])} is not supported; Phi-3 uses 'silu', restore the "
+                     "checkpoint's original config.json")
+
+
+def _sizes(r: _Reader) -> dict:
+    """The layer sizes, heads and embedding tying, consistent with each other and within MAX_PARAMETERS."""
+    d = r.d
+    sizes = {key: r.integer(key, d.get(key), hi=limit) for key, limit in SIZE_LIMITS.items()}
+    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    kv_heads = d.get("num_key_value_heads")
+    kv_heads = heads if kv_heads is None else r.integer("num_key_value_heads", kv_heads, hi=heads)
+    if hidden % heads or heads % kv_heads or hidden // heads % 2:
+        raise r.fail(f"hidden_size {hidden} / heads {heads} / kv heads {kv_heads} do not divide evenly into heads of "
+                     "an even size; restore the checkpoint's original config.json")
+    if d.get("head_dim") is not None and (not is_int(d["head_dim"]) or d["head_dim"] != hidden // heads):
+        raise r.fail(f"head_dim {show(d['head_dim'])} != hidden_size / num_attention_heads, not a Phi-3 layout; "
+                     "restore the checkpoint's original config.json")
+    tie = d.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise r.bad("tie_word_embeddings", "true or false", tie)
+    qkv_rows = hidden + 2 * kv_heads * (hidden // heads)
+    n_params = sizes["vocab_size"] * hidden * (1 if tie else 2) + sizes["num_hidden_layers"] * hidden * (
+        qkv_rows + hidden + 3 * sizes["intermediate_size"])  # qkv, o, gate_up and down per layer
+    if n_params > MAX_PARAMETERS:
+        raise r.fail(f"these sizes make a model of {n_params:.3g} parameters (more than {MAX_PARAMETERS:.3g}); "
+                     "not a Phi-3 checkpoint, restore its original config.json")
+    return dict(sizes, num_key_value_heads=kv_heads, tie_word_embeddings=tie)
+
+
+def _rope(r: _Reader, sizes: dict, max_pos: int) -> dict:
+    """RoPE's settings: theta, partial rotary, and LongRoPE's factors and attention factor. Its numbers are used in
+    float32 (1 / (factor * theta**e), e in [0, 1)): these ranges keep every frequency finite and non-zero. Phi-3:
+    theta 1e4, factors 1 to ~60, attention factor ~1.19."""
+    d = r.d
+    for key in ("rope_scaling", "rope_parameters"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise r.bad(key, "an object or null", d[key])
+    rope_key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    rope = d.get(rope_key) or {}
+    setting = lambda key, default: d[key] if d.get(key) is not None else rope.get(key, default)  # noqa: E731
+    head_dim = sizes["hidden_size"] // sizes["num_attention_heads"]
+    partial = r.positive("partial_rotary_factor", setting("partial_rotary_factor", 1.0), hi=1.0)
+    rotary = int(head_dim * partial)  # (transformers rounds down too)
+    if rotary < 2 or rotary % 2:
+        raise r.fail(f"partial_rotary_factor {partial:g} of head_dim {head_dim} rotates {rotary} dims, not an "
+                     "even number >= 2; restore the checkpoint's original config.json")
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if not isinstance(rope_type, str):
+        raise r.bad(f"{rope_key}.type", "a string", rope_type)
+    rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type
+    out = dict(rope_theta=r.positive("rope_theta", setting("rope_theta", 10000.0), lo=1.0, hi=1e30),
+               partial_rotary_factor=partial, rope_type=rope_type, original_max_position_embeddings=r.integer(
+                   "original_max_position_embeddings", setting("original_max_position_embeddings", max_pos),
+                   lo=2, hi=MAX_POSITIONS))  # LongRoPE divides by its log
+    if rope_type == "default":
+        return out
+    if rope_type != "longrope":
+        raise r.fail(f"rope type {show(rope_type)} is not supported; Phi-3 uses none (4k models) or "
+                     "'longrope' (also called 'su'/'yarn', 128k models)")
+    for name in ("short_factor", "long_factor"):
+        value = rope.get(name)
+        if not isinstance(value, list) or len(value) != rotary // 2:
+            raise r.fail(f"{rope_key}.{name} must be a list of rotary_dim/2 = {rotary // 2} numbers; restore the "
+                         "checkpoint's original config.json")
+        out[f"rope_{name}"] = tuple(r.positive(f"{rope_key}.{name}[{i}]", x, 1e-4, 1e4) for i, x in enumerate(value))
+    if rope.get("attention_factor") is not None:
+        out["rope_attention_factor_override"] = r.positive(f"{rope_key}.attention_factor", rope["attention_factor"],
+                                                           1e-4, 1e4)
+    return out
+
+
+def _token_ids(r: _Reader, vocab: int) -> dict:
+    """bos, eos (the first of a list of stop ids) and pad, each an id of the vocabulary or null."""
+    ids = {}
+    for key, default in (("bos_token_id", 1), ("eos_token_id", 32000), ("pad_token_id", None)):
+        value = r.d.get(key, default)
+        if key == "eos_token_id" and isinstance(value, list):  # [eos, other stop ids]: the first is the eos
+            if not value:
+                raise r.bad(key, "a token id or a non-empty list of them", value)
+            value = [r.integer(f"{key}[{i}]", v, lo=0, hi=vocab - 1) for i, v in enumerate(value)][0]
+        ids[key] = None if value is None else r.integer(key, value, lo=0, hi=vocab - 1)
+    return ids
