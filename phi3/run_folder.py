@@ -36,8 +36,8 @@ def check_fresh_run_folder(run_dir: Path) -> None:
     --resume would continue the wrong run."""
     if run_dir.is_dir() and saved_anything(run_dir):
         found = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint-") or p.name in FINAL_FILES)
-        raise RunFolderError(f"--out {run_dir} holds another run ({', '.join(found[:3])}); continue it with --resume "
-                        f"{run_dir}, or choose a new --out (or delete the folder)")
+        raise RunFolderError(f"--out {run_dir} holds another run ({', '.join(found[:3])}); continue it with "
+                             f"--resume {run_dir}, or choose a new --out (or delete the folder)")
 
 
 def _real(path) -> Path:
