@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from phi3.kernels.lora_linear import lora_linear, lora_linear_reference  # noqa: E402
+from phi3.ops import lora_linear, lora_linear_reference  # noqa: E402
 
 ll = importlib.import_module("phi3.kernels.lora_linear")
 SHAPES = {"qkv": (3072, 9216), "o": (3072, 3072), "gate_up": (3072, 16384), "down": (8192, 3072)}

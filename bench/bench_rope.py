@@ -16,7 +16,7 @@ from phi3.kernels import rope  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 time_ms = lambda fn: do_bench(fn, return_mode="median")  # noqa: E731
-from phi3.kernels.rope import rope_qk  # noqa: E402
+from phi3.ops import rope_qk  # noqa: E402
 
 B, T = 4, 2048
 for nh, nkv, hd in [(32, 32, 96), (40, 10, 128)]:

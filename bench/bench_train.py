@@ -41,10 +41,8 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
     import phi3.kernels.choices
     import phi3.attention
     import phi3.model
-    from phi3.kernels.rmsnorm import rms_norm_reference
-    from phi3.kernels.swiglu import swiglu_reference
-    from phi3.kernels.rope import rope_qk_reference
     from phi3.loss import cross_entropy_sum
+    from phi3.ops import rms_norm_reference, rope_qk_reference, swiglu_reference
 
     if ablation == "ours-no-flash":
         phi3.attention.use_flash = False

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from phi3 import Phi3Config  # noqa: E402
 from phi3.atomic import atomic_file  # noqa: E402
 from phi3.kernels import choices  # noqa: E402
-from phi3.kernels.lora_linear import lora_linear  # noqa: E402
+from phi3.ops import lora_linear  # noqa: E402
 
 CONFIGS = REPO / "assets" / "configs"
 RUNS = [("phi3-mini-4k-instruct", 16, 32768), ("phi3-mini-4k-instruct", 8, 8192), ("phi3-mini-4k-instruct", 32, 8192),

@@ -17,16 +17,15 @@ training step ran 1.4 % faster without it, bench/README.md.)
 Saved for backward: x, S (M x r fp32) and the seed; never a W gradient, never an (out x in) temporary.
 
 Files: kernels/gemm.py (the GEMMs), kernels/lowrank.py (the skinny kernels, dropout), kernels/choices.py (which
-kind and config each launch uses: a shipped table per GPU architecture, else a rule); this file: the host side, the
-autograd Function and the pure-torch reference. GEMM kinds (env LORA_GEMM): "auto" = the table's or the rule's
-("tma" where it applies: 16-bit, Hopper, 16-byte aligned rows; else "cublas", or the pointer-load Triton GEMM,
-"triton", in the interpreter); "triton" and "cublas" force a kind.
+kind and config each launch uses: a shipped table per GPU architecture, else a rule); this file: the host side and
+the autograd Function (phi3/ops.py: the pure-torch spec and the dropout seed). GEMM kinds (env LORA_GEMM): "auto" =
+the table's or the rule's ("tma" where it applies: 16-bit, Hopper, 16-byte aligned rows; else "cublas", or the
+pointer-load Triton GEMM, "triton", in the interpreter); "triton" and "cublas" force a kind.
 """
 import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 from . import choices, launch
 from .gemm import _lora_gemm_kernel, _lora_gemm_tma_kernel
@@ -217,27 +216,3 @@ class LoRALinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:  # dx = dy W + (G A) * mask, mask regenerated in the GEMM epilogue
                 dx = _gemm("dx", dy2, weight, g, lora_A, 1.0, x.dtype, ctx.seed, p).view(x.shape)
         return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None
-
-
-def lora_linear_reference(x, weight, lora_A, lora_B, scale, dropout_mask=None):
-    """The spec (and the CPU path): in x's dtype, A/B cast to it; dropout_mask is the 0 or 1/(1-p) multiplier."""
-    xd = x if dropout_mask is None else x * dropout_mask.to(x.dtype)
-    return x @ weight.t() + scale * ((xd @ lora_A.t().to(x.dtype)) @ lora_B.t().to(x.dtype))
-
-
-def lora_linear(x, weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, training: bool = True,
-                *, backend=None, seed=None) -> torch.Tensor:
-    """Autograd-aware LoRA linear. backend: "triton", "torch" or None (= triton iff x.is_cuda).
-    seed: dropout seed (None: drawn from torch's CPU generator, so checkpoint recompute replays it)."""
-    p = float(dropout_p) if training else 0.0
-    if backend is None:
-        backend = "triton" if x.is_cuda else "torch"
-    if backend == "torch":
-        mask = None if p == 0 else F.dropout(torch.ones_like(x), p)
-        return lora_linear_reference(x, weight, lora_A, lora_B, scale, mask)
-    if p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    # the kernels take the seed as a 32-bit int: a compiled kernel's argument types never change between calls
-    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p,
-                                    0 if seed is None else int(seed) & 0x7FFFFFFF)
-

@@ -116,22 +116,3 @@ class RMSNormFunction(torch.autograd.Function):
         dw = dwp.sum(0).to(weight.dtype) if weight_grad else None  # fixed-order sum of the partials
         dx = dx.view(dy.shape)  # in s's dtype: autograd casts it to x's and r's (the same in a 16-bit model)
         return dx, dw, dx if ctx.needs_input_grad[2] else None, None
-
-
-# ------------------------------------------------------------------------ the spec (CPU path, oracle) and the API
-def rms_norm_reference(x, weight, eps, residual=None):
-    """The spec (phi3/model.py's RMSNorm, after `s = x + residual`) and the CPU path; fp64 stays fp64."""
-    s = x if residual is None else x + residual
-    h = s.to(torch.promote_types(s.dtype, torch.float32))
-    y = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
-    return y if residual is None else (y, s)
-
-
-def rms_norm(x, weight, eps: float, residual=None, *, backend=None):
-    """RMSNorm(x) -> y, or with a residual r: (RMSNorm(x + r), x + r), autograd-aware.
-    backend: "triton", "torch" or None (= triton iff x.is_cuda)."""
-    if weight.shape != x.shape[-1:] or residual is not None and residual.shape != x.shape:
-        raise ValueError(f"rms_norm: x {tuple(x.shape)} needs weight ({x.shape[-1]},) and a residual like x")
-    if (backend or ("triton" if x.is_cuda else "torch")) == "torch" or x.shape[-1] > MAX_HIDDEN:
-        return rms_norm_reference(x, weight, eps, residual)
-    return RMSNormFunction.apply(x, weight, residual, float(eps))

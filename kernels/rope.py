@@ -2,7 +2,8 @@
 
     q, k, v = qkv.split([nh hd, nkv hd, nkv hd], -1), each viewed (B, heads, T, hd)
     q' = q cos + rotate_half(q) sin,   rotate_half([x1 | x2]) = [-x2 | x1],   the same for k; v passes through
-    cos, sin: (B, T, hd) tables (any positions: packing restarts them per document), broadcast over heads
+    cos, sin: (B, T, rot) tables (any positions: packing restarts them per document), broadcast over heads;
+    rot < hd is partial rotary (Phi-4-mini rotates 96 of 128 dims): the first rot dims turn, the rest pass through
 
 Unfused, torch runs chunk, neg, cat, two products and a sum per tensor, forward and backward (and again in
 checkpoint recompute). Here one kernel each way. Each product and the sum is rounded to the model dtype where
@@ -23,19 +24,21 @@ import triton.language as tl
 from . import launch
 
 _TILE = 1024  # values of each half (x1, x2) per program: heads per program = _TILE / (hd/2 padded); fastest on an H200
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # others (fp64) take the torch path
 
 
 @triton.jit
 def _rotate_heads(src, src_sh, dst, cos_row, sin_row, h0, n_heads, MID: tl.constexpr, BACKWARD: tl.constexpr,
-                  HD: tl.constexpr, HEADS: tl.constexpr, HALF_PAD: tl.constexpr):
+                  HD: tl.constexpr, ROT: tl.constexpr, HEADS: tl.constexpr, HALF_PAD: tl.constexpr,
+                  PASS_PAD: tl.constexpr):
     """Rotates heads h0 .. h0 + HEADS - 1 (those < n_heads) of one token: x = [x1 | x2] at src + h src_sh + (0..HD-1),
     with the token's cos = [c1 | c2], sin = [s1 | s2]; the result goes to dst + h HD (rows of (heads, hd)).
         forward:   y = x cos + R(x) sin,    R[x1 | x2] = [-x2 | x1]     y1 = x1 c1 - x2 s1,   y2 = x2 c2 + x1 s2
         backward: dx = x cos + R^T(x sin),  R^T[z1 | z2] = [z2 | -z1]   y1 = x1 c1 + x2 s2,   y2 = x2 c2 - x1 s1
     (backward: x = dq or dk.) Each product is rounded to MID (the dtype torch multiplies in: q's, or dq's), then to
-    dst's (forward a no-op; backward autograd's cast to qkv's dtype), and the sum to dst's: torch's roundings."""
-    HALF: tl.constexpr = HD // 2
+    dst's (forward a no-op; backward autograd's cast to qkv's dtype), and the sum to dst's: torch's roundings.
+    Partial rotary (ROT < HD, Phi-4-mini's 96 of 128): x = [x1 | x2 | rest], the tables cover x1 and x2, and the
+    last HD - ROT dims pass through both ways (cast to dst's dtype, as torch's cat and autograd's cast do)."""
+    HALF: tl.constexpr = ROT // 2
     h = h0 + tl.arange(0, HEADS)[:, None]
     d = tl.arange(0, HALF_PAD)[None, :]
     mask = (h < n_heads) & (d < HALF)
@@ -56,11 +59,16 @@ def _rotate_heads(src, src_sh, dst, cos_row, sin_row, h0, n_heads, MID: tl.const
         y2 = a2 + (x1 * s2).to(MID).to(dt).to(tl.float32)
     tl.store(dst + h * HD + d, y1.to(dt), mask=mask)
     tl.store(dst + h * HD + HALF + d, y2.to(dt), mask=mask)
+    if ROT < HD:
+        e = tl.arange(0, PASS_PAD)[None, :]
+        rest = (h < n_heads) & (e < HD - ROT)
+        tl.store(dst + h * HD + ROT + e, tl.load(src + h * src_sh + ROT + e, mask=rest, other=0.0).to(dt), mask=rest)
 
 
 @triton.jit
 def _rope_fwd_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, T, stride_qkv, stride_cb, stride_ct, NH: tl.constexpr,
-                     NKV: tl.constexpr, HD: tl.constexpr, HEADS: tl.constexpr, HALF_PAD: tl.constexpr):
+                     NKV: tl.constexpr, HD: tl.constexpr, ROT: tl.constexpr, HEADS: tl.constexpr, HALF_PAD: tl.constexpr,
+                     PASS_PAD: tl.constexpr):
     """Program (token m = b T + t, head block): q' (program axis 1 < cdiv(NH, HEADS)) or k' heads of token m, from
     qkv's row m (any row stride) and the cos/sin row (b, t). q, k: fresh, rows of NH * HD, NKV * HD."""
     row = tl.cast(tl.program_id(0), tl.int64)  # row * stride passes 2^31 past 233k tokens of Phi-3-mini's qkv
@@ -70,16 +78,16 @@ def _rope_fwd_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, T, stride_qkv, str
     QB: tl.constexpr = tl.cdiv(NH, HEADS)
     if blk < QB:
         _rotate_heads(x, HD, q_ptr + row * NH * HD, cos_ptr + cs, sin_ptr + cs, blk * HEADS, NH,
-                      q_ptr.dtype.element_ty, False, HD, HEADS, HALF_PAD)
+                      q_ptr.dtype.element_ty, False, HD, ROT, HEADS, HALF_PAD, PASS_PAD)
     else:
         _rotate_heads(x + NH * HD, HD, k_ptr + row * NKV * HD, cos_ptr + cs, sin_ptr + cs, (blk - QB) * HEADS, NKV,
-                      k_ptr.dtype.element_ty, False, HD, HEADS, HALF_PAD)
+                      k_ptr.dtype.element_ty, False, HD, ROT, HEADS, HALF_PAD, PASS_PAD)
 
 
 @triton.jit
 def _rope_bwd_kernel(dq_ptr, dk_ptr, cos_ptr, sin_ptr, dqkv_ptr, T, stride_cb, stride_ct, sq_b, sq_h, sq_t,
-                     sk_b, sk_h, sk_t, NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, HEADS: tl.constexpr,
-                     HALF_PAD: tl.constexpr):
+                     sk_b, sk_h, sk_t, NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, ROT: tl.constexpr,
+                     HEADS: tl.constexpr, HALF_PAD: tl.constexpr, PASS_PAD: tl.constexpr):
     """The forward's grid over d(qkv)'s q and k columns (fresh rows of (NH + 2 NKV) HD); dq (B, NH, T, HD) and dk
     with any strides but the last. Products rounded in dq's dtype (torch's), then in d(qkv)'s (the input's)."""
     row = tl.cast(tl.program_id(0), tl.int64)
@@ -90,20 +98,20 @@ def _rope_bwd_kernel(dq_ptr, dk_ptr, cos_ptr, sin_ptr, dqkv_ptr, T, stride_cb, s
     QB: tl.constexpr = tl.cdiv(NH, HEADS)
     if blk < QB:
         _rotate_heads(dq_ptr + b * sq_b + t * sq_t, sq_h, dx, cos_ptr + cs, sin_ptr + cs, blk * HEADS, NH,
-                      dq_ptr.dtype.element_ty, True, HD, HEADS, HALF_PAD)
+                      dq_ptr.dtype.element_ty, True, HD, ROT, HEADS, HALF_PAD, PASS_PAD)
     else:
         _rotate_heads(dk_ptr + b * sk_b + t * sk_t, sk_h, dx + NH * HD, cos_ptr + cs, sin_ptr + cs,
-                      (blk - QB) * HEADS, NKV, dk_ptr.dtype.element_ty, True, HD, HEADS, HALF_PAD)
+                      (blk - QB) * HEADS, NKV, dk_ptr.dtype.element_ty, True, HD, ROT, HEADS, HALF_PAD, PASS_PAD)
 
 
 # ------------------------------------------------------------------------------- host side: launches, autograd
-def _launch(kernel, B, T, n_head, n_kv_head, head_dim, args):
-    half = launch.next_pow2(head_dim // 2)
+def _launch(kernel, B, T, n_head, n_kv_head, head_dim, rot, args):
+    half = launch.next_pow2(rot // 2)
     heads = min(launch.next_pow2(max(n_head, n_kv_head)), max(1, _TILE // half))
     grid = (B * T, launch.cdiv(n_head, heads) + launch.cdiv(n_kv_head, heads))
     # no fused multiply-add: torch rounds each product before the sum, and so must fp32 here
-    launch.run(kernel, grid, args, dict(NH=n_head, NKV=n_kv_head, HD=head_dim, HEADS=heads, HALF_PAD=half,
-                                        enable_fp_fusion=False))
+    launch.run(kernel, grid, args, dict(NH=n_head, NKV=n_kv_head, HD=head_dim, ROT=rot, HEADS=heads, HALF_PAD=half,
+                                        PASS_PAD=launch.next_pow2(max(1, head_dim - rot)), enable_fp_fusion=False))
 
 
 def _tables(cos, sin, B, T):
@@ -129,14 +137,15 @@ class RoPEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, n_head, n_kv_head):
-        (B, T, W), hd = qkv.shape, cos.shape[-1]
+        (B, T, W), rot = qkv.shape, cos.shape[-1]
+        hd = W // (n_head + 2 * n_kv_head)
         x = launch.rows(qkv, W)
         cos, sin = _tables(cos, sin, B, T)
         dtype = torch.promote_types(qkv.dtype, cos.dtype)
         q = launch.empty(B, T, n_head, hd, dtype=dtype, device=qkv.device)
         k = launch.empty(B, T, n_kv_head, hd, dtype=dtype, device=qkv.device)
         with launch.on_device(qkv):
-            _launch(_rope_fwd_kernel, B, T, n_head, n_kv_head, hd,
+            _launch(_rope_fwd_kernel, B, T, n_head, n_kv_head, hd, rot,
                     (x, cos, sin, q, k, T, x.stride(0), cos.stride(0), cos.stride(1)))
         ctx.save_for_backward(cos, sin)
         ctx.qkv_dtype = qkv.dtype
@@ -150,46 +159,7 @@ class RoPEFunction(torch.autograd.Function):
         dq, dk = _heads_view(dq), _heads_view(dk)
         dqkv = launch.empty(B, T, (n_head + 2 * n_kv_head) * hd, dtype=ctx.qkv_dtype, device=dq.device)
         with launch.on_device(dq):
-            _launch(_rope_bwd_kernel, B, T, n_head, n_kv_head, hd,
+            _launch(_rope_bwd_kernel, B, T, n_head, n_kv_head, hd, cos.shape[-1],
                     (dq, dk, cos, sin, dqkv, T, cos.stride(0), cos.stride(1), *dq.stride()[:3], *dk.stride()[:3]))
         dqkv[..., (n_head + n_kv_head) * hd:].view(B, T, n_kv_head, hd).copy_(dv.transpose(1, 2))
         return dqkv, None, None, None, None
-
-
-# ------------------------------------------------------------------------ the spec (CPU path, oracle) and the API
-def rope_qk_reference(qkv, cos, sin, n_head, n_kv_head, head_dim):
-    """The spec (phi3/model.py's Attention.forward from the split to apply_rope) and the CPU path. cos and sin may
-    cover fewer dims than a head (partial rotary: Phi-4-mini's 96 of 128): those are rotated, the rest pass."""
-    (B, T, _), heads = qkv.shape, (n_head, n_kv_head, n_kv_head)
-    q, k, v = (t.view(B, T, n, head_dim).transpose(1, 2)  # (B, heads, T, hd)
-               for t, n in zip(qkv.split([n * head_dim for n in heads], -1), heads))
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rotary_dim) broadcast over heads
-    rot, half = cos.shape[-1], cos.shape[-1] // 2
-    rope = lambda x: x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin  # rotate_half(x) = [-x2 | x1]
-    if rot < head_dim:
-        return *(torch.cat((rope(x[..., :rot]), x[..., rot:]), -1) for x in (q, k)), v
-    return rope(q), rope(k), v
-
-
-def rope_qk(qkv, cos, sin, n_head: int, n_kv_head: int, head_dim: int, *, backend=None):
-    """RoPE on q and k of qkv (B, T, (n_head + 2 n_kv_head) head_dim) -> (q, k, v), each (B, heads, T, head_dim),
-    v unrotated; cos, sin (B or 1, T or 1, rotary_dim <= head_dim), any positions. Autograd-aware (no gradients for
-    cos, sin: tables that require one take the torch path, as do partial rotary and fp64). backend: "triton",
-    "torch" or None (= triton iff qkv.is_cuda)."""
-    sizes = (n_head, n_kv_head, head_dim)
-    if not all(isinstance(n, int) and n > 0 for n in sizes) or head_dim % 2:
-        raise ValueError(f"rope_qk: heads and head_dim must be positive ints and head_dim even, got {sizes}")
-    if qkv.dim() != 3 or qkv.shape[-1] != (n_head + 2 * n_kv_head) * head_dim:
-        raise ValueError(f"rope_qk: qkv {tuple(qkv.shape)} must be (B, T, (n_head + 2 n_kv_head) head_dim = "
-                         f"{(n_head + 2 * n_kv_head) * head_dim})")
-    B, T, _ = qkv.shape
-    rot = cos.shape[-1] if cos.dim() == 3 else 0
-    fits = lambda t: t.dim() == 3 and t.shape[0] in (1, B) and t.shape[1] in (1, T) and t.shape[2] == rot
-    if not (fits(cos) and fits(sin) and cos.dtype == sin.dtype and 2 <= rot <= head_dim and rot % 2 == 0):
-        raise ValueError(f"rope_qk: cos {tuple(cos.shape)} {cos.dtype} and sin {tuple(sin.shape)} {sin.dtype} must "
-                         f"be ({B} or 1, {T} or 1, an even rotary dim <= {head_dim}), one dtype")
-    dtype = torch.promote_types(qkv.dtype, cos.dtype)
-    if ((backend or ("triton" if qkv.is_cuda else "torch")) == "torch" or dtype not in _DTYPES or rot < head_dim
-            or cos.requires_grad or sin.requires_grad):
-        return rope_qk_reference(qkv, cos, sin, n_head, n_kv_head, head_dim)
-    return RoPEFunction.apply(qkv, cos, sin, n_head, n_kv_head)

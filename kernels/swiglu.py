@@ -77,20 +77,3 @@ class SwiGLUFunction(torch.autograd.Function):
             launch.run(_swiglu_bwd_kernel, (M, launch.cdiv(I, _BLOCK)), (gu, d2, dgu, I, gu.stride(0), d2.stride(0)),
                        dict(BLOCK=_BLOCK))
         return dgu.view(dout.shape[:-1] + (2 * I,))
-
-
-# ------------------------------------------------------------------------ the spec (CPU path, oracle) and the API
-def swiglu_reference(gate_up):
-    """The spec (phi3/model.py's MLP between its two projections) and the CPU path."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return up * torch.nn.functional.silu(gate)
-
-
-def swiglu(gate_up, *, backend=None):
-    """up * silu(gate) for gate_up = [gate | up] (..., 2I), autograd-aware.
-    backend: "triton", "torch" or None (= triton iff gate_up.is_cuda)."""
-    if gate_up.shape[-1] % 2:
-        raise ValueError(f"swiglu: gate_up's last dim ({gate_up.shape[-1]}) must be even: [gate | up]")
-    if (backend or ("triton" if gate_up.is_cuda else "torch")) == "torch":
-        return swiglu_reference(gate_up)
-    return SwiGLUFunction.apply(gate_up)

@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phi3.kernels.lora_linear import lora_linear
 from phi3.atomic import atomic_file, write_safetensors
 from phi3.checkpoint import CheckpointError, read_safetensors
 from phi3.config import finite_number, is_int, read_json_object, show
+from phi3.ops import lora_linear
 from phi3.patterns import PatternError, Patterns
 
 # Short target name -> (module name suffix, index of the slice in the fused output, or None for all of it).

@@ -20,12 +20,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from phi3.kernels.rmsnorm import rms_norm
-from phi3.kernels.rope import rope_qk
-from phi3.kernels.swiglu import swiglu
 from phi3.attention import Visibility, attend
 from phi3.config import Phi3Config
 from phi3.offload import CheckpointOffload
+from phi3.ops import rms_norm, rope_qk, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -36,7 +34,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """RMSNorm(x), or with a residual (RMSNorm(x + residual), x + residual): one Triton kernel on the GPU
-        (fp32 inside, the weight product in the model dtype, as the reference), kernels/rmsnorm.py's torch
+        (fp32 inside, the weight product in the model dtype, as the reference), phi3/ops.py's torch
         reference elsewhere."""
         return rms_norm(x, self.weight, self.eps, residual)
 

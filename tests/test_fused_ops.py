@@ -12,8 +12,7 @@ import torch
 
 from conftest import CUDA, DEV, cuda, needs_cuda, needs_triton
 from phi3.kernels import rmsnorm as rn
-from phi3.kernels.rmsnorm import rms_norm, rms_norm_reference
-from phi3.kernels.swiglu import swiglu, swiglu_reference
+from phi3.ops import rms_norm, rms_norm_reference, swiglu, swiglu_reference
 EPS = 1e-5  # Phi-3's rms_norm_eps
 
 

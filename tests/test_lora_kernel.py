@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import CUDA, DEV, cuda, needs_cuda, needs_triton
 from phi3.kernels import choices, launch
 from phi3.kernels import lora_linear as ll  # the module (its lora_linear is the function)
-from phi3.kernels.lora_linear import dropout_mask, lora_linear, lora_linear_reference
+from phi3.kernels.lora_linear import dropout_mask
+from phi3.ops import lora_linear, lora_linear_reference
 from phi3.kernels.lowrank import _dropout
 
 
@@ -398,7 +399,7 @@ def test_cuda_every_config(monkeypatch, gate_up_problem, kernel, option):
 
 _CHILD = r"""
 import sys, torch
-from phi3.kernels.lora_linear import lora_linear
+from phi3.ops import lora_linear
 g = torch.Generator(device="cuda").manual_seed(0)
 x = torch.randn(4000, 3072, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 w = torch.randn(16384, 3072, generator=g, device="cuda", dtype=torch.bfloat16) / 64

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import CUDA, DEV, cuda, needs_cuda, needs_triton
-from phi3.kernels.rope import rope_qk, rope_qk_reference
+from phi3.ops import rope_qk, rope_qk_reference
 from phi3.config import Phi3Config
 from phi3.model import RotaryEmbedding
 
@@ -24,14 +24,16 @@ NAMES = ["q", "k", "v", "d_qkv"]
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
-def _tables(B, T, n_head, n_kv_head, hd, dtype, kind, g):
-    """cos, sin (B, T, hd) in dtype. "longrope": the model's RotaryEmbedding with Phi-3-128k-style factors, row b's
+def _tables(B, T, n_head, n_kv_head, hd, dtype, kind, g, rot=None):
+    """cos, sin (B, T, rot) in dtype (rot: the rotary dims, hd by default; fewer is partial rotary, Phi-4-mini's). "longrope": the model's RotaryEmbedding with Phi-3-128k-style factors, row b's
     positions restarting every 4 + 3b tokens (packed documents), the last row 130,000 positions in (long factors,
     angles of 10^5 radians, attention factor 1.19). "random": independent normal tables."""
+    rot = rot or hd
     if kind == "random":
-        return [torch.randn(B, T, hd, generator=g).to(DEV, dtype) for _ in range(2)]
-    half = hd // 2
+        return [torch.randn(B, T, rot, generator=g).to(DEV, dtype) for _ in range(2)]
+    half = rot // 2
     config = Phi3Config(hidden_size=n_head * hd, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
+                        partial_rotary_factor=rot / hd,
                         max_position_embeddings=131072, original_max_position_embeddings=4096, rope_type="longrope",
                         rope_short_factor=tuple(1 + 0.05 * i for i in range(half)),
                         rope_long_factor=tuple(1 + 1.5 * i for i in range(half)))
@@ -39,13 +41,14 @@ def _tables(B, T, n_head, n_kv_head, hd, dtype, kind, g):
     return RotaryEmbedding(config)(pos.to(DEV), dtype)
 
 
-def _inputs(B, T, n_head, n_kv_head, hd, dtype, tables="longrope", seed=0, qkv_pad=0, heads_major_douts=True):
+def _inputs(B, T, n_head, n_kv_head, hd, dtype, tables="longrope", seed=0, qkv_pad=0, heads_major_douts=True,
+            rot=None):
     """[qkv, cos, sin], [dq, dk, dv]. qkv_pad > 0: qkv is a slice of rows wider by qkv_pad (a strided row).
     heads_major_douts: gradients contiguous as (B, heads, T, hd), else as (B, T, heads, hd) transposed views."""
     g = torch.Generator().manual_seed(seed)
     W = (n_head + 2 * n_kv_head) * hd
     qkv = (torch.randn(B, T, W + qkv_pad, generator=g) * 3).to(DEV, dtype)[..., :W].requires_grad_()
-    cos, sin = _tables(B, T, n_head, n_kv_head, hd, dtype, tables, g)
+    cos, sin = _tables(B, T, n_head, n_kv_head, hd, dtype, tables, g, rot)
 
     def dout(n):
         t = torch.randn(B, n, T, hd, generator=g) if heads_major_douts else torch.randn(B, T, n, hd, generator=g)
@@ -95,13 +98,25 @@ def test_rope_odd_shapes(dtype, B, T, hd, n_head, n_kv_head):
 
 
 @needs_triton
-def test_rope_matches_transformers_phi3_bit_for_bit():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hd,rot,tables", [(16, 12, "longrope"), (16, 12, "random"), (8, 2, "random"),
+                                           (128, 96, "longrope"), (10, 4, "random")])
+def test_rope_partial_rotary(dtype, hd, rot, tables):
+    """Partial rotary (Phi-4-mini: 96 of 128 dims turn, the other 32 pass through), pass-through widths that are and
+    are not powers of two, GQA: both ways bit for bit with torch, within the fp64 rule."""
+    _check(2, 7, 3, 1, hd, dtype, tables=tables, rot=rot, seed=hd + rot)
+
+
+@needs_triton
+@pytest.mark.parametrize("rot", [16, 12])
+def test_rope_matches_transformers_phi3_bit_for_bit(rot):
     """The oracle of DESIGN.md section 4: transformers' modeling_phi3.apply_rotary_pos_emb on the q/k split of qkv
-    (fp16, GQA, LongRoPE tables of packed positions), forward and the qkv gradient, equal bit for bit."""
+    (fp16, GQA, LongRoPE tables of packed positions, whole and partial rotary), forward and the qkv gradient, equal
+    bit for bit."""
     hf = pytest.importorskip("transformers.models.phi3.modeling_phi3",
                              reason="transformers is the reference oracle; pip install transformers")
     B, T, nh, nkv, hd = 2, 9, 4, 2, 16
-    inputs, douts = _inputs(B, T, nh, nkv, hd, torch.float16, seed=10)
+    inputs, douts = _inputs(B, T, nh, nkv, hd, torch.float16, seed=10, rot=rot)
 
     def reference(qkv, cos, sin):
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], -1)
@@ -249,6 +264,14 @@ def test_rope_rejects_bad_arguments(qkv_shape, cos_shape, sizes, cos_dtype, back
 @pytest.mark.parametrize("tables", ["longrope", "random"])
 def test_cuda_rope_phi3_bf16(n_head, n_kv_head, hd, tables):
     _check(4, 2048, n_head, n_kv_head, hd, torch.bfloat16, tables=tables, seed=8, heads_major_douts=False)
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("tables", ["longrope", "random"])
+def test_cuda_rope_phi4_mini_bf16(tables):
+    """Phi-4-mini: 24 query / 8 key-value heads of 128, rotary on the first 96 dims."""
+    _check(4, 2048, 24, 8, 128, torch.bfloat16, tables=tables, seed=10, heads_major_douts=False, rot=96)
 
 
 @cuda

@@ -1,0 +1,112 @@
+"""The model's fused operations: each one's plain-torch spec (the CPU path, and the oracle its kernel is tested
+against) and the switch to its Triton kernel (kernels/) on a GPU.
+
+    rms_norm(x, w, eps[, residual])           RMSNorm, after the residual add         phi3/model.py's norms
+    swiglu(gate_up)                            up * silu(gate)                         the MLP between its projections
+    rope_qk(qkv, cos, sin, heads..., hd)       split + rotary embedding of q and k     the attention's start
+    lora_linear(x, W, A, B, s, p)              x W^T + s dropout(x) A^T B^T             phi3/lora.py's layers
+
+backend: "triton", "torch" or None (= triton iff the input is on a GPU). Every function is autograd-aware.
+"""
+import torch
+import torch.nn.functional as F
+
+from phi3.kernels.lora_linear import LoRALinearFunction
+from phi3.kernels.rmsnorm import MAX_HIDDEN, RMSNormFunction
+from phi3.kernels.rope import RoPEFunction
+from phi3.kernels.swiglu import SwiGLUFunction
+
+_ROPE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the RoPE kernel's; fp64 takes the torch path
+
+
+def _triton(backend, t: torch.Tensor) -> bool:
+    return (backend or ("triton" if t.is_cuda else "torch")) == "triton"
+
+
+def rms_norm_reference(x, weight, eps, residual=None):
+    """y = w * (s * rsqrt(mean(s^2) + eps)).to(s dtype), s = x (+ residual), the mean in fp32 (fp64 stays fp64).
+    Returns y, or (y, s) with a residual."""
+    s = x if residual is None else x + residual
+    h = s.to(torch.promote_types(s.dtype, torch.float32))
+    y = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+    return y if residual is None else (y, s)
+
+
+def rms_norm(x, weight, eps: float, residual=None, *, backend=None):
+    """RMSNorm(x) -> y, or with a residual r: (RMSNorm(x + r), x + r)."""
+    if weight.shape != x.shape[-1:] or residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm: x {tuple(x.shape)} needs weight ({x.shape[-1]},) and a residual like x")
+    if not _triton(backend, x) or x.shape[-1] > MAX_HIDDEN:
+        return rms_norm_reference(x, weight, eps, residual)
+    return RMSNormFunction.apply(x, weight, residual, float(eps))
+
+
+def swiglu_reference(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return up * F.silu(gate)
+
+
+def swiglu(gate_up, *, backend=None):
+    """up * silu(gate) for gate_up = [gate | up] (..., 2I)."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"swiglu: gate_up's last dim ({gate_up.shape[-1]}) must be even: [gate | up]")
+    return SwiGLUFunction.apply(gate_up) if _triton(backend, gate_up) else swiglu_reference(gate_up)
+
+
+def rope_qk_reference(qkv, cos, sin, n_head, n_kv_head, head_dim):
+    """q, k, v (B, heads, T, hd) from qkv, q and k rotated: x cos + rotate_half(x) sin, rotate_half([x1 | x2]) =
+    [-x2 | x1]. cos and sin may cover fewer dims than a head (partial rotary: Phi-4-mini's 96 of 128): those are
+    rotated, the rest pass through."""
+    (B, T, _), heads = qkv.shape, (n_head, n_kv_head, n_kv_head)
+    q, k, v = (t.view(B, T, n, head_dim).transpose(1, 2)  # (B, heads, T, hd)
+               for t, n in zip(qkv.split([n * head_dim for n in heads], -1), heads))
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rotary_dim) broadcast over heads
+    rot, half = cos.shape[-1], cos.shape[-1] // 2
+    rope = lambda x: x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+    if rot < head_dim:
+        return *(torch.cat((rope(x[..., :rot]), x[..., rot:]), -1) for x in (q, k)), v
+    return rope(q), rope(k), v
+
+
+def rope_qk(qkv, cos, sin, n_head: int, n_kv_head: int, head_dim: int, *, backend=None):
+    """RoPE on q and k of qkv (B, T, (n_head + 2 n_kv_head) head_dim) -> (q, k, v), each (B, heads, T, head_dim),
+    v unrotated; cos, sin (B or 1, T or 1, rotary_dim <= head_dim), any positions. No gradients for cos and sin:
+    tables that require one take the torch path, as does fp64."""
+    sizes = (n_head, n_kv_head, head_dim)
+    if not all(isinstance(n, int) and n > 0 for n in sizes) or head_dim % 2:
+        raise ValueError(f"rope_qk: heads and head_dim must be positive ints and head_dim even, got {sizes}")
+    if qkv.dim() != 3 or qkv.shape[-1] != (n_head + 2 * n_kv_head) * head_dim:
+        raise ValueError(f"rope_qk: qkv {tuple(qkv.shape)} must be (B, T, (n_head + 2 n_kv_head) head_dim = "
+                         f"{(n_head + 2 * n_kv_head) * head_dim})")
+    B, T, _ = qkv.shape
+    rot = cos.shape[-1] if cos.dim() == 3 else 0
+    fits = lambda t: t.dim() == 3 and t.shape[0] in (1, B) and t.shape[1] in (1, T) and t.shape[2] == rot
+    if not (fits(cos) and fits(sin) and cos.dtype == sin.dtype and 2 <= rot <= head_dim and rot % 2 == 0):
+        raise ValueError(f"rope_qk: cos {tuple(cos.shape)} {cos.dtype} and sin {tuple(sin.shape)} {sin.dtype} must "
+                         f"be ({B} or 1, {T} or 1, an even rotary dim <= {head_dim}), one dtype")
+    if (not _triton(backend, qkv) or torch.promote_types(qkv.dtype, cos.dtype) not in _ROPE_DTYPES
+            or cos.requires_grad or sin.requires_grad):
+        return rope_qk_reference(qkv, cos, sin, n_head, n_kv_head, head_dim)
+    return RoPEFunction.apply(qkv, cos, sin, n_head, n_kv_head)
+
+
+def lora_linear_reference(x, weight, lora_A, lora_B, scale, dropout_mask=None):
+    """x W^T + scale (xd A^T) B^T in x's dtype (A, B cast to it), xd = x * dropout_mask (the 0 or 1/(1-p)
+    multiplier)."""
+    xd = x if dropout_mask is None else x * dropout_mask.to(x.dtype)
+    return x @ weight.t() + scale * ((xd @ lora_A.t().to(x.dtype)) @ lora_B.t().to(x.dtype))
+
+
+def lora_linear(x, weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, training: bool = True,
+                *, backend=None, seed=None) -> torch.Tensor:
+    """A LoRA layer with W frozen. seed: the kernels' dropout seed (None: drawn from torch's CPU generator, so
+    checkpoint recompute replays it)."""
+    p = float(dropout_p) if training else 0.0
+    if not _triton(backend, x):
+        mask = None if p == 0 else F.dropout(torch.ones_like(x), p)
+        return lora_linear_reference(x, weight, lora_A, lora_B, scale, mask)
+    if p > 0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    # the kernels take the seed as a 32-bit int: a compiled kernel's argument types never change between calls
+    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p,
+                                    0 if seed is None else int(seed) & 0x7FFFFFFF)
