@@ -2,6 +2,7 @@
 
     python3 bench/bench_long.py                              # Phi-3-mini-128k shapes, 16k 32k 64k 131k, 2 steps each
     python3 bench/bench_long.py --lengths 131072 --steps 1
+    python3 bench/bench_long.py --config phi4-mini-instruct --lengths 131072   # another model (assets/configs/NAME)
     python3 bench/bench_long.py --lengths 32768 --ablation ours-no-cudnn  # also ours with flash attention only
     python3 bench/bench_long.py --lengths 32768 --ablation ours-no-keep   # also ours recomputing attention
     python3 bench/bench_long.py --tiny --device cpu --lengths 512 --steps 1   # smoke run of the same code on a CPU
@@ -28,7 +29,8 @@ from systems import hf_random, ours_config, ours_lora, peft_lora  # bench/ itsel
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-CONFIG = REPO / "assets" / "configs" / "phi3-mini-128k-instruct" / "config.json"
+CONFIGS = REPO / "assets" / "configs"
+CONFIG = CONFIGS / "phi3-mini-128k-instruct" / "config.json"  # --config replaces it
 ABLATIONS = ["ours-no-cudnn", "ours-no-keep"]
 TINY = dict(hidden_size=192, intermediate_size=448, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)  # hd 96: LongRoPE factors
 
@@ -83,7 +85,7 @@ def measure(args) -> dict:
 def run_one(system: str, length: int, args) -> dict:
     """One system at one length in a fresh process; {"oom": True} if it ran out of GPU memory."""
     cmd = [sys.executable, __file__, "--system", system, "--length", str(length), "--steps", str(args.steps),
-           "--device", args.device] + (["--tiny"] if args.tiny else [])
+           "--device", args.device, "--config", args.config] + (["--tiny"] if args.tiny else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         if "OutOfMemoryError" in out.stderr or "out of memory" in out.stderr:
@@ -96,16 +98,19 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--system", choices=["ours", "reference"] + ABLATIONS)
     p.add_argument("--length", type=int)
+    p.add_argument("--config", default="phi3-mini-128k-instruct", help="the model's shapes: a folder of assets/configs")
     p.add_argument("--lengths", default="16384,32768,65536,131072")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="a 4-layer model (smoke runs on the CPU)")
     p.add_argument("--ablation", choices=ABLATIONS, help="also run ours with a mechanism switched (last column)")
     args = p.parse_args()
+    global CONFIG
+    CONFIG = CONFIGS / args.config / "config.json"
     if args.system:
         print(json.dumps(measure(args)))
         return
-    name = "tiny" if args.tiny else "Phi-3-mini-128k"
+    name = "tiny" if args.tiny else args.config
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
     print(f"long-context LoRA step, {name} shapes, one sequence per step, r=16, checkpointing on, {gpu}, "
           f"mean of {args.steps} steps after one warm-up")

@@ -2,6 +2,7 @@
 
     python bench/bench_train.py                       # Phi-3-mini-4k shapes, batch 4 x 2048, r=16, checkpointing on
     python bench/bench_train.py --no-checkpointing --steps 6
+    python bench/bench_train.py --config phi4-mini-instruct         # another model's shapes (assets/configs/NAME)
 
 Workload (DESIGN.md section 5): random bf16 weights, LoRA r=16 alpha=32 dropout 0.05 on qkv/o/gate_up/down,
 every token trained, AdamW (fused), gradient checkpointing per layer. Each system runs in its own process
@@ -23,7 +24,8 @@ from systems import hf_random, ours_config, ours_lora, peft_lora
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-CONFIG = REPO / "assets" / "configs" / "phi3-mini-4k-instruct" / "config.json"
+CONFIGS = REPO / "assets" / "configs"
+CONFIG = CONFIGS / "phi3-mini-4k-instruct" / "config.json"  # --config replaces it
 
 
 ABLATIONS = {  # this project with one mechanism switched off: what each buys in the whole step
@@ -105,6 +107,7 @@ def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool) 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--system", help="one system in this process: ours, reference, an ablation, ours-checkpoint-N")
+    p.add_argument("--config", default="phi3-mini-4k-instruct", help="the model's shapes: a folder of assets/configs")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=6)
@@ -115,15 +118,17 @@ def main() -> None:
     p.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                    help="also run ours with each mechanism off in turn (or only those named, comma-separated)")
     args = p.parse_args()
+    global CONFIG
+    CONFIG = CONFIGS / args.config / "config.json"
     if args.system:
         print(json.dumps(measure(args.system, args.batch, args.seq, args.steps, args.checkpointing)))
         return
     systems = ("ours", "reference") + tuple(a for a in args.ablations.split(",") if a) + tuple(
         f"ours-checkpoint-{int(n)}" for n in args.checkpoint_layers.split(",") if n)
-    results = run_each(__file__, systems, ["--batch", str(args.batch), "--seq", str(args.seq),
+    results = run_each(__file__, systems, ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq),
                        "--steps", str(args.steps), "--checkpointing" if args.checkpointing else "--no-checkpointing"])
     ours, ref = results["ours"], results["reference"]
-    print(f"\nLoRA training step, Phi-3-mini shapes, batch {args.batch} x {args.seq}, r=16, checkpointing "
+    print(f"\nLoRA training step, {args.config} shapes, batch {args.batch} x {args.seq}, r=16, checkpointing "
           f"{'on' if args.checkpointing else 'off'}, {torch.cuda.get_device_name()}, median of {args.steps} steps")
     print(f"{'':16}{'ours':>12}{'transformers+peft':>20}{'ours/ref':>10}")
     print(f"{'tokens/s':16}{ours['tokens_per_s']:12,.0f}{ref['tokens_per_s']:20,.0f}{ours['tokens_per_s'] / ref['tokens_per_s']:10.2f}")

@@ -2,6 +2,7 @@
 
     python3 bench/make_kernel_choices.py            # all the shapes below; writes kernels/tables/sm90.json on Hopper
     python3 bench/make_kernel_choices.py --quick    # Phi-3-mini at r16 up to 8,192 tokens only (about a minute)
+    python3 bench/make_kernel_choices.py --runs phi4:16:8192 --merge   # add one model's shapes to the shipped table
 
 For each LoRA layer shape of the models below (train.py's defaults: qkv/o/gate_up/down) and each token bucket (powers
 of two) up to each run's longest, the layer runs forward + backward with dropout (training) and forward without
@@ -36,7 +37,8 @@ from phi3.ops import lora_linear  # noqa: E402
 
 CONFIGS = REPO / "assets" / "configs"
 RUNS = [("phi3-mini-4k-instruct", 16, 32768), ("phi3-mini-4k-instruct", 8, 8192), ("phi3-mini-4k-instruct", 32, 8192),
-        ("phi3-mini-4k-instruct", 64, 8192), ("phi3-medium-4k-instruct", 16, 8192)]
+        ("phi3-mini-4k-instruct", 64, 8192), ("phi3-medium-4k-instruct", 16, 8192),
+        ("phi4-mini-instruct", 16, 32768), ("phi4", 16, 8192)]
 QUICK = [("phi3-mini-4k-instruct", 16, 8192)]
 SMALLEST = 1024  # the first bucket timed; smaller ones take the nearest (its choices differ little there)
 
@@ -86,11 +88,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="file to write (default: the shipped one of this GPU)")
     p.add_argument("--quick", action="store_true", help="only Phi-3-mini r16 up to 8,192 tokens (train.py's defaults)")
+    p.add_argument("--runs", help="only these: NAME:RANK:LONGEST,... (NAME a folder of assets/configs)")
+    p.add_argument("--merge", action="store_true", help="keep the table's other choices (default: a new table)")
     args = p.parse_args()
+    runs = QUICK if args.quick else RUNS
+    if args.runs:
+        runs = [(name, int(rank), int(longest)) for name, rank, longest in (r.split(":") for r in args.runs.split(","))]
     device = torch.device("cuda")
     timer, started = Timer(), time.perf_counter()
     choices.set_timer(timer)
-    for name, rank, longest in QUICK if args.quick else RUNS:
+    for name, rank, longest in runs:
         config = Phi3Config.from_json(CONFIGS / name / "config.json")
         for tokens in (SMALLEST << i for i in range(20) if SMALLEST << i <= longest):
             for k, n in layer_shapes(config):
@@ -101,11 +108,12 @@ def main() -> None:
     architecture = choices.architecture(device)
     out = args.out or choices.TABLES / f"{architecture}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    table = {**(json.loads(out.read_text())["choices"] if args.merge and out.is_file() else {}), **timer.table}
     with atomic_file(out) as tmp:
         tmp.write_text(json.dumps({"architecture": architecture, "made_on": torch.cuda.get_device_name(device),
                                    "made_with": {"torch": torch.__version__, "triton": triton.__version__},
-                                   "choices": dict(sorted(timer.table.items()))}, indent=1) + "\n")
-    print(f"wrote {out} ({len(timer.table)} choices)")
+                                   "choices": dict(sorted(table.items()))}, indent=1) + "\n")
+    print(f"wrote {out} ({len(table)} choices)")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool =
     recompute = Recompute(layers, offload=offload and device.type == "cuda") if checkpointing else None
     with torch.device("meta"):
         model = Phi3ForCausalLM(config, recompute)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # never an fp32 copy: Phi-4's would not fit an 80 GB GPU
     model.init_weights(seed=0)
     add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
     mark_only_lora_as_trainable(model)
@@ -60,8 +60,13 @@ def hf_random(path: Path, overrides: dict | None, device, dtype):
     for key, value in (overrides or {}).items():
         setattr(config, key, value)
     config._attn_implementation = "sdpa"
-    with torch.device(device):
-        return transformers.Phi3ForCausalLM(config).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in dtype, never an fp32 copy: Phi-4's would not fit an 80 GB GPU
+    try:
+        with torch.device(device):
+            return transformers.Phi3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def peft_lora(model, checkpointing: bool = True):

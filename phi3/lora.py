@@ -15,6 +15,7 @@ it is exported (PEFT and vLLM need no special case).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -82,8 +83,11 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float, slices: list[tuple[int, int]],
-                 rslora: bool = False):
+                 rslora: bool = False, tied: bool = False):
         super().__init__()
+        # tied: W is also the input embedding (a tied lm_head, Phi-4-mini's). As in peft, the adapter changes the
+        # output projection only; merging gives lm_head a weight of its own instead of changing the embedding.
+        self.tied, self.shared = tied, ()  # merged tied: (W,), unregistered (not a second state_dict entry)
         self.rslora = rslora  # only recorded for the exported adapter_config; the scale already includes it
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # the base layer's own tensor, frozen: no copy
@@ -119,16 +123,25 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        if not self.merged:
-            self.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
-            self.merged = True
+        if self.merged:
+            return
+        merged = (self.weight.float() + self.delta()).to(self.weight.dtype)
+        if self.tied:  # untied from here on: the embedding keeps W
+            self.shared, self.weight = (self.weight,), nn.Parameter(merged, requires_grad=False)
+        else:
+            self.weight.copy_(merged)
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo merge (exact in fp32; in bf16 the weight keeps the rounding of the add and subtract)."""
-        if self.merged:
+        if not self.merged:
+            return
+        if self.tied:
+            (self.weight,), self.shared = self.shared, ()
+        else:
             self.weight.copy_((self.weight.float() - self.delta()).to(self.weight.dtype))
-            self.merged = False
+        self.merged = False
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, slices={len(self.slices)}, scale={self.scale:g}"
@@ -158,8 +171,6 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             wanted[suffix] = None
         elif wanted.get(suffix, set()) is not None:
             wanted.setdefault(suffix, set()).add(index)
-    if "lm_head" in wanted and model.config.tie_word_embeddings:
-        raise ValueError("LoRA on lm_head is not supported when lm_head is tied to embed_tokens")
     for name in [name for name, _ in model.named_modules()]:  # names first: the loop replaces modules
         module = model.get_submodule(name) if name else model
         for suffix, indices in wanted.items():
@@ -168,7 +179,9 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
                     slices = [(0, module.out_features)]
                 else:
                     slices = [b for i, b in enumerate(_slice_bounds(model, suffix)) if i in indices]
-                _set_module(model, name, LoRALinear(module, config.rank, config.scale, config.dropout, slices, config.rslora))
+                tied = name == "lm_head" and model.config.tie_word_embeddings
+                _set_module(model, name, LoRALinear(module, config.rank, config.scale, config.dropout, slices,
+                                                    config.rslora, tied))
     return model
 
 
@@ -198,13 +211,19 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its weight. A tied lm_head's adapter unties it: the model (and a model saved from
+    it) then has an lm_head of its own, and its config says tie_word_embeddings false."""
     for m in lora_modules(model).values():
         m.merge()
+    if any(m.tied for m in lora_modules(model).values()):
+        model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
 
 
 def unmerge_lora(model: nn.Module) -> None:
     for m in lora_modules(model).values():
         m.unmerge()
+    if any(m.tied for m in lora_modules(model).values()):
+        model.config = dataclasses.replace(model.config, tie_word_embeddings=True)
 
 
 # ---- PEFT files ------------------------------------------------------------------------------------
@@ -305,6 +324,20 @@ def _pattern_error(path: Path, e: PatternError) -> CheckpointError:
     return CheckpointError(f"{path}: {e}; write the keys as module names or plain regular expressions")
 
 
+def _same_base_layer(model: nn.Module, key: str, t: torch.Tensor, path: Path) -> bool:
+    """Whether `key` is a copy of the model's own lm_head or embedding that peft saves beside an adapter on them
+    (save_embedding_layers). One equal to this model's is skipped; another (a resized vocabulary) is refused."""
+    m = re.fullmatch(r"(?:base_model\.model\.)?(lm_head|model\.embed_tokens)\.base_layer\.weight", key)
+    if not m:
+        return False
+    own = model.get_submodule(m.group(1)).weight
+    if t.shape != own.shape or not torch.equal(t.to(own.dtype), own.detach().cpu()):
+        raise CheckpointError(f"{path}: {show(key)} is not this model's {m.group(1)} (peft saved the layer beside "
+                              "the adapter, e.g. after resizing the vocabulary); load the adapter on the model it "
+                              "was trained with")
+    return True
+
+
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     """Add LoRA layers from PEFT files (ours or trained by peft) to a plain model. Returns the model.
 
@@ -324,6 +357,8 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     tensors = read_safetensors(weights_path)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
+        if _same_base_layer(model, key, t, weights_path):
+            continue
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
         if not m:
             raise CheckpointError(f"{weights_path}: unexpected tensor {show(key)}; expected <module>.lora_A.weight / "
@@ -373,7 +408,9 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
                                   f"{str(dtype).removeprefix('torch.')}; {ADAPTER_FIX}")
         layers[name] = (base, A, B, rank, scale)
     for name, (base, A, B, rank, scale) in layers.items():
-        layer = LoRALinear(base, rank, scale, float(cfg.get("lora_dropout", 0.0)), [(0, base.out_features)], rslora)
+        tied = name == "lm_head" and model.config.tie_word_embeddings
+        layer = LoRALinear(base, rank, scale, float(cfg.get("lora_dropout", 0.0)), [(0, base.out_features)], rslora,
+                           tied)
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)

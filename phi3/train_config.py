@@ -255,6 +255,3 @@ def check_against_model(cfg: TrainConfig, config: Phi3Config, tokenizer) -> None
     if not cfg.full and cfg.rank > smallest:
         raise FlagError(f"--rank {cfg.rank} is larger than the smallest side of the adapted layers ({smallest}); "
                         "LoRA ranks are usually 8-64")
-    if not cfg.full and "lm_head" in parse_targets(cfg.targets) and config.tie_word_embeddings:
-        raise FlagError(f"--targets lm_head: this model's lm_head is tied to its embeddings ({cfg.model}); "
-                        "leave lm_head out of --targets")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from phi3 import CheckpointError, load_model
+from phi3 import CheckpointError, load_model, save_model
 from phi3.lora import (LoRAConfig, LoRALinear, adapter_base_model, add_lora, load_adapter, lora_modules,
                        lora_state_dict, mark_only_lora_as_trainable, merge_lora, parse_targets, save_adapter,
                        unmerge_lora)
@@ -431,3 +431,47 @@ def test_phi4_geometries_exchange_adapters_with_peft_both_ways(tmp_path, name):
     ours = load_adapter(load_model(tmp_path / "base"), tmp_path / "peft_adapter")
     with torch.no_grad():
         assert_as_accurate(ours(IDS), trained(IDS).logits, trained.double()(IDS).logits)
+
+
+@pytest.mark.parametrize("name", ["tied", "phi4mini"])
+def test_lora_on_a_tied_lm_head_as_peft_does_it(tmp_path, name):
+    """A tied lm_head (the embedded tiny model, Phi-4-mini) takes an adapter as in peft: it changes the output
+    projection only, the input embedding stays W. Ours loads in peft with its logits and peft's loads here; merging
+    unties: lm_head gets W + s B A of its own, the embedding keeps W, and the saved model says so and loads in
+    transformers with the same logits; unmerging ties again."""
+    transformers = transformers_or_skip()
+    peft = pytest.importorskip("peft", reason="peft is the reference oracle; pip install peft")
+    model = lora_model(tmp_path, name, targets=("qkv", "lm_head"))
+    randomize_lora(model)
+    embedding = model.model.embed_tokens.weight.clone()
+    save_adapter(model, tmp_path / "adapter", base_model=tmp_path / "base")
+    theirs = peft.PeftModel.from_pretrained(transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "base"),
+                                            tmp_path / "adapter").eval()
+    with torch.no_grad():
+        unmerged = model(IDS)
+        assert_as_accurate(unmerged, theirs(IDS).logits, copy.deepcopy(theirs).double()(IDS).logits)
+        merge_lora(model)
+        assert not model.config.tie_word_embeddings and torch.equal(model.model.embed_tokens.weight, embedding)
+        assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+        save_model(model, tmp_path / "merged", tokenizer_from="assets/tokenizer")
+        assert not json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"]
+        merged = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        assert_as_accurate(merged(IDS).logits, model(IDS), theirs.double()(IDS).logits)
+        unmerge_lora(model)
+        assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+        assert_as_accurate(model(IDS), unmerged, theirs.double()(IDS).logits)  # qkv's W - delta: fp32 roundings
+    hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "base")
+    trained = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                      target_modules=["qkv_proj", "lm_head"]))
+    trained.eval().save_pretrained(tmp_path / "peft_adapter")
+    ours = load_adapter(load_model(tmp_path / "base"), tmp_path / "peft_adapter")
+    with torch.no_grad():
+        assert_as_accurate(ours(IDS), trained(IDS).logits, trained.double()(IDS).logits)
+    # peft saves the tied layer beside the adapter (save_embedding_layers): one that is not this model's is refused
+    path = tmp_path / "peft_adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("lm_head.base_layer.weight"))
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match="is not this model's lm_head"):
+        load_adapter(load_model(tmp_path / "base"), tmp_path / "peft_adapter")
