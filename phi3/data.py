@@ -363,10 +363,15 @@ def read_jsonl(path, tokenizer, train_on: str = "assistant", max_seq_len: int | 
 def pad_token_for(tokenizer) -> int:
     """Id to pad with: tokenizer.pad_id unless it is a stop id (Phi-3's pad is <|endoftext|>, a stop id, so a model
     trained to see it could learn to end early); then <unk> (0), as Microsoft's fine-tuning recipe does; then the
-    first id that stops nothing. Padding is never trained nor attended to, so any such id pads correctly, whatever
-    a model folder's generation settings call a stop."""
+    tokenizer's last id, an added special token that text hardly ever holds (Phi-4-mini's pad and unk are its stop
+    id <|endoftext|>: it pads with <|tag|>), not id 0, which is "!" in byte-level vocabularies and would be taken
+    for padding where tokens are counted (train.py counts ids != pad); then the first id that stops nothing.
+    Padding is never trained nor attended to, so any such id pads correctly, whatever a model folder's generation
+    settings call a stop."""
     stops = set(tokenizer.stop_ids)
-    for i in (tokenizer.pad_id, getattr(tokenizer, "unk_id", None)):
+    vocab_size = getattr(tokenizer, "vocab_size", None)
+    last = vocab_size - 1 if vocab_size else None
+    for i in (tokenizer.pad_id, getattr(tokenizer, "unk_id", None), last):
         if i is not None and i not in stops:
             return i
     return next(i for i in range(len(stops) + 1) if i not in stops)

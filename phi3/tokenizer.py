@@ -1,78 +1,41 @@
-"""Phi-3 tokenizer: `tokenizers`-backed encode/decode, chat rendering -> (ids, loss mask), stop ids.
+"""Phi-3 / Phi-4 tokenizer: `tokenizers`-backed encode/decode, chat rendering -> (ids, loss mask), stop ids.
 
     tok = load_tokenizer("~/Phi-3-mini-4k-instruct")      # folder with tokenizer.json
     ids, mask = tok.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
 
-No jinja at runtime: the checkpoint's chat_template is recognised as one of the four Phi-3 templates below and
-rendered by plain Python, so `render` gives the same ids as transformers' `apply_chat_template(tokenize=True)`
-run on the checkpoint's tokenizer.json (see the note on transformers 5 in `load_tokenizer`).
+No jinja at runtime: the checkpoint's chat_template is recognised as one of the Phi-3 / Phi-4 templates of
+phi3/chat_template.py, which renders it in plain Python, so `render` gives the same ids as transformers'
+`apply_chat_template(tokenize=True)` run on the checkpoint's tokenizer.json (see the note on transformers 5 in
+`load_tokenizer`).
 
-  "phi3"        July-2024 mini 4k/128k: <|system|>/<|user|>/<|assistant|> + "\n" + content + "<|end|>\n" per
-                message, then "<|assistant|>\n" if add_generation_prompt else eos (<|endoftext|>).
-  "phi3.5"      Phi-3.5-mini: as "phi3" but a system message with empty content renders nothing.
-  "phi3-bos"    April/May-2024 mini: "<s>", then user -> "<|user|>\n" + c + "<|end|>\n<|assistant|>\n",
-                assistant -> c + "<|end|>\n"; system messages are dropped; add_generation_prompt has no effect
-                (the assistant header already follows every user turn).
-  "phi3-medium" medium 4k/128k: as "phi3-bos" without the leading "<s>".
-
-Loss mask (True = token is trained): the assistant content and its "<|end|>". Never the role headers, the
-"<|endoftext|>" closing the July template, nor BOS. The "\n" after "<|end|>" is NOT a separate token with the
-Phi-3 tokenizer (the chat special tokens have rstrip=true, so "<|end|>\n" is the single id 32007); with a
-tokenizer.json whose special tokens lack rstrip, the "\n" tokens exist and are not trained. For the same reason
-whitespace at the start of an assistant message is swallowed by the "<|assistant|>" token and is not trained.
+Loss mask (True = token is trained): the assistant content and the token that ends its turn ("<|end|>", or
+"<|im_end|>" for "phi4"). Never the role headers, the eos closing the July and phi4-mini templates, nor BOS. The
+"\n" after "<|end|>" is NOT a separate token with the Phi-3 tokenizer (the chat special tokens have rstrip=true,
+so "<|end|>\n" is the single id 32007); with a tokenizer.json whose special tokens lack rstrip, the "\n" tokens
+exist and are not trained. For the same reason whitespace at the start of an assistant message is swallowed by the
+"<|assistant|>" token and is not trained. Phi-4-mini's <|assistant|>, <|end|>, <|user|> and <|system|> have rstrip
+as well, and all of Phi-4's special tokens have lstrip and rstrip: "<|im_end|>" swallows the whitespace on both
+sides, so an assistant message's trailing whitespace is no token of its own (it is inside the trained "<|im_end|>").
 The mask is computed from character spans on one encoding of the whole rendered string, so ids always equal
 the whole-string encoding.
 """
 from __future__ import annotations
 
 import os
-import re
 from bisect import bisect_right
 
 from tokenizers import Tokenizer
 
+from phi3.chat_template import CHAT_FORMATS, END_OF_TURN, KNOWN_TEMPLATES, fingerprint, render_chat
 from phi3.config import is_int, open_regular, read_json_object, show
 
-ROLES = ("system", "user", "assistant")
 FIX = "use the checkpoint's own tokenizer files (download them again)"
 MAX_TOKENIZER_BYTES = 256 * 2**20  # tokenizer.json: Phi-3's is 1.8 MiB, the largest common ones about 35 MiB
-MAX_TEMPLATE_CHARS = 8192  # the Phi-3 templates are under 1 KB; _fingerprint can take quadratic time on long text
+MAX_TEMPLATE_CHARS = 8192  # the Phi templates are under 1 KB; fingerprint() can take quadratic time on long text
 
 
 class TokenizerError(ValueError):
     """A checkpoint's tokenizer files are missing or not understood (message: file, what, what to do)."""
-
-
-# --- chat templates -----------------------------------------------------------------------------------------
-
-_JULY = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
-         "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-         "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}"
-         "{% endif %}")
-_PHI35 = _JULY.replace("message['role'] == 'system' %}", "message['role'] == 'system' and message['content'] %}")
-_MEDIUM = ("{% for message in messages %}{% if (message['role'] == 'user') %}{{'<|user|>' + '\n' + message['content'] "
-           "+ '<|end|>' + '\n' + '<|assistant|>' + '\n'}}{% elif (message['role'] == 'assistant') %}"
-           "{{message['content'] + '<|end|>' + '\n'}}{% endif %}{% endfor %}")
-_BOS = "{{ bos_token }}" + _MEDIUM
-
-
-def _fingerprint(template: str) -> str:
-    """Template source with whitespace, jinja trim markers and quote style normalised outside string literals."""
-    parts = re.split(r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""", template.replace("\r\n", "\n").strip())
-    out = []
-    for i, p in enumerate(parts):
-        if i % 2:  # a string literal: keep its text, unify quotes; jinja '\n' escapes == real newlines
-            out.append("'" + p[1:-1].replace("\\n", "\n") + "'")
-        else:
-            out.append(re.sub(r"\s+", "", p).replace("{%-", "{%").replace("-%}", "%}")
-                       .replace("{{-", "{{").replace("-}}", "}}"))
-    return "".join(out)
-
-
-KNOWN_TEMPLATES = {_fingerprint(_JULY): "phi3", _fingerprint(_PHI35): "phi3.5",
-                   _fingerprint(_BOS): "phi3-bos", _fingerprint(_MEDIUM): "phi3-medium"}
-CHAT_FORMATS = ("phi3", "phi3.5", "phi3-bos", "phi3-medium")
 
 
 def _read_json(path: str) -> dict:
@@ -145,7 +108,7 @@ class Phi3Tokenizer:
         self.tok.no_truncation()
         self.tok.no_padding()
         self.chat_format = chat_format
-        self.supports_system = chat_format in ("phi3", "phi3.5")
+        self.supports_system = chat_format in ("phi3", "phi3.5", "phi4-mini", "phi4")
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
         def tid(key: str, default: str | None) -> int | None:
@@ -160,9 +123,13 @@ class Phi3Tokenizer:
         self.pad_id = tid("pad_token", None)
         self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
         self.unk_id = tid("unk_token", None)
-        self.end_id = tokenizer.token_to_id("<|end|>")
+        # the token that ends a turn comes from the chat format, not from eos_token: Phi-4's eos was <|endoftext|>
+        # until January 2025 and is <|im_end|> since, while its turns always end with <|im_end|>
+        self.end_token = END_OF_TURN.get(chat_format, "<|end|>")
+        self.end_id = tokenizer.token_to_id(self.end_token)
         if self.end_id is None:
-            raise TokenizerError(f"{name}: tokenizer.json has no <|end|> token; this is not a Phi-3 tokenizer.")
+            raise TokenizerError(f"{name}: has no {self.end_token} token, which chat format {chat_format!r} ends "
+                                 f"turns with; {FIX}")
         self.add_bos = bool(config.get("add_bos_token", False))
         self.bos, self.eos = tokenizer.id_to_token(self.bos_id), tokenizer.id_to_token(self.eos_id)
         stop = generation_config.get("eos_token_id")
@@ -181,38 +148,6 @@ class Phi3Tokenizer:
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
-    def _render_string(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
-        """The template's output string and the character spans that are trained."""
-        text, spans = "", []
-        legacy = self.chat_format in ("phi3-bos", "phi3-medium")
-        if self.chat_format == "phi3-bos":
-            text += self.bos
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise ValueError(f"messages[{i}] is a {type(m).__name__}; expected a dict with role and content")
-            role, content = m.get("role"), m.get("content")
-            if role not in ROLES:
-                raise ValueError(f"messages[{i}] has role {role!r}; expected one of {ROLES}")
-            if not isinstance(content, str):
-                raise ValueError(f"messages[{i}].content is a {type(content).__name__}; expected a string")
-            if legacy:
-                if role == "user":
-                    text += "<|user|>\n" + content + "<|end|>\n<|assistant|>\n"
-                elif role == "assistant":
-                    spans.append((len(text), len(text) + len(content) + len("<|end|>")))
-                    text += content + "<|end|>\n"
-                # system: dropped by these templates
-            elif role == "system" and self.chat_format == "phi3.5" and not content:
-                continue
-            else:
-                text += f"<|{role}|>\n"
-                if role == "assistant":
-                    spans.append((len(text), len(text) + len(content) + len("<|end|>")))
-                text += content + "<|end|>\n"
-        if not legacy:
-            text += "<|assistant|>\n" if add_generation_prompt else self.eos
-        return text, spans
-
     def _encode_masked(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
         enc = self.tok.encode(text, add_special_tokens=False)
         starts = [s for s, _ in spans]
@@ -224,7 +159,8 @@ class Phi3Tokenizer:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
         """(ids, mask) of a chat; ids == apply_chat_template(messages, tokenize=True, add_generation_prompt=...)."""
-        return self._encode_masked(*self._render_string(messages, add_generation_prompt))
+        return self._encode_masked(*render_chat(self.chat_format, messages, add_generation_prompt, self.bos,
+                                                self.eos))
 
     def render_text(self, text: str) -> tuple[list[int], list[bool]]:
         """Plain language-modelling example: [BOS if add_bos] + text + eos; every token but BOS is trained."""
@@ -248,7 +184,9 @@ def load_tokenizer(path, chat_format: str | None = None) -> Phi3Tokenizer:
     Note: ids follow the pipeline stored in tokenizer.json (as transformers 4.x, vLLM and
     `PreTrainedTokenizerFast(tokenizer_file=...)` do). transformers 5's AutoTokenizer rebuilds Llama-class
     tokenizers with a Metaspace(prepend_scheme="first") pre-tokenizer and then differs on text right after a
-    special token ("<|user|>\\nHello": 15043 "▁Hello" here, 10994 "Hello" there).
+    special token ("<|user|>\\nHello": 15043 "▁Hello" here, 10994 "Hello" there). Likewise it rebuilds Phi-4's
+    (tokenizer_class GPT2Tokenizer) with GPT-2's split regex instead of the o200k / cl100k one in tokenizer.json,
+    and differs on digits and contractions ("1234567": 7633 19354 22 here, 7633 2548 5462 there).
     """
     folder = os.path.expanduser(os.fspath(path))
     if not os.path.isdir(folder):
@@ -284,10 +222,11 @@ def load_tokenizer(path, chat_format: str | None = None) -> Phi3Tokenizer:
         if template is None:
             chat_format = "phi3"
         else:
-            chat_format = KNOWN_TEMPLATES.get(_fingerprint(template)) if len(template) <= MAX_TEMPLATE_CHARS else None
+            chat_format = KNOWN_TEMPLATES.get(fingerprint(template)) if len(template) <= MAX_TEMPLATE_CHARS else None
             if chat_format is None:
                 raise TokenizerError(
-                    f"{where}: chat_template is not one of the supported Phi-3 templates (July-2024 mini, "
-                    f"Phi-3.5-mini, April/May-2024 mini with <s>, medium); use a Phi-3 checkpoint's template, or "
-                    f"pass chat_format= one of {CHAT_FORMATS} to load_tokenizer to render with that one")
+                    f"{where}: chat_template is not one of the supported Phi templates (Phi-3-mini July-2024, "
+                    f"Phi-3.5-mini, Phi-3-mini April/May-2024 with <s>, Phi-3-medium, Phi-4-mini-instruct, Phi-4 "
+                    f"since January 2025); use the checkpoint's own template, or pass chat_format= one of "
+                    f"{CHAT_FORMATS} to load_tokenizer to render with that one")
     return Phi3Tokenizer(tok, config, gen, chat_format=chat_format, name=tj, config_name=cp, generation_name=gp)
