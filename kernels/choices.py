@@ -47,10 +47,25 @@ CONFIGS = {
     "dy": {"128 w8 s3": _c(8, 3, BLOCK_N=128), "64 w8 s4": _c(8, 4, BLOCK_N=64), "64 w4 s3": _c(4, 3, BLOCK_N=64)},
     "da": {"64x256 s3": _c(8, 3, BLOCK_M=64, BLOCK_K=256), "32x128 s6": _c(4, 6, BLOCK_M=32, BLOCK_K=128),
            "64x128 s4": _c(4, 4, BLOCK_M=64, BLOCK_K=128)},
+    # NF4 GEMM (kernels/nf4_gemm.py), not yet timed: W's tile dequantized on the CUDA cores each K step, so tall row
+    # tiles share that work; BLOCK_K and BLOCK_N stay multiples of 64 (whole NF4 blocks)
+    "nf4": {"128x128 s3": _c(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            "64x128 s4": _c(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            "128x256 s3": _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+            "256x128 s3": _c(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            "64x64x128 s4": _c(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8)},
+    # up to 16 tokens (decoding): one row tile, memory-bound on W's bytes: narrow column tiles for more programs
+    "nf4-decode": {"16x64x256 s4": _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1),
+                   "16x128x128 s4": _c(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
+                   "16x64x128 s6": _c(4, 6, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)},
+    "nf4-dequantize": {"64 blocks": _c(4, 1, BLOCKS=64), "128 blocks": _c(8, 1, BLOCKS=128),
+                       "32 blocks": _c(4, 1, BLOCKS=32)},
 }
 # the interpreter (and fp32, whose tiles are twice the bytes): small tiles, untabled
 SMALL = {"tma": _tma(1, 1, 32, 32), "gemm": _c(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
-         "down": _c(4, 2, BLOCK_M=32, BLOCK_K=32), "dy": _c(4, 2, BLOCK_N=32), "da": _c(4, 2, BLOCK_M=32, BLOCK_K=32)}
+         "down": _c(4, 2, BLOCK_M=32, BLOCK_K=32), "dy": _c(4, 2, BLOCK_N=32), "da": _c(4, 2, BLOCK_M=32, BLOCK_K=32),
+         "nf4": _c(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4),
+         "nf4-decode": _c(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1), "nf4-dequantize": _c(4, 1, BLOCKS=32)}
 
 _table = None  # use_table's: None = the shipped one
 _timer = None  # set_timer's: bench/make_kernel_choices.py

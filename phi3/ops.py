@@ -5,6 +5,8 @@ against) and the switch to its Triton kernel (kernels/) on a GPU.
     swiglu(gate_up)                            up * silu(gate)                         the MLP between its projections
     rope_qk(qkv, cos, sin, heads..., hd)       split + rotary embedding of q and k     the attention's start
     lora_linear(x, W, A, B, s, p)              x W^T + s dropout(x) A^T B^T             phi3/lora.py's layers
+    qlora_linear(x, W4, A, B, s, p)            the same, W frozen in NF4 (an NF4Weight)  LoRA on a 4-bit base
+    nf4_linear(x, W4)                          x W^T, W in NF4                          a 4-bit base's other layers
 
 backend: "triton", "torch" or None (= triton iff the input is on a GPU). Every function is autograd-aware.
 """
@@ -12,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from phi3.kernels.lora_linear import LoRALinearFunction
+from phi3.kernels.nf4_weight import NF4Weight, dequantize_reference
+from phi3.kernels.qlora_linear import NF4LinearFunction, QLoRALinearFunction
 from phi3.kernels.rmsnorm import MAX_HIDDEN, RMSNormFunction
 from phi3.kernels.rope import RoPEFunction
 from phi3.kernels.swiglu import SwiGLUFunction
@@ -105,8 +109,29 @@ def lora_linear(x, weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0,
     if not _triton(backend, x):
         mask = None if p == 0 else F.dropout(torch.ones_like(x), p)
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, mask)
+    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed))
+
+
+def _kernel_seed(p, seed):
+    """The kernels' dropout seed, a 32-bit int (a compiled kernel's argument types never change between calls)."""
     if p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    # the kernels take the seed as a 32-bit int: a compiled kernel's argument types never change between calls
-    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p,
-                                    0 if seed is None else int(seed) & 0x7FFFFFFF)
+    return 0 if seed is None else int(seed) & 0x7FFFFFFF
+
+
+def qlora_linear(x, weight: NF4Weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, training: bool = True,
+                 *, backend=None, seed=None) -> torch.Tensor:
+    """lora_linear with W frozen in NF4. The spec: W = dequantize_reference(W4, x.dtype) (fp32 values rounded once
+    to x's dtype), then lora_linear's; the kernels dequantize W inside their GEMM (kernels/qlora_linear.py)."""
+    if not _triton(backend, x):
+        return lora_linear(x, dequantize_reference(weight, x.dtype), lora_A, lora_B, scale, dropout_p, training,
+                           backend="torch")
+    p = float(dropout_p) if training else 0.0
+    return QLoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed))
+
+
+def nf4_linear(x, weight: NF4Weight, *, backend=None) -> torch.Tensor:
+    """x W^T for a frozen NF4 layer without LoRA (sample.py's 4-bit layers, a quantized lm_head); dx flows back."""
+    if not _triton(backend, x):
+        return x @ dequantize_reference(weight, x.dtype).t()
+    return NF4LinearFunction.apply(x, weight)
