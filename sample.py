@@ -32,6 +32,7 @@ from phi3 import CheckpointError, ConfigError, load_model, load_tokenizer
 from phi3.checkpoint import EMBEDDED_MODEL, check_tokenizer_fits, parse_dtype
 from phi3.distributed import device_problems
 from phi3.lora import adapter_base_model, load_adapter, merge_lora
+from phi3.quantized import is_4bit
 from phi3.generate import generate
 from phi3.tokenizer import TokenizerError
 
@@ -101,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if there is a GPU, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--quantize", default=None, choices=["nf4"],
+                   help="nf4: hold the base's layer weights in 4 bits (a folder saved in 4-bit loads as 4-bit anyway)")
     args = p.parse_args(argv)
     check_device(p, args)
     return args
@@ -112,9 +115,11 @@ def resolve_adapter(arg: Path | None) -> Path | None:
     return DEFAULT_ADAPTER if (DEFAULT_ADAPTER / "adapter_config.json").is_file() else None
 
 
-def load_for_chat(model_dir: Path | None, adapter: Path | None, device: str, dtype: str | None = None):
-    """(model, tokenizer) for generation: the adapter merged into the weights (no training follows), and the
-    base taken from --model, else the adapter's base_model_name_or_path, else the embedded tiny model."""
+def load_for_chat(model_dir: Path | None, adapter: Path | None, device: str, dtype: str | None = None,
+                  quantize: str | None = None):
+    """(model, tokenizer) for generation: the adapter merged into the weights (no training follows; on a 4-bit
+    base it stays beside them), and the base taken from --model, else the adapter's base_model_name_or_path, else
+    the embedded tiny model."""
     if model_dir is None and adapter is not None:
         model_dir = adapter_base_model(adapter)
         if model_dir is None:  # guessing a base for someone else's adapter would only fail later, less clearly
@@ -122,11 +127,12 @@ def load_for_chat(model_dir: Path | None, adapter: Path | None, device: str, dty
                                   "(base_model_name_or_path); pass --model with the checkpoint it was trained on")
     model_dir = model_dir or EMBEDDED_MODEL
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=parse_dtype(dtype), device=device)
+    model = load_model(model_dir, dtype=parse_dtype(dtype), device=device, quantize=quantize)
     check_tokenizer_fits(tokenizer, model.config, model_dir)
     if adapter is not None:
         load_adapter(model, adapter)
-        merge_lora(model)  # fold B A into W once: decoding runs at base speed
+        if not is_4bit(model):
+            merge_lora(model)  # fold B A into W once: decoding runs at base speed
     print(f"model {model_dir}" + (f" + adapter {adapter}" if adapter else ""), file=sys.stderr)
     return model, tokenizer
 
@@ -272,7 +278,8 @@ def main(argv=None) -> int:
                 check_text(text, flag)
         if args.prompt is not None and not args.prompt.strip():
             raise ValueError("--prompt is empty; pass the message to answer")
-        model, tokenizer = load_for_chat(args.model, resolve_adapter(args.adapter), args.device, args.dtype)
+        model, tokenizer = load_for_chat(args.model, resolve_adapter(args.adapter), args.device, args.dtype,
+                                         args.quantize)
         context = model.config.max_position_embeddings
         messages = [{"role": "system", "content": args.system}] if args.system else []
         if args.prompt is None and sys.stdin is not None and sys.stdin.isatty():

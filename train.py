@@ -33,9 +33,11 @@ from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load
 from phi3 import compile_ahead, distributed
 from phi3.atomic import atomic_file
 from phi3.checkpoint import default_dtype, parse_dtype, write_hf_files
-from phi3.config import open_regular
+from phi3.config import open_regular, read_json_object
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
-from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, merge_lora, parse_targets, save_adapter
+from phi3.lora import (LoRAConfig, add_lora, lora_state_dict, mark_only_lora_as_trainable, merge_lora, parse_targets,
+                       save_adapter)
+from phi3.quantized import is_4bit, is_4bit_config
 from phi3.loss import cross_entropy_sum
 from phi3.model import Recompute
 from phi3.progress import Progress, emit, peak_memory_gib, plot_loss
@@ -65,7 +67,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> P
     else:
         # --full keeps fp32 master weights and computes in `dtype` under autocast; LoRA keeps the base in `dtype`.
         model = load_model(cfg.model, dtype=torch.float32 if cfg.full else dtype, device=device,
-                           recompute=recompute_of(cfg))
+                           recompute=recompute_of(cfg), quantize=cfg.quantize)
     if cfg.full:
         model.requires_grad_(True)  # already fp32: built that way or loaded with dtype=float32 above
     else:
@@ -270,9 +272,11 @@ class Run:
         epochs = math.ceil(self.total_steps * self.group_size / len(self.batches))
         counts = {"train": {b.input_ids.numel() for e in range(epochs) for b in self.epoch_batches(e)},
                   "eval": {b.input_ids.numel() for b in self.eval_batches}}
-        config = Phi3Config.from_json(Path(self.cfg.model).expanduser() / "config.json")
+        folder = Path(self.cfg.model).expanduser()
+        config = Phi3Config.from_json(folder / "config.json")
+        four_bit = bool(self.cfg.quantize) or is_4bit_config(read_json_object(folder / "config.json", ConfigError, ""))
         return compile_ahead.start(config, lora_config(self.cfg), self.device, self.dtype, recompute_of(self.cfg),
-                                   counts)
+                                   counts, four_bit)
 
     def build_model(self) -> None:
         cfg, world, device = self.cfg, self.world, self.device
@@ -446,7 +450,12 @@ class Run:
 
 
 def export_merged(model: Phi3ForCausalLM, cfg: TrainConfig, dtype: torch.dtype, say) -> None:
-    """Base + adapter merged into one complete model folder (weights, config, tokenizer) at --export-merged."""
+    """Base + adapter merged into one complete model folder (weights, config, tokenizer) at --export-merged. A 4-bit
+    run's adapter is merged into the 16-bit base, read again from --model (4-bit weights would be rounded again)."""
+    if is_4bit(model):
+        adapter = lora_state_dict(model)
+        model = add_lora(load_model(cfg.model, dtype=dtype, device="cpu"), lora_config(cfg))
+        model.load_state_dict({name: t.cpu() for name, t in adapter.items()}, strict=False)
     merge_lora(model)
     save_model(model, cfg.export_merged, dtype=dtype, tokenizer_from=cfg.model)
     say(f"merged model written to {cfg.export_merged}")

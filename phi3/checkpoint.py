@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from phi3 import nf4, quantized
 from phi3.atomic import atomic_dir, atomic_file, write_safetensors
 from phi3.config import ConfigError, Phi3Config, is_int, open_regular, read_json_object, show
 from phi3.model import Phi3ForCausalLM, Recompute
@@ -189,9 +190,10 @@ def _names(names, limit: int = 3) -> str:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-               recompute: Recompute | None = None) -> Phi3ForCausalLM:
+               recompute: Recompute | None = None, quantize: str | None = None) -> Phi3ForCausalLM:
     """A Phi3ForCausalLM with the checkpoint's weights, in `dtype` (default: bf16 on CUDA, fp32 on CPU), in eval mode;
-    recompute: its gradient checkpointing when it trains (phi3/model.py)."""
+    recompute: its gradient checkpointing when it trains (phi3/model.py); quantize="nf4": the layers' linear weights
+    held in 4 bits (phi3/quantized.py), as they are in a folder that transformers + bitsandbytes saved in 4-bit."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found; pass a folder in Hugging Face layout "
@@ -200,6 +202,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         config = Phi3Config.from_json(folder / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', not {quantize!r}")
     device = torch.device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
     with torch.device("meta"):
@@ -207,6 +211,13 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     state = load_state_dict(folder)
 
     expected = {name: p.shape for name, p in model.state_dict().items()}
+    if quantized.is_4bit_config(read_json_object(folder / "config.json", CheckpointError, "download it again")):
+        try:
+            quantized.read_4bit_layers(model, state, device, folder)
+        except nf4.NF4Error as e:
+            raise CheckpointError(str(e)) from None
+        for name in quantized.quantized_names(model):
+            del expected[f"{name}.weight"]
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = set(expected) - set(state) - optional
     unexpected = set(state) - set(expected)
@@ -224,6 +235,10 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         if not t.is_floating_point():
             raise CheckpointError(f"{folder}: tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}; a model's "
                                   "weights are floating point, the checkpoint is corrupt or not a Phi-3 checkpoint")
+    if quantize and not quantized.is_4bit(model):
+        def error(name, message):
+            raise CheckpointError(f"{folder}: tensor {name}.weight cannot be quantized: {message}")
+        quantized.quantize_layers(model, state, device, dtype, error)
     # .to() on an mmap view copies only when dtype/device differ, one tensor at a time. The values are checked after
     # the cast: a NaN in the file, or a value the chosen dtype cannot hold (fp16 overflows above 65504), would
     # otherwise only show up as a NaN loss or garbage text.
@@ -261,7 +276,8 @@ def write_hf_files(model: Phi3ForCausalLM, folder: Path, dtype: torch.dtype | st
     tensors to write (default: base_state_dict(model)); a model sharded over processes passes whole copies."""
     dtype = parse_dtype(dtype)
     state = base_state_dict(model) if state is None else state
-    state = {n: (t.to(dtype) if dtype and t.is_floating_point() else t).cpu() for n, t in state.items()}
+    cast = lambda name, t: t.to(dtype) if dtype and t.is_floating_point() and ".weight." not in name else t
+    state = {n: cast(n, t).cpu() for n, t in state.items()}  # (".weight.": a 4-bit layer's fp32 statistics)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for name, t in state.items():
@@ -272,7 +288,10 @@ def write_hf_files(model: Phi3ForCausalLM, folder: Path, dtype: torch.dtype | st
         shards[-1][name] = t
         shard_bytes += nbytes
     config = model.config.to_hf_dict()
-    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    config["torch_dtype"] = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+    if quantized.is_4bit(model):
+        config["quantization_config"] = {**quantized.QUANTIZATION_CONFIG,
+                                         "bnb_4bit_compute_dtype": config["torch_dtype"]}
     with atomic_file(folder / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     names = ["model.safetensors"] if len(shards) == 1 else [

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from phi3.atomic import atomic_file, write_safetensors
 from phi3.checkpoint import CheckpointError, read_safetensors
 from phi3.config import finite_number, is_int, read_json_object, show
-from phi3.ops import lora_linear
+from phi3.ops import lora_linear, qlora_linear
+from phi3.quantized import NF4Linear
 from phi3.patterns import PatternError, Patterns
 
 # Short target name -> (module name suffix, index of the slice in the fused output, or None for all of it).
@@ -90,10 +91,12 @@ class LoRALinear(nn.Module):
         self.tied, self.shared = tied, ()  # merged tied: (W,), unregistered (not a second state_dict entry)
         self.rslora = rslora  # only recorded for the exported adapter_config; the scale already includes it
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # the base layer's own tensor, frozen: no copy
-        self.weight.requires_grad_(False)
+        self.base4 = base if isinstance(base, NF4Linear) else None  # a 4-bit base (QLoRA): W stays in NF4
+        self.weight = None if self.base4 else base.weight  # the base layer's own tensor, frozen: no copy
+        if self.weight is not None:
+            self.weight.requires_grad_(False)
         self.rank, self.scale, self.dropout, self.slices = rank, scale, dropout, slices
-        device = base.weight.device
+        device = base.packed.device if self.base4 else base.weight.device
         self.lora_A = nn.Parameter(torch.empty(len(slices) * rank, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(sum(e - s for s, e in slices), rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and peft; B = 0 -> starts at the base
@@ -114,6 +117,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight)
+        if self.base4 is not None:
+            return qlora_linear(x, self.base4.weight4, self.lora_A, self.full_B(), self.scale,
+                                dropout_p=self.dropout if self.training else 0.0, training=self.training)
         return lora_linear(x, self.weight, self.lora_A, self.full_B(), self.scale,
                            dropout_p=self.dropout if self.training else 0.0, training=self.training)
 
@@ -123,6 +129,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if self.base4 is not None:
+            raise ValueError("a LoRA layer on a 4-bit base does not merge (W + s B A would be rounded to 4 bits again):"
+                             " load the model in 16 bits, load the adapter there, then merge")
         if self.merged:
             return
         merged = (self.weight.float() + self.delta()).to(self.weight.dtype)
@@ -174,7 +183,7 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     for name in [name for name, _ in model.named_modules()]:  # names first: the loop replaces modules
         module = model.get_submodule(name) if name else model
         for suffix, indices in wanted.items():
-            if (name == suffix or name.endswith("." + suffix)) and isinstance(module, nn.Linear):
+            if (name == suffix or name.endswith("." + suffix)) and isinstance(module, (nn.Linear, NF4Linear)):
                 if indices is None:
                     slices = [(0, module.out_features)]
                 else:
@@ -374,7 +383,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     layers = {}
     for name, ab in pairs.items():
         base = modules.get(name)
-        if not isinstance(base, nn.Linear) or set(ab) != {"A", "B"}:
+        if not isinstance(base, (nn.Linear, NF4Linear)) or set(ab) != {"A", "B"}:
             raise CheckpointError(f"{weights_path}: module {show(name)} is not a linear layer of this model or lacks "
                                   "lora_A/lora_B; was the adapter trained on another model?")
         A, B = ab["A"], ab["B"]
@@ -402,7 +411,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         # |scale * (B A)_ij| <= |scale| * rank * max|B| * max|A|: below the largest value of the model's dtype, the
         # merge cannot overflow to inf (a finite but absurd alpha or weight would).
-        dtype = base.weight.dtype
+        dtype = base.dtype if isinstance(base, NF4Linear) else base.weight.dtype
         if abs(scale) * rank * A.abs().max().item() * B.abs().max().item() >= torch.finfo(dtype).max:
             raise CheckpointError(f"{config_path}: lora_alpha {show(alpha)} with {name}'s weights overflows "
                                   f"{str(dtype).removeprefix('torch.')}; {ADAPTER_FIX}")

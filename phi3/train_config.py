@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phi3.kernels.lora_linear import GEMM_CHOICES
-from phi3 import distributed
+from phi3 import distributed, quantized
 from phi3.checkpoint import EMBEDDED_MODEL, CheckpointError, check_replaceable, check_tokenizer_fits
 from phi3.config import Phi3Config, read_json_object
 from phi3.lora import parse_targets
@@ -65,6 +65,9 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "steps between lines in metrics.jsonl / non-terminal logs"})
     resume: str | None = field(default=None, metadata={"help": "checkpoint or run folder to continue from"})
     full: bool = field(default=False, metadata={"help": "train all parameters (fp32 master weights) instead of LoRA"})
+    quantize: str | None = field(default=None, metadata={
+        "choices": ["nf4"], "help": "nf4: QLoRA, the base's layer weights held in 4 bits (bitsandbytes' NF4); a folder "
+                                    "saved in 4-bit loads as 4-bit without it"})
     init: str = field(default="pretrained", metadata={"choices": ["pretrained", "random"],
                                                       "help": "random: build from --model's config.json (pretraining)"})
     export_merged: str | None = field(default=None, metadata={"help": "also write base+adapter merged (HF layout) here"})
@@ -223,6 +226,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name in ("out", "export_merged"):
         if getattr(cfg, name) is not None:
             check_writable_folder(Path(getattr(cfg, name)), flag(name))
+    if cfg.quantize and (cfg.full or cfg.init == "random"):
+        raise FlagError("--quantize holds a pretrained base frozen in 4 bits for LoRA; drop it with --full or "
+                        "--init random")
     if cfg.export_merged is not None:
         if cfg.full:
             raise FlagError("--export-merged merges a LoRA adapter into its base; a --full run's folder already holds "
@@ -248,6 +254,10 @@ def check_writable_folder(path: Path, flag: str) -> None:
 def check_against_model(cfg: TrainConfig, config: Phi3Config, tokenizer) -> None:
     """Flags (and a tokenizer) that only the model's config.json can rule out, checked before its weights are read."""
     check_tokenizer_fits(tokenizer, config, cfg.model)
+    if cfg.export_merged and quantized.is_4bit_config(read_json_object(Path(cfg.model) / "config.json", FlagError,
+                                                                       "check --model")):
+        raise FlagError(f"--export-merged: {cfg.model} is a 4-bit folder, and merging into 4-bit weights rounds them "
+                        "again; train on its 16-bit original with --quantize nf4 to export a merged model")
     if cfg.max_seq_len > config.max_position_embeddings:
         raise FlagError(f"--max-seq-len {cfg.max_seq_len} is longer than the model's context "
                         f"({config.max_position_embeddings} tokens, max_position_embeddings in {cfg.model}/config.json)")
