@@ -3,6 +3,7 @@
     python bench/bench_train.py                       # Phi-3-mini-4k shapes, batch 4 x 2048, r=16, checkpointing on
     python bench/bench_train.py --no-checkpointing --steps 6
     python bench/bench_train.py --config phi4-mini-instruct         # another model's shapes (assets/configs/NAME)
+    python bench/bench_train.py --qlora     # 4-bit base: ours vs transformers + peft + bitsandbytes, and vs ours bf16
 
 Workload (DESIGN.md section 5): random bf16 weights, LoRA r=16 alpha=32 dropout 0.05 on qkv/o/gate_up/down,
 every token trained, AdamW (fused), gradient checkpointing per layer. Each system runs in its own process
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 from side_by_side import run_each  # bench/ itself: the script's folder is on sys.path
-from systems import hf_random, ours_config, ours_lora, peft_lora
+from systems import bnb_4bit, hf_random, ours_config, ours_lora, peft_lora
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -58,15 +59,20 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
     layers = None  # the middle ground, ours-checkpoint-N: only the first N layers checkpointed
     if ablation and ablation.startswith("ours-checkpoint-"):
         layers = int(ablation.removeprefix("ours-checkpoint-"))
-    model = ours_lora(ours_config(CONFIG), "cuda", torch.bfloat16, checkpointing, ablation != "ours-no-offload", layers)
+    model = ours_lora(ours_config(CONFIG), "cuda", torch.bfloat16, checkpointing, ablation != "ours-no-offload", layers,
+                      four_bit=ablation == "ours-nf4")
 
     def loss_fn(ids, labels):
         return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()
     return model, loss_fn
 
 
-def build_reference(checkpointing: bool):
-    model = peft_lora(hf_random(CONFIG, None, "cuda", torch.bfloat16), checkpointing)
+def build_reference(checkpointing: bool, four_bit: bool = False):
+    if four_bit:  # the random bf16 checkpoint bitsandbytes quantizes at load: made once per config, in /tmp
+        base = bnb_4bit(CONFIG, None, "cuda", torch.bfloat16, Path("/tmp") / f"bench-bnb-{CONFIG.parent.name}")
+    else:
+        base = hf_random(CONFIG, None, "cuda", torch.bfloat16)
+    model = peft_lora(base, checkpointing)
 
     def loss_fn(ids, labels):
         # transformers shifts labels itself; pass ids as labels so every position is trained like ours
@@ -76,8 +82,8 @@ def build_reference(checkpointing: bool):
 
 def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool) -> dict:
     torch.manual_seed(0)
-    if system == "reference":
-        model, loss_fn = build_reference(checkpointing)
+    if system in ("reference", "reference-bnb"):
+        model, loss_fn = build_reference(checkpointing, four_bit=system == "reference-bnb")
     else:
         # the middle ground checkpoints its first N layers also in a --no-checkpointing run (the sweep's point)
         checkpointing = checkpointing or system.startswith("ours-checkpoint-")
@@ -115,6 +121,8 @@ def main() -> None:
     p.add_argument("--checkpoint-layers", default="",
                    help="also run ours with only the first N layers checkpointed, for each N of a comma-separated list "
                         "(tokens/s against peak memory between checkpointing all layers and none)")
+    p.add_argument("--qlora", action="store_true", help="4-bit bases: ours-nf4 against transformers + peft + "
+                   "bitsandbytes (reference-bnb) and against ours in bf16")
     p.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                    help="also run ours with each mechanism off in turn (or only those named, comma-separated)")
     args = p.parse_args()
@@ -123,6 +131,8 @@ def main() -> None:
     if args.system:
         print(json.dumps(measure(args.system, args.batch, args.seq, args.steps, args.checkpointing)))
         return
+    if args.qlora:
+        return qlora(args)
     systems = ("ours", "reference") + tuple(a for a in args.ablations.split(",") if a) + tuple(
         f"ours-checkpoint-{int(n)}" for n in args.checkpoint_layers.split(",") if n)
     results = run_each(__file__, systems, ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq),
@@ -144,6 +154,19 @@ def main() -> None:
             off = results[name]
             print(f"{name} ({what}): {off['tokens_per_s']:,.0f} tokens/s, {off['peak_gib']:.2f} GiB; "
                   f"the mechanism buys {ours['tokens_per_s'] / off['tokens_per_s']:.3f}x")
+
+
+def qlora(args) -> None:
+    flags = ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+    r = run_each(__file__, ("ours-nf4", "reference-bnb", "ours"), flags)
+    q, ref, bf16 = r["ours-nf4"], r["reference-bnb"], r["ours"]
+    print(f"\nQLoRA training step (NF4 base), {args.config} shapes, batch {args.batch} x {args.seq}, r=16, "
+          f"checkpointing on, {torch.cuda.get_device_name()}, median of {args.steps} steps")
+    print(f"{'':16}{'ours nf4':>12}{'peft+bnb':>12}{'ours bf16':>12}{'nf4/bnb':>10}{'nf4/bf16':>10}")
+    for key, fmt in (("tokens_per_s", ",.0f"), ("peak_gib", ".2f")):
+        print(f"{key:16}{q[key]:12{fmt}}{ref[key]:12{fmt}}{bf16[key]:12{fmt}}{q[key] / ref[key]:10.2f}"
+              f"{q[key] / bf16[key]:10.2f}")
+    print(f"step cost of 4-bit over ours bf16: {bf16['tokens_per_s'] / q['tokens_per_s']:.3f}x")
 
 
 if __name__ == "__main__":

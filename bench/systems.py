@@ -18,9 +18,11 @@ import torch
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool = True, layers: int | None = None):
+def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool = True, layers: int | None = None,
+              four_bit: bool = False):
     """This project's Phi-3 with LoRA, training mode; checkpointed layer inputs offloaded on a GPU (train.py's
-    default); layers: only the first N checkpointed."""
+    default); layers: only the first N checkpointed; four_bit: QLoRA, the layers' weights quantized to NF4 (as
+    train.py --quantize nf4 does at load, one tensor at a time)."""
     from phi3 import Phi3ForCausalLM
     from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
     from phi3.model import Recompute
@@ -31,6 +33,10 @@ def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool =
         model = Phi3ForCausalLM(config, recompute)
     model = model.to(dtype).to_empty(device=device)  # never an fp32 copy: Phi-4's would not fit an 80 GB GPU
     model.init_weights(seed=0)
+    if four_bit:
+        from phi3.quantized import quantize_layers, quantized_names
+        weights = {f"{n}.weight": model.get_submodule(n).weight.detach() for n in quantized_names(model)}
+        quantize_layers(model, weights, device, dtype, None)
     add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05))
     mark_only_lora_as_trainable(model)
     return model.train()
@@ -67,6 +73,22 @@ def hf_random(path: Path, overrides: dict | None, device, dtype):
             return transformers.Phi3ForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
+
+
+def bnb_4bit(path: Path, overrides: dict | None, device, dtype, folder: Path):
+    """transformers' Phi3ForCausalLM with random weights, saved to `folder` and loaded back through bitsandbytes in
+    4-bit (NF4, double quantization, bf16 compute), prepared for k-bit training as peft's QLoRA recipe does."""
+    import peft
+    import transformers
+    if not (folder / "config.json").is_file():
+        hf_random(path, overrides, device, dtype).save_pretrained(folder)
+        torch.cuda.empty_cache()
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=dtype)
+    model = transformers.Phi3ForCausalLM.from_pretrained(folder, quantization_config=q, dtype=dtype,
+                                                         device_map={"": torch.device(device).index or 0},
+                                                         attn_implementation="sdpa")
+    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
 
 def peft_lora(model, checkpointing: bool = True):
