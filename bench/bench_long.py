@@ -3,6 +3,7 @@
     python3 bench/bench_long.py                              # Phi-3-mini-128k shapes, 16k 32k 64k 131k, 2 steps each
     python3 bench/bench_long.py --lengths 131072 --steps 1
     python3 bench/bench_long.py --config phi4-mini-instruct --lengths 131072   # another model (assets/configs/NAME)
+    python3 bench/bench_long.py --config phi3-medium-128k-instruct --lengths 32768 --ablation ours-nf4   # + QLoRA
     python3 bench/bench_long.py --lengths 32768 --ablation ours-no-cudnn  # also ours with flash attention only
     python3 bench/bench_long.py --lengths 32768 --ablation ours-no-keep   # also ours recomputing attention
     python3 bench/bench_long.py --tiny --device cpu --lengths 512 --steps 1   # smoke run of the same code on a CPU
@@ -31,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CONFIGS = REPO / "assets" / "configs"
 CONFIG = CONFIGS / "phi3-mini-128k-instruct" / "config.json"  # --config replaces it
-ABLATIONS = ["ours-no-cudnn", "ours-no-keep"]
+ABLATIONS = ["ours-no-cudnn", "ours-no-keep", "ours-nf4"]  # the last: QLoRA, the layers' weights in NF4
 TINY = dict(hidden_size=192, intermediate_size=448, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)  # hd 96: LongRoPE factors
 
 
@@ -43,7 +44,8 @@ def build_ours(args, device, dtype):
     elif args.system == "ours-no-keep":
         phi3.attention.keep_outputs = False  # the recompute computes attention again instead of taking it from the host
     # as train.py runs it on a GPU: offloaded layer inputs, MLP tiles, kernel choices made before the timed steps
-    model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype)
+    model = ours_lora(ours_config(CONFIG, TINY if args.tiny else None), device, dtype,
+                      four_bit=args.system == "ours-nf4")
 
     def loss_fn(ids, labels):
         return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()

@@ -1,6 +1,7 @@
 """Load time, peak memory and greedy decode speed: this project vs transformers, same checkpoint, same run.
 
     python bench/bench_model.py --ckpt /tmp/phi3-mini-random      # writes the random checkpoint first if missing
+    python bench/bench_model.py --nf4    # also ours on a 4-bit base (quantized at load): load, memory, decode speed
 
 The checkpoint is Phi-3-mini-4k shaped (assets/configs/phi3-mini-4k-instruct/config.json) with random bf16
 weights (speed does not depend on the values). Each system runs in its own process so that peak host
@@ -37,9 +38,9 @@ def make_checkpoint(path: Path) -> None:
 def measure(system: str, ckpt: Path, prompt_len: int, new_tokens: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    if system == "ours":
+    if system in ("ours", "ours-nf4"):
         from phi3 import load_model
-        model = load_model(ckpt, dtype=torch.bfloat16, device="cuda")
+        model = load_model(ckpt, dtype=torch.bfloat16, device="cuda", quantize="nf4" if system == "ours-nf4" else None)
     else:
         import transformers
         model = transformers.Phi3ForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, device_map="cuda").eval()
@@ -49,7 +50,7 @@ def measure(system: str, ckpt: Path, prompt_len: int, new_tokens: int) -> dict:
     prompt = torch.randint(0, 32000, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def decode(n):
-        if system == "ours":
+        if system != "transformers":
             from phi3.generate import generate
             return list(generate(model, prompt, n))
         out = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n, min_new_tokens=n,
@@ -70,7 +71,8 @@ def measure(system: str, ckpt: Path, prompt_len: int, new_tokens: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt", type=Path, default=Path("/tmp/phi3-mini-random"))
-    p.add_argument("--system", choices=["ours", "transformers"])
+    p.add_argument("--system", choices=["ours", "transformers", "ours-nf4"])
+    p.add_argument("--nf4", action="store_true", help="also ours with the layers quantized to NF4 at load")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=256)
     args = p.parse_args()
@@ -82,7 +84,8 @@ def main() -> None:
         make_checkpoint(args.ckpt)
         print(f"wrote random Phi-3-mini checkpoint to {args.ckpt} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     size = sum(f.stat().st_size for f in args.ckpt.glob("*.safetensors")) / 2**30
-    results = run_each(__file__, ("ours", "transformers"), ["--ckpt", str(args.ckpt), "--prompt-len",
+    systems = ("ours", "transformers") + (("ours-nf4",) if args.nf4 else ())
+    results = run_each(__file__, systems, ["--ckpt", str(args.ckpt), "--prompt-len",
                        str(args.prompt_len), "--new-tokens", str(args.new_tokens)])
     ours, ref = results["ours"], results["transformers"]
     print(f"\nPhi-3-mini-shaped random checkpoint, bf16, {size:.2f} GiB of safetensors; greedy, batch 1, "
@@ -91,6 +94,11 @@ def main() -> None:
     for key, label, better in (("load_s", "load time (s)", "lower"), ("host_peak_gib", "peak host RSS (GiB)", "lower"),
                                ("gpu_peak_gib", "peak GPU (GiB)", "lower"), ("decode_tok_s", "decode tokens/s", "higher")):
         print(f"{label:22}{ours[key]:12.2f}{ref[key]:14.2f}{ours[key] / ref[key]:9.2f}  ({better} is better)")
+    if args.nf4:
+        q = results["ours-nf4"]
+        print(f"ours on a 4-bit base: load {q['load_s']:.2f} s, peak host RSS {q['host_peak_gib']:.2f} GiB, peak GPU "
+              f"{q['gpu_peak_gib']:.2f} GiB, decode {q['decode_tok_s']:.2f} tokens/s "
+              f"({q['decode_tok_s'] / ours['decode_tok_s']:.2f}x ours bf16)")
     same = ours["tokens"] == ref["tokens"]
     print(f"greedy tokens identical to transformers: {same}"
           + ("" if same else f" (first difference at {next(i for i, (a, b) in enumerate(zip(ours['tokens'], ref['tokens'])) if a != b)})"))

@@ -2,6 +2,7 @@
 
     python3 bench/bench_same_math.py                          # Phi-3-mini shapes, random bf16 weights, 50 steps
     python3 bench/bench_same_math.py --tiny --device cpu --steps 5   # smoke run of the same code on a CPU (fp32)
+    python3 bench/bench_same_math.py --qlora    # also ours on a 4-bit base and transformers + peft + bitsandbytes
 
 Both start from the same random base weights and the same LoRA weights (peft's init, handed over through the PEFT
 files), see the same batches (examples/chat.jsonl, right-padded, assistant tokens trained, 4 x up to 1024 tokens)
@@ -70,6 +71,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--qlora", action="store_true", help="also 4-bit bases (NF4): ours and peft + bitsandbytes (GPU)")
     args = p.parse_args()
     import peft
     import train
@@ -107,6 +109,8 @@ def main() -> None:
             ours = Phi3ForCausalLM(config, Recompute() if device.type == "cuda" else None)
         ours.load_state_dict(base_state, strict=False, assign=True)  # (+ no buffers of ours missing: RoPE is computed)
         ours = load_adapter(ours.to(device=device, dtype=dtype), tmp)
+        if args.qlora:
+            curves.update(qlora_curves(args, config, base_state, tmp, data, device, dtype))
     mark_only_lora_as_trainable(ours)
     ours.train()
     curves["ours"] = train_curve(ours, lambda b: train.batch_loss_sum(ours, b, device) / b.trained_tokens, data, device)
@@ -120,6 +124,51 @@ def main() -> None:
     worst = lambda x, y: max(abs(u - v) for u, v in zip(x, y))  # noqa: E731
     print(f"largest |ours - reference|: {worst(mine, ref):.2e}; rounding noise, |reference sdpa - reference eager|: "
           f"{worst(ref, eager):.2e}")
+    if args.qlora:
+        q, bnb = curves["ours nf4"], curves["transformers+peft+bnb"]
+        print(f"{'step':>5}{'ours nf4':>10}{'t+p+bnb':>10}")
+        for i, (a, b) in enumerate(zip(q, bnb)):
+            print(f"{i + 1:>5}{a:>10.4f}{b:>10.4f}")
+        print(f"4-bit: largest |ours nf4 - transformers+peft+bnb|: {worst(q, bnb):.2e} (bf16 rounding noise above: "
+              f"{worst(ref, eager):.2e}); the quantization's own effect, largest |ours nf4 - ours bf16|: "
+              f"{worst(q, mine):.2e}")
+
+
+def qlora_curves(args, config, base_state, adapter_dir, data, device, dtype) -> dict:
+    """The same 50 steps on 4-bit bases made from the same weights: ours (quantized at load, as --quantize nf4) and
+    transformers + peft + bitsandbytes (NF4, double quantization, bf16 compute; norms left in bf16 as ours)."""
+    import peft
+    import train
+    import transformers
+    from phi3 import Phi3ForCausalLM
+    from phi3.lora import load_adapter, mark_only_lora_as_trainable
+    from phi3.model import Recompute
+    from phi3.quantized import quantize_layers, quantized_names
+    with torch.device("meta"):
+        ours = Phi3ForCausalLM(config, Recompute())
+    ours.load_state_dict(base_state, strict=False, assign=True)
+    ours = ours.to(device=device, dtype=dtype)
+    quantize_layers(ours, {f"{n}.weight": ours.get_submodule(n).weight.detach() for n in quantized_names(ours)},
+                    device, dtype, None)
+    ours = load_adapter(ours, adapter_dir)
+    mark_only_lora_as_trainable(ours)
+    curves = {"ours nf4": train_curve(ours.train(), lambda b: train.batch_loss_sum(ours, b, device) / b.trained_tokens,
+                                      data, device)}
+    del ours
+    with tempfile.TemporaryDirectory() as folder:
+        reference_model(args, "cpu", torch.float32, base_state, "sdpa", None).to(dtype).save_pretrained(folder)
+        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        model = transformers.Phi3ForCausalLM.from_pretrained(folder, quantization_config=q, dtype=dtype,
+                                                             device_map={"": device.index or 0},
+                                                             attn_implementation="sdpa")
+    model = peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=True).train()
+
+    def loss_of(b):
+        shifted = torch.cat([torch.full_like(b.labels[:, :1], -100), b.labels[:, :-1]], dim=1)
+        return model(input_ids=b.input_ids.to(device), labels=shifted.to(device)).loss
+    curves["transformers+peft+bnb"] = train_curve(model, loss_of, data, device)
+    return curves
 
 
 if __name__ == "__main__":
