@@ -3,6 +3,7 @@
     python3 bench/make_kernel_choices.py            # all the shapes below; writes kernels/tables/sm90.json on Hopper
     python3 bench/make_kernel_choices.py --quick    # Phi-3-mini at r16 up to 8,192 tokens only (about a minute)
     python3 bench/make_kernel_choices.py --runs phi4:16:8192 --merge   # add one model's shapes to the shipped table
+    python3 bench/make_kernel_choices.py --qlora --merge    # the 4-bit (NF4) layers' kernels, QLORA_RUNS' shapes
 
 For each LoRA layer shape of the models below (train.py's defaults: qkv/o/gate_up/down) and each token bucket (powers
 of two) up to each run's longest, the layer runs forward + backward with dropout (training) and forward without
@@ -33,13 +34,15 @@ sys.path.insert(0, str(REPO))
 from phi3 import Phi3Config  # noqa: E402
 from phi3.atomic import atomic_file  # noqa: E402
 from phi3.kernels import choices  # noqa: E402
-from phi3.ops import lora_linear  # noqa: E402
+from phi3.nf4 import quantize  # noqa: E402
+from phi3.ops import lora_linear, qlora_linear  # noqa: E402
 
 CONFIGS = REPO / "assets" / "configs"
 RUNS = [("phi3-mini-4k-instruct", 16, 32768), ("phi3-mini-4k-instruct", 8, 8192), ("phi3-mini-4k-instruct", 32, 8192),
         ("phi3-mini-4k-instruct", 64, 8192), ("phi3-medium-4k-instruct", 16, 8192),
         ("phi4-mini-instruct", 16, 32768), ("phi4", 16, 8192)]
 QUICK = [("phi3-mini-4k-instruct", 16, 8192)]
+QLORA_RUNS = [("phi3-mini-4k-instruct", 16, 8192), ("phi3-medium-4k-instruct", 16, 8192), ("phi4", 16, 8192)]
 SMALLEST = 1024  # the first bucket timed; smaller ones take the nearest (its choices differ little there)
 
 
@@ -73,15 +76,17 @@ class Timer:
             return math.inf
 
 
-def time_layer(k: int, n: int, rank: int, tokens: int) -> None:
+def time_layer(k: int, n: int, rank: int, tokens: int, four_bit: bool = False) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(tokens, k, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(n, k, generator=g, device="cuda") / k**0.5).bfloat16()
     a = (torch.randn(rank, k, generator=g, device="cuda") / k**0.5).requires_grad_()
     b = (torch.randn(n, rank, generator=g, device="cuda") / rank**0.5).requires_grad_()
-    lora_linear(x, w, a, b, 2.0, 0.05, seed=1).backward(torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16))
+    layer = qlora_linear if four_bit else lora_linear
+    w = quantize(w) if four_bit else w
+    layer(x, w, a, b, 2.0, 0.05, seed=1).backward(torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16))
     with torch.no_grad():
-        lora_linear(x, w, a, b, 2.0, 0.0, training=False)
+        layer(x, w, a, b, 2.0, 0.0, training=False)
 
 
 def main() -> None:
@@ -89,9 +94,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="file to write (default: the shipped one of this GPU)")
     p.add_argument("--quick", action="store_true", help="only Phi-3-mini r16 up to 8,192 tokens (train.py's defaults)")
     p.add_argument("--runs", help="only these: NAME:RANK:LONGEST,... (NAME a folder of assets/configs)")
+    p.add_argument("--qlora", action="store_true", help="the 4-bit layers' kernels (QLORA_RUNS unless --runs)")
     p.add_argument("--merge", action="store_true", help="keep the table's other choices (default: a new table)")
     args = p.parse_args()
-    runs = QUICK if args.quick else RUNS
+    runs = QUICK if args.quick else QLORA_RUNS if args.qlora else RUNS
     if args.runs:
         runs = [(name, int(rank), int(longest)) for name, rank, longest in (r.split(":") for r in args.runs.split(","))]
     device = torch.device("cuda")
@@ -101,7 +107,7 @@ def main() -> None:
         config = Phi3Config.from_json(CONFIGS / name / "config.json")
         for tokens in (SMALLEST << i for i in range(20) if SMALLEST << i <= longest):
             for k, n in layer_shapes(config):
-                time_layer(k, n, rank, tokens)
+                time_layer(k, n, rank, tokens, args.qlora)
             print(f"{name} r{rank} {tokens} tokens: {len(timer.table)} choices, {time.perf_counter() - started:.0f} s",
                   flush=True)
     choices.set_timer(None)

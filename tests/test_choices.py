@@ -7,10 +7,13 @@ import torch
 
 from phi3.kernels import choices
 
-SITES = {"fwd": ["tma", "cublas"], "dx": ["tma", "cublas"], **{
+SITES = {"fwd": ["tma", "cublas"], "dx": ["tma", "cublas"], "nf4.fwd": ["nf4", "nf4-cublas"],
+         "nf4.dx": ["nf4", "nf4-cublas"], **{
     f"{site}.{kernel}": list(choices.CONFIGS[kernel]) for site, kernel in
     [("fwd", "tma"), ("dx", "tma"), ("fwd.low-rank", "gemm"), ("dx.low-rank", "gemm"), ("fwd", "gemm"),
-     ("dx", "gemm"), ("down", "down"), ("dy", "dy"), ("da", "da")]}}
+     ("dx", "gemm"), ("down", "down"), ("dy", "dy"), ("da", "da"), ("nf4.fwd", "nf4"), ("nf4.dx", "nf4"),
+     ("nf4.fwd", "nf4-decode"), ("nf4.dx", "nf4-decode"), ("nf4.fwd.low-rank", "gemm"), ("nf4.dx.low-rank", "gemm"),
+     ("nf4", "nf4-dequantize")]}}
 GPU = torch.device("cuda")  # (never touched: the architecture is given)
 
 
@@ -27,7 +30,9 @@ def test_every_shipped_table_names_known_options_for_well_formed_keys():
             site, *numbers = key.split()
             assert site in SITES and option in SITES[site], (path.name, key, option)
             bucket, n, k, rank, dropout = map(int, numbers)
-            assert bucket == choices.key(bucket, n, k, rank, dropout)[0] and dropout in (0, 1) and min(n, k, rank) > 0
+            # (rank 0: a 4-bit layer without LoRA, or the dequantize kernel)
+            assert bucket == choices.key(bucket, n, k, rank, dropout)[0] and dropout in (0, 1) and min(n, k) > 0
+            assert rank > 0 or site.startswith("nf4"), (path.name, key)
 
 
 def test_the_table_decides_then_the_nearest_bucket_then_the_rule(hopper):
