@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sample
 import train
 from phi3 import load_model, load_tokenizer
 from phi3.data import make_batches, pad_token_for, read_jsonl
@@ -786,14 +787,18 @@ def test_offload_checkpoints_on_the_cpu_is_a_note_not_an_error(base, small_chat,
 
 
 @pytest.mark.parametrize("name", ["phi4mini", "phi4"])
-def test_phi4_geometries_train_resume_and_merge(small_chat, tmp_path, name):
+def test_phi4_geometries_train_resume_merge_and_chat(small_chat, tmp_path, capsys, name):
     """train.py on Phi-4-mini's and Phi-4's geometries (partial rotary, grouped heads of 128, tied 200k or untied
-    100k vocabularies; the Phi-3 tokenizer stands in for theirs): the loss falls, a stopped run resumes to the same
-    adapter as a straight one, and the merged export computes what base + adapter does."""
+    100k vocabularies) with their own tokenizers and chat formats (models/tokenizers): the loss falls, a stopped run
+    resumes to the same adapter as a straight one, the merged export computes what base + adapter does, and sample.py
+    answers with the adapter."""
+    from test_phi4_tokenizer import unpack
     from tiny import save_hf
     base = tmp_path / "base"
     save_hf(name, base, seed=3)
-    for f in (REPO / "assets" / "tokenizer").iterdir():
+    tokenizer = unpack(REPO / "models" / "tokenizers" / {"phi4mini": "phi-4-mini-instruct", "phi4": "phi-4"}[name],
+                       tmp_path / "tokenizer")
+    for f in tokenizer.iterdir():  # (over transformers' generation_config.json: the model's own)
         shutil.copy(f, base / f.name)
     common = ["--data", small_chat, "--model", base, "--max-steps", 6, "--lr", 3e-3, "--eval-fraction", 0,
               "--max-seq-len", 96, "--targets", "q,k,v,o,gate_up,down", "--log-every", 1]
@@ -809,3 +814,7 @@ def test_phi4_geometries_train_resume_and_merge(small_chat, tmp_path, name):
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "merged")(ids),
                                    load_adapter(load_model(base), tmp_path / "straight")(ids), rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert sample.main(["--model", str(base), "--adapter", str(tmp_path / "straight"), "--prompt", "Hi",
+                        "--max-new-tokens", "4"]) == 0
+    assert "tokens" in capsys.readouterr().err
