@@ -60,12 +60,18 @@ CONFIGS = {
                    "16x64x128 s6": _c(4, 6, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)},
     "nf4-dequantize": {"64 blocks": _c(4, 1, BLOCKS=64), "128 blocks": _c(8, 1, BLOCKS=128),
                        "32 blocks": _c(4, 1, BLOCKS=32)},
+    # DoRA's weight norm (kernels/dora_norm.py), not yet timed: BLOCK_N rows x BLOCK_K columns of W a step (BLOCK_K
+    # whole NF4 blocks). Past r = 64 the first two overflow shared memory; "64x64 w8 s2" fits any rank.
+    "dora-norm": {"64x128 s4": _c(4, 4, BLOCK_N=64, BLOCK_K=128), "64x128 w8 s4": _c(8, 4, BLOCK_N=64, BLOCK_K=128),
+                  "64x64 w8 s2": _c(8, 2, BLOCK_N=64, BLOCK_K=64), "128x128 w8 s3": _c(8, 3, BLOCK_N=128, BLOCK_K=128),
+                  "64x64 s4": _c(4, 4, BLOCK_N=64, BLOCK_K=64)},
 }
 # the interpreter (and fp32, whose tiles are twice the bytes): small tiles, untabled
 SMALL = {"tma": _tma(1, 1, 32, 32), "gemm": _c(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
          "down": _c(4, 2, BLOCK_M=32, BLOCK_K=32), "dy": _c(4, 2, BLOCK_N=32), "da": _c(4, 2, BLOCK_M=32, BLOCK_K=32),
          "nf4": _c(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4),
-         "nf4-decode": _c(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1), "nf4-dequantize": _c(4, 1, BLOCKS=32)}
+         "nf4-decode": _c(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1), "nf4-dequantize": _c(4, 1, BLOCKS=32),
+         "dora-norm": _c(4, 2, BLOCK_N=16, BLOCK_K=64)}
 
 _table = None  # use_table's: None = the shipped one
 _timer = None  # set_timer's: bench/make_kernel_choices.py

@@ -7,12 +7,15 @@ against) and the switch to its Triton kernel (kernels/) on a GPU.
     lora_linear(x, W, A, B, s, p)              x W^T + s dropout(x) A^T B^T             phi3/lora.py's layers
     qlora_linear(x, W4, A, B, s, p)            the same, W frozen in NF4 (an NF4Weight)  LoRA on a 4-bit base
     nf4_linear(x, W4)                          x W^T, W in NF4                          a 4-bit base's other layers
+    dora_linear(x, W or W4, A, B, s, g, p)     peft's DoRA layer, g = m / ||W + s B A||  LoRA layers with --dora
+    dora_weight_norm(W or W4, A, B, s)         ||W + s B A|| per output row, no grad    DoRA's g
 
 backend: "triton", "torch" or None (= triton iff the input is on a GPU). Every function is autograd-aware.
 """
 import torch
 import torch.nn.functional as F
 
+from phi3.kernels import dora_norm
 from phi3.kernels.lora_linear import LoRALinearFunction
 from phi3.kernels.nf4_weight import NF4Weight, dequantize_reference
 from phi3.kernels.qlora_linear import NF4LinearFunction, QLoRALinearFunction
@@ -135,3 +138,58 @@ def nf4_linear(x, weight: NF4Weight, *, backend=None) -> torch.Tensor:
     if not _triton(backend, x):
         return x @ dequantize_reference(weight, x.dtype).t()
     return NF4LinearFunction.apply(x, weight)
+
+
+def dora_linear_reference(x, weight, lora_A, lora_B, scale, g, dropout_mask=None):
+    """peft's DoRA layer term for term (its lora/variants.py DoraLinearVariant.forward and lora/dora.py
+    DoraLinearLayer.forward): y = x W^T + ((g - 1) (xd W^T) + g (xd A^T B^T) s), x cast to the adapter's dtype for
+    the adapter terms and the sum rounded once to x's dtype; xd = x * dropout_mask. Without dropout peft reuses the
+    base output x W^T for xd W^T; with it, xd W^T is a second product (in the adapter's dtype). g (out,): m / ||W +
+    s B A||, fp32."""
+    base = x @ weight.t()
+    xa = x.to(lora_A.dtype)
+    if dropout_mask is None:
+        xd, base_d = xa, base
+    else:
+        xd = xa * dropout_mask.to(xa.dtype)
+        base_d = xd @ weight.to(xa.dtype).t()
+    lora = (xd @ lora_A.t()) @ lora_B.t()
+    return (base + ((g - 1) * base_d + g * lora * scale)).to(x.dtype)
+
+
+def dora_linear(x, weight, lora_A, lora_B, scale: float, g, dropout_p: float = 0.0, *, backend=None) -> torch.Tensor:
+    """A DoRA layer, W frozen (a 16-bit tensor or an NF4Weight); g = m / ||W + s B A|| (out,) with the norm detached.
+    dropout_p: the dropout in force (0 in eval). The mask is drawn in fp32 from torch's generator on both paths, so
+    a recomputed (checkpointed) forward replays it.
+
+    The kernel path uses that, without dropout, peft's sum is g (x W^T + s x A^T B^T): one fused LoRA GEMM, then a
+    per-column scale. With dropout peft adds (g - 1) (xd W^T) with the dropped xd, which is g L(xd) + (x - xd) W^T
+    for L the LoRA layer without dropout: a second GEMM over W (frozen: no weight gradient)."""
+    four_bit = isinstance(weight, NF4Weight)
+    mask = None if dropout_p == 0 else F.dropout(torch.ones(x.shape, dtype=torch.float32, device=x.device), dropout_p)
+    if not _triton(backend, x):
+        dense = dequantize_reference(weight, x.dtype) if four_bit else weight
+        return dora_linear_reference(x, dense, lora_A, lora_B, scale, g, mask)
+    lora = qlora_linear if four_bit else lora_linear
+    xd = x if mask is None else x * mask.to(x.dtype)
+    y = (lora(xd, weight, lora_A, lora_B, scale, backend="triton") * g).to(x.dtype)  # g in fp32: one rounding
+    if mask is None:
+        return y
+    rest = x - xd
+    return y + (nf4_linear(rest, weight, backend="triton") if four_bit else rest @ weight.t())
+
+
+def dora_weight_norm_reference(weight: torch.Tensor, lora_A, lora_B, scale: float) -> torch.Tensor:
+    """||W + scale B A|| of each output row (out,), fp32: DoRA's column norm (peft's get_weight_norm, in fp32).
+    weight (out, in) in any float dtype, lora_A (r, in), lora_B (out, r)."""
+    return torch.linalg.vector_norm(weight.float() + scale * (lora_B.float() @ lora_A.float()), dim=1)
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scale: float, *, backend=None) -> torch.Tensor:
+    """DoRA's weight norm, no gradient (peft detaches it). weight: a 16-bit (out, in) tensor or an NF4Weight.
+    The torch path materialises W + s B A; the kernel (kernels/dora_norm.py) reads W once without it."""
+    with torch.no_grad():
+        if _triton(backend, lora_A):
+            return dora_norm.dora_weight_norm(weight, lora_A, lora_B, scale)
+        dense = dequantize_reference(weight, torch.float32) if isinstance(weight, NF4Weight) else weight
+        return dora_weight_norm_reference(dense, lora_A, lora_B, scale)
