@@ -35,8 +35,8 @@ from phi3.atomic import atomic_file
 from phi3.checkpoint import default_dtype, parse_dtype, write_hf_files
 from phi3.config import open_regular, read_json_object
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
-from phi3.lora import (LoRAConfig, add_lora, lora_state_dict, mark_only_lora_as_trainable, merge_lora, parse_targets,
-                       save_adapter)
+from phi3.lora import (LoRAConfig, add_lora, add_trainable_tokens, lora_state_dict, mark_only_lora_as_trainable,
+                       merge_lora, parse_targets, save_adapter)
 from phi3.quantized import is_4bit, is_4bit_config
 from phi3.loss import cross_entropy_sum
 from phi3.model import Recompute
@@ -44,13 +44,23 @@ from phi3.progress import Progress, emit, peak_memory_gib, plot_loss
 from phi3.run_state import (RunStateError, clean_stale_writes, find_checkpoint, load_checkpoint, lr_lambda,
                             optimizer_tensors, run_folder_of, save_checkpoint, trainable_tensors, write_json_atomic)
 from phi3.run_folder import RunFolderError, RunFolderLock, check_fresh_run_folder
-from phi3.train_config import MAX_STEPS, FlagError, TrainConfig, check_against_model, resolve_config
+from phi3.train_config import (MAX_STEPS, FlagError, TrainConfig, check_against_model, resolve_config,
+                               trainable_token_ids)
 from phi3.tokenizer import TokenizerError
 
 
 
 def lora_config(cfg: TrainConfig) -> LoRAConfig:
-    return LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, parse_targets(cfg.targets), cfg.rslora)
+    return LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, parse_targets(cfg.targets), cfg.rslora, cfg.dora)
+
+
+def add_adapters(model: Phi3ForCausalLM, cfg: TrainConfig, token_ids: list[int]) -> Phi3ForCausalLM:
+    """LoRA (DoRA with --dora) on --targets, and the rows of --trainable-tokens: the embedding's, and lm_head's too
+    unless lm_head has LoRA (on a tied model they are one set of rows; train_config refuses lm_head there)."""
+    add_lora(model, lora_config(cfg))
+    if token_ids:
+        add_trainable_tokens(model, token_ids, lm_head="lm_head" not in parse_targets(cfg.targets))
+    return model
 
 
 def recompute_of(cfg: TrainConfig) -> Recompute | None:
@@ -60,7 +70,7 @@ def recompute_of(cfg: TrainConfig) -> Recompute | None:
     return Recompute(layers=cfg.checkpoint_layers, offload=cfg.offload_checkpoints)
 
 
-def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Phi3ForCausalLM:
+def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, token_ids=()) -> Phi3ForCausalLM:
     if cfg.init == "random":
         model = Phi3ForCausalLM(Phi3Config.from_json(Path(cfg.model) / "config.json"), recompute_of(cfg)).to(device)
         model.init_weights(cfg.seed)
@@ -71,7 +81,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> P
     if cfg.full:
         model.requires_grad_(True)  # already fp32: built that way or loaded with dtype=float32 above
     else:
-        add_lora(model, lora_config(cfg))
+        add_adapters(model, cfg, list(token_ids))
         mark_only_lora_as_trainable(model)
     return model.train()
 
@@ -239,7 +249,9 @@ class Run:
     def read_data(self) -> None:
         cfg, log = self.cfg, self.log
         tokenizer = load_tokenizer(cfg.model)
-        check_against_model(cfg, Phi3Config.from_json(Path(cfg.model).expanduser() / "config.json"), tokenizer)
+        config = Phi3Config.from_json(Path(cfg.model).expanduser() / "config.json")
+        check_against_model(cfg, config, tokenizer)
+        self.token_ids = trainable_token_ids(cfg, tokenizer, config)
         examples, stats = read_jsonl(cfg.data, tokenizer, cfg.train_on, cfg.max_seq_len)
         log(f"data {cfg.data}: {stats.summary()}")
         if cfg.eval_data:
@@ -280,7 +292,7 @@ class Run:
 
     def build_model(self) -> None:
         cfg, world, device = self.cfg, self.world, self.device
-        self.model = build_model(cfg, device, self.dtype)
+        self.model = build_model(cfg, device, self.dtype, self.token_ids)
         self.compute_loss = MicroBatchLoss(self.model)
         if cfg.full:  # under torchrun, each process keeps 1/N of the weights, gradients and (below) AdamW moments
             distributed.shard(self.compute_loss, self.model.model.layers, world, device)
@@ -325,7 +337,7 @@ class Run:
         self.log(f"the run already finished its {self.total_steps} steps; raise --max-steps or --epochs to train "
                  "further")
         if self.cfg.export_merged and self.world.is_main:
-            export_merged(self.model, self.cfg, self.dtype, self.log)
+            export_merged(self.model, self.cfg, self.dtype, self.log, self.token_ids)
         return True
 
     def open_folder(self) -> None:
@@ -443,19 +455,21 @@ class Run:
             self.write_model_files(run_dir, trained)
             progress.say(f"done: {'model' if self.cfg.full else 'adapter'} in {run_dir}, checkpoint {final}")
             if self.cfg.export_merged:
-                export_merged(self.model, self.cfg, self.dtype, progress.say)
+                export_merged(self.model, self.cfg, self.dtype, progress.say, self.token_ids)
             plot_loss(run_dir, progress.say)
         distributed.barrier(world)
         return 0
 
 
-def export_merged(model: Phi3ForCausalLM, cfg: TrainConfig, dtype: torch.dtype, say) -> None:
+def export_merged(model: Phi3ForCausalLM, cfg: TrainConfig, dtype: torch.dtype, say, token_ids=()) -> None:
     """Base + adapter merged into one complete model folder (weights, config, tokenizer) at --export-merged. A 4-bit
-    run's adapter is merged into the 16-bit base, read again from --model (4-bit weights would be rounded again)."""
+    run's adapter is merged into the 16-bit base, read again from --model (4-bit weights would be rounded again; a
+    DoRA magnitude then rescales that base's W + s B A, as peft's merge into it would)."""
     if is_4bit(model):
         adapter = lora_state_dict(model)
-        model = add_lora(load_model(cfg.model, dtype=dtype, device="cpu"), lora_config(cfg))
-        model.load_state_dict({name: t.cpu() for name, t in adapter.items()}, strict=False)
+        model = add_adapters(load_model(cfg.model, dtype=dtype, device="cpu"), cfg, list(token_ids))
+        unexpected = model.load_state_dict({name: t.cpu() for name, t in adapter.items()}, strict=False).unexpected_keys
+        assert not unexpected, f"adapter tensors the 16-bit model lacks: {unexpected[:3]}"  # (a bug, not bad input)
     merge_lora(model)
     save_model(model, cfg.export_merged, dtype=dtype, tokenizer_from=cfg.model)
     say(f"merged model written to {cfg.export_merged}")

@@ -4,6 +4,7 @@
     python bench/bench_train.py --no-checkpointing --steps 6
     python bench/bench_train.py --config phi4-mini-instruct         # another model's shapes (assets/configs/NAME)
     python bench/bench_train.py --qlora     # 4-bit base: ours vs transformers + peft + bitsandbytes, and vs ours bf16
+    python bench/bench_train.py --dora      # DoRA: ours vs transformers + peft DoRA, and vs ours LoRA
 
 Workload (DESIGN.md section 5): random bf16 weights, LoRA r=16 alpha=32 dropout 0.05 on qkv/o/gate_up/down,
 every token trained, AdamW (fused), gradient checkpointing per layer. Each system runs in its own process
@@ -60,19 +61,19 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
     if ablation and ablation.startswith("ours-checkpoint-"):
         layers = int(ablation.removeprefix("ours-checkpoint-"))
     model = ours_lora(ours_config(CONFIG), "cuda", torch.bfloat16, checkpointing, ablation != "ours-no-offload", layers,
-                      four_bit=ablation == "ours-nf4")
+                      four_bit=ablation == "ours-nf4", dora=ablation == "ours-dora")
 
     def loss_fn(ids, labels):
         return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()
     return model, loss_fn
 
 
-def build_reference(checkpointing: bool, four_bit: bool = False):
+def build_reference(checkpointing: bool, four_bit: bool = False, dora: bool = False):
     if four_bit:  # the random bf16 checkpoint bitsandbytes quantizes at load: made once per config, in /tmp
         base = bnb_4bit(CONFIG, None, "cuda", torch.bfloat16, Path("/tmp") / f"bench-bnb-{CONFIG.parent.name}")
     else:
         base = hf_random(CONFIG, None, "cuda", torch.bfloat16)
-    model = peft_lora(base, checkpointing)
+    model = peft_lora(base, checkpointing, dora)
 
     def loss_fn(ids, labels):
         # transformers shifts labels itself; pass ids as labels so every position is trained like ours
@@ -82,8 +83,8 @@ def build_reference(checkpointing: bool, four_bit: bool = False):
 
 def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool) -> dict:
     torch.manual_seed(0)
-    if system in ("reference", "reference-bnb"):
-        model, loss_fn = build_reference(checkpointing, four_bit=system == "reference-bnb")
+    if system.startswith("reference"):
+        model, loss_fn = build_reference(checkpointing, system == "reference-bnb", system == "reference-dora")
     else:
         # the middle ground checkpoints its first N layers also in a --no-checkpointing run (the sweep's point)
         checkpointing = checkpointing or system.startswith("ours-checkpoint-")
@@ -123,6 +124,8 @@ def main() -> None:
                         "(tokens/s against peak memory between checkpointing all layers and none)")
     p.add_argument("--qlora", action="store_true", help="4-bit bases: ours-nf4 against transformers + peft + "
                    "bitsandbytes (reference-bnb) and against ours in bf16")
+    p.add_argument("--dora", action="store_true", help="DoRA: ours-dora against transformers + peft's (use_dora) "
+                   "and against ours with plain LoRA")
     p.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                    help="also run ours with each mechanism off in turn (or only those named, comma-separated)")
     args = p.parse_args()
@@ -133,6 +136,8 @@ def main() -> None:
         return
     if args.qlora:
         return qlora(args)
+    if args.dora:
+        return dora(args)
     systems = ("ours", "reference") + tuple(a for a in args.ablations.split(",") if a) + tuple(
         f"ours-checkpoint-{int(n)}" for n in args.checkpoint_layers.split(",") if n)
     results = run_each(__file__, systems, ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq),
@@ -154,6 +159,19 @@ def main() -> None:
             off = results[name]
             print(f"{name} ({what}): {off['tokens_per_s']:,.0f} tokens/s, {off['peak_gib']:.2f} GiB; "
                   f"the mechanism buys {ours['tokens_per_s'] / off['tokens_per_s']:.3f}x")
+
+
+def dora(args) -> None:
+    flags = ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+    r = run_each(__file__, ("ours-dora", "reference-dora", "ours"), flags)
+    d, ref, lora = r["ours-dora"], r["reference-dora"], r["ours"]
+    print(f"\nDoRA training step, {args.config} shapes, batch {args.batch} x {args.seq}, r=16, dropout 0.05, "
+          f"checkpointing on, {torch.cuda.get_device_name()}, median of {args.steps} steps")
+    print(f"{'':16}{'ours dora':>12}{'peft dora':>12}{'ours lora':>12}{'dora/peft':>11}{'dora/lora':>11}")
+    for key, fmt in (("tokens_per_s", ",.0f"), ("peak_gib", ".2f")):
+        print(f"{key:16}{d[key]:12{fmt}}{ref[key]:12{fmt}}{lora[key]:12{fmt}}{d[key] / ref[key]:11.2f}"
+              f"{d[key] / lora[key]:11.2f}")
+    print(f"step cost of DoRA over ours LoRA: {lora['tokens_per_s'] / d['tokens_per_s']:.3f}x")
 
 
 def qlora(args) -> None:

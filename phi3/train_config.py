@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +47,14 @@ class TrainConfig:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    targets: str = field(default="qkv,o,gate_up,down", metadata={"help": "e.g. qkv,o,gate_up,down or q,v (+lm_head)"})
+    targets: str = field(default="qkv,o,gate_up,down", metadata={
+        "help": "e.g. qkv,o,gate_up,down or q,v or all-linear (+lm_head, +embed_tokens)"})
     rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(rank) instead of alpha/rank"})
+    dora: bool = field(default=False, metadata={
+        "help": "DoRA: LoRA with a trained magnitude per output row, as peft's use_dora (not with embed_tokens)"})
+    trainable_tokens: str | None = field(default=None, metadata={
+        "help": "comma-separated token ids, or tokens as the vocabulary spells them (e.g. '<|placeholder1|>,32003'), "
+                "whose embedding and lm_head rows train on their own (peft's trainable_token_indices)"})
     train_on: str = field(default="assistant", metadata={"choices": ["assistant", "all"]})
     packing: bool = field(default=False, metadata={"help": "pack examples into full rows (attention kept per example)"})
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on for CUDA, off on CPU"})
@@ -100,12 +107,12 @@ MAX_STEPS = 2**31 - 1  # optimizer steps in one run: counts past it are typos (-
 
 
 # Fields added after version 1 of train_config.json: a run saved before them resumes with their defaults.
-ADDED_LATER = ("offload_checkpoints", "checkpoint_layers")
+ADDED_LATER = ("offload_checkpoints", "checkpoint_layers", "dora", "trainable_tokens")
 
 # Flags that shape the trained tensors or the sequence of batches: a resumed run keeps the saved values (it
 # would otherwise fail to load, or silently train on other batches than the run it continues).
-RESUME_FIXED = ("full", "init", "rank", "alpha", "dropout", "targets", "rslora", "train_on", "max_seq_len",
-                "packing", "batch_size", "grad_accum", "seed", "eval_fraction")
+RESUME_FIXED = ("full", "init", "rank", "alpha", "dropout", "targets", "rslora", "dora", "trainable_tokens", "train_on",
+                "max_seq_len", "packing", "batch_size", "grad_accum", "seed", "eval_fraction")
 
 
 def config_from_json(path: Path) -> TrainConfig:
@@ -212,9 +219,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.checkpoint_layers is not None and cfg.checkpoint_layers < 0:
         problems.append("--checkpoint-layers must be >= 0 (0: checkpoint none, like --no-gradient-checkpointing)")
     try:
-        parse_targets(cfg.targets)
+        targets = parse_targets(cfg.targets)
     except ValueError as e:
         problems.append(str(e))
+    else:
+        problems += adapter_problems(cfg, targets)
     problems += distributed.device_problems(cfg.device)
     if os.environ.get("LORA_GEMM", "auto") not in GEMM_CHOICES:
         problems.append(f"environment LORA_GEMM={os.environ['LORA_GEMM']!r} must be one of {', '.join(GEMM_CHOICES)}"
@@ -234,6 +243,51 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise FlagError("--export-merged merges a LoRA adapter into its base; a --full run's folder already holds "
                             "the whole model: drop --export-merged")
     return cfg
+
+
+def token_items(spec: str) -> list[str]:
+    return [item.strip() for item in spec.split(",")]
+
+
+def adapter_problems(cfg: TrainConfig, targets: tuple[str, ...]) -> list[str]:
+    """--dora and --trainable-tokens against the other flags (the tokens against the model: trainable_token_ids)."""
+    problems = []
+    if cfg.full and (cfg.dora or cfg.trainable_tokens is not None):
+        problems.append("--dora and --trainable-tokens shape a LoRA adapter; --full trains every weight: drop them")
+    if cfg.dora and "embed_tokens" in targets:
+        problems.append("--dora with embed_tokens in --targets is not supported (peft's DoRA on an embedding rescales "
+                        "each dimension by a norm over the whole vocabulary); drop one of them")
+    if cfg.trainable_tokens is not None and not all(token_items(cfg.trainable_tokens)):
+        problems.append(f"--trainable-tokens {cfg.trainable_tokens!r} has an empty item; give comma-separated token "
+                        "ids or tokens, e.g. '<|placeholder1|>,32003'")
+    if cfg.trainable_tokens is not None and "embed_tokens" in targets:
+        problems.append("--trainable-tokens with embed_tokens in --targets: the embedding takes one kind of adapter "
+                        "(as in peft); drop one of them")
+    return problems
+
+
+def trainable_token_ids(cfg: TrainConfig, tokenizer, config: Phi3Config) -> list[int]:
+    """--trainable-tokens as token ids: an item of digits is an id, any other item a token of the tokenizer's
+    vocabulary, spelled as there. Each must be a distinct row of the model's embedding."""
+    if cfg.trainable_tokens is None:
+        return []
+    if config.tie_word_embeddings and "lm_head" in parse_targets(cfg.targets):
+        raise FlagError(f"--trainable-tokens on {cfg.model}, whose lm_head is its embedding (tied), trains the tokens' "
+                        "lm_head rows too; drop lm_head from --targets")
+    ids = {}
+    for item in token_items(cfg.trainable_tokens):
+        token = int(item) if re.fullmatch(r"[0-9]{1,12}", item) else tokenizer.tok.token_to_id(item)
+        if token is None:
+            raise FlagError(f"--trainable-tokens: {item!r} is not a token of {cfg.model}'s tokenizer; give token ids, "
+                            "or tokens as its vocabulary spells them (e.g. <|placeholder1|>)")
+        if not 0 <= token < config.vocab_size:
+            raise FlagError(f"--trainable-tokens: {item} is not a token id of {cfg.model} (its embedding has "
+                            f"{config.vocab_size} rows)")
+        if token in ids:
+            raise FlagError(f"--trainable-tokens: {item!r} is token {token}, given already as {ids[token]!r}; name "
+                            "each token once")
+        ids[token] = item
+    return list(ids)
 
 
 def check_writable_folder(path: Path, flag: str) -> None:

@@ -236,7 +236,8 @@ BAD_CONFIG = {  # adapter_config.json key -> values of a wrong type or out of ra
     "lora_dropout": [1.0, -0.1, "0", NAN], "use_rslora": ["true", 1], "target_modules": [5, [1], {"q": 1}],
     "base_model_name_or_path": [5, ["x"]], "rank_pattern": [[], "x", {"x": 0}, {"x": "4"}, {"x": True}, {"x": 2.5}],
     "alpha_pattern": [[1], {"x": "a"}, {"x": NAN}, {"x": None}], "peft_type": ["IA3", 5, None],
-    "use_dora": [True, "no"],
+    "use_dora": ["no", 1], "ensure_weight_tying": ["yes"],
+    "trainable_token_indices": [[], [1, 1], [-1], ["5"], [2.0], {}, {"embed_tokens": []}, {"embed_tokens": 5}, 7],
     "bias": ["all", None], "modules_to_save": [["lm_head"], "lm_head"], "fan_in_fan_out": ["no"], "lora_bias": [True],
 }
 

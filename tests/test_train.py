@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import sample
 import train
 from phi3 import load_model, load_tokenizer
+from phi3.train_config import ADDED_LATER
 from phi3.data import make_batches, pad_token_for, read_jsonl
 from phi3.lora import LoRAConfig, add_lora, load_adapter, lora_modules, mark_only_lora_as_trainable
 from phi3.model import Recompute
@@ -512,12 +513,13 @@ def test_hostile_checkpoint_is_one_clear_line(finished_run, tmp_path, name, tamp
 
 
 def test_a_run_saved_before_the_newer_flags_resumes_with_their_defaults(finished_run, tmp_path, capsys):
-    """train_config.json of an earlier version (no offload_checkpoints, no checkpoint_layers) still resumes."""
+    """train_config.json of an earlier version (no offload_checkpoints, checkpoint_layers, dora, trainable_tokens)
+    still resumes."""
     run_dir = tmp_path / "old"
     shutil.copytree(finished_run, run_dir)
     shutil.rmtree(run_dir / "checkpoint-4")
     saved = run_dir / "checkpoint-2" / "train_config.json"
-    old = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("offload_checkpoints", "checkpoint_layers")}
+    old = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ADDED_LATER}
     saved.write_text(json.dumps(old))
     assert run("--resume", run_dir / "checkpoint-2") == 0, capsys.readouterr().err
     assert "checkpoint-4" in [p.name for p in list_checkpoints(run_dir)]
@@ -818,3 +820,57 @@ def test_phi4_geometries_train_resume_merge_and_chat(small_chat, tmp_path, capsy
     assert sample.main(["--model", str(base), "--adapter", str(tmp_path / "straight"), "--prompt", "Hi",
                         "--max-new-tokens", "4"]) == 0
     assert "tokens" in capsys.readouterr().err
+
+
+ADAPTER_KINDS = {  # flags -> the model, and the kinds of tensor the run trains (besides lora_A / lora_B)
+    "dora": (["--dora", "--dropout", "0.1"], None, {"lora_magnitude"}),
+    "embed_tokens": (["--targets", "qkv,o,embed_tokens"], None, {"lora_embedding_A", "lora_embedding_B"}),
+    "tokens": (["--trainable-tokens", "<|placeholder1|>,5,<|end|>"], None, {"lora_token_rows"}),
+    "tokens-tied": (["--trainable-tokens", "<|placeholder1|>,32000", "--targets", "q,v"], REPO / "models" / "tiny-phi3",
+                    {"lora_token_rows"}),
+}
+
+
+@pytest.mark.parametrize("kind", ADAPTER_KINDS)
+def test_each_adapter_kind_resumes_exactly_exports_and_loads_in_peft(base, small_chat, tmp_path, kind):
+    """--dora, LoRA on embed_tokens, --trainable-tokens (untied: embedding and lm_head rows; tied: one set): the
+    checkpoints hold the new trained tensors and 2 steps + resume + 2 steps is the 4-step run bit for bit; peft
+    computes what the adapter computes here; --export-merged holds base + adapter."""
+    from peft_oracle import peft_model
+    flags, model, extra = ADAPTER_KINDS[kind]
+    model = model or base
+    common = ["--data", small_chat, "--model", model, "--max-steps", 4, "--lr", 1e-2, "--batch-size", 2, "--rank", 4,
+              "--eval-fraction", 0, *flags]
+    assert run(*common, "--out", tmp_path / "straight", "--save-every", 2, "--export-merged", tmp_path / "merged") == 0
+    trained = load_file(tmp_path / "straight" / "checkpoint-2" / "trainable.safetensors")
+    assert {name.rsplit(".", 1)[1] for name in trained} == {"lora_A", "lora_B"} | extra
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    assert run("--resume", tmp_path / "resumed") == 0
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ours = load_adapter(load_model(model), tmp_path / "straight").eval()
+    ids = torch.tensor([[1, 5, 32002, 900, 32007, 5, 32000, 17]])
+    with torch.no_grad():
+        expected = ours(ids)
+        assert (expected - load_model(model)(ids)).abs().max() > 1e-3  # the adapter changed the model
+        theirs = peft_model(model, tmp_path / "straight").eval()
+        torch.testing.assert_close(theirs(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(load_model(tmp_path / "merged")(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--dora", "--targets", "qkv,embed_tokens"], "--dora with embed_tokens in --targets is not supported"),
+    (["--full", "--dora"], "--full trains every weight"),
+    (["--trainable-tokens", "5,,6"], "has an empty item"),
+    (["--trainable-tokens", "5", "--targets", "qkv,embed_tokens"], "the embedding takes one kind of adapter"),
+    (["--trainable-tokens", "no-such-token"], "'no-such-token' is not a token of"),
+    (["--trainable-tokens", "99999"], "99999 is not a token id of"),
+    (["--trainable-tokens", "32000,<|endoftext|>"], "'<|endoftext|>' is token 32000, given already as '32000'"),
+    (["--trainable-tokens", "5", "--targets", "qkv,lm_head"], "(tied), trains the tokens' lm_head rows too; drop lm_head"),
+])
+def test_adapter_kind_flags_that_cannot_work_exit_2(small_chat, tmp_path, capsys, flags, message):
+    assert run("--data", small_chat, "--out", tmp_path / "o", *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("error")] == err[-1:] and message in err[-1], err
+    assert not (tmp_path / "o").exists()
