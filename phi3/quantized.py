@@ -11,6 +11,10 @@ bitsandbytes load, with their quantization_config in config.json.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
+
 import torch
 import torch.nn as nn
 
@@ -74,14 +78,33 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_layers(model: nn.Module, state: dict, device, dtype, error) -> None:
     """Quantize each of the model's LAYERS from `state` (16-bit tensors, memory-mapped), one tensor at a time on
-    `device`: the 16-bit model is never in memory. Their tensors leave `state`. error(name, message) raises."""
+    `device`: the 16-bit model is never in memory, on the GPU or (its file's pages given back as each tensor is
+    done) in the process's host memory. Their tensors leave `state`. error(name, message) raises."""
     for name in quantized_names(model):
-        w = state.pop(f"{name}.weight").to(device=device, dtype=dtype)
+        source = state.pop(f"{name}.weight")
+        w = source.to(device=device, dtype=dtype)
         try:
             _set(model, name, NF4Linear(nf4.quantize(w)))
         except ValueError as e:
             error(name, str(e))
         del w
+        _give_back_pages(source)
+
+
+_libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+_MADV_DONTNEED = 4
+
+
+def _give_back_pages(t: torch.Tensor) -> None:
+    """Drop the whole memory pages of a CPU tensor that nothing reads again (a quantized layer's 16-bit source): a
+    file's pages read through its private map would otherwise stay in the process's memory until the load ends,
+    the whole 16-bit file at its peak. Read again, a page of a file comes back from the file."""
+    if _libc is None or t.device.type != "cpu":
+        return
+    start = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # only pages wholly inside t: neighbours keep theirs
+    end = (t.data_ptr() + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def read_4bit_layers(model: nn.Module, state: dict, device, path) -> None:
