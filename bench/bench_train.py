@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 CONFIGS = REPO / "assets" / "configs"
 CONFIG = CONFIGS / "phi3-mini-4k-instruct" / "config.json"  # --config replaces it
+DROPOUT = 0.05  # --dropout replaces it (both sides)
 
 
 ABLATIONS = {  # this project with one mechanism switched off: what each buys in the whole step
@@ -61,7 +62,7 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
     if ablation and ablation.startswith("ours-checkpoint-"):
         layers = int(ablation.removeprefix("ours-checkpoint-"))
     model = ours_lora(ours_config(CONFIG), "cuda", torch.bfloat16, checkpointing, ablation != "ours-no-offload", layers,
-                      four_bit=ablation == "ours-nf4", dora=ablation == "ours-dora")
+                      four_bit=ablation == "ours-nf4", dora=ablation == "ours-dora", dropout=DROPOUT)
 
     def loss_fn(ids, labels):
         return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()
@@ -73,7 +74,7 @@ def build_reference(checkpointing: bool, four_bit: bool = False, dora: bool = Fa
         base = bnb_4bit(CONFIG, None, "cuda", torch.bfloat16, Path("/tmp") / f"bench-bnb-{CONFIG.parent.name}")
     else:
         base = hf_random(CONFIG, None, "cuda", torch.bfloat16)
-    model = peft_lora(base, checkpointing, dora)
+    model = peft_lora(base, checkpointing, dora, DROPOUT)
 
     def loss_fn(ids, labels):
         # transformers shifts labels itself; pass ids as labels so every position is trained like ours
@@ -119,6 +120,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout on both sides")
     p.add_argument("--checkpoint-layers", default="",
                    help="also run ours with only the first N layers checkpointed, for each N of a comma-separated list "
                         "(tokens/s against peak memory between checkpointing all layers and none)")
@@ -129,8 +131,8 @@ def main() -> None:
     p.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                    help="also run ours with each mechanism off in turn (or only those named, comma-separated)")
     args = p.parse_args()
-    global CONFIG
-    CONFIG = CONFIGS / args.config / "config.json"
+    global CONFIG, DROPOUT
+    CONFIG, DROPOUT = CONFIGS / args.config / "config.json", args.dropout
     if args.system:
         print(json.dumps(measure(args.system, args.batch, args.seq, args.steps, args.checkpointing)))
         return
@@ -141,10 +143,12 @@ def main() -> None:
     systems = ("ours", "reference") + tuple(a for a in args.ablations.split(",") if a) + tuple(
         f"ours-checkpoint-{int(n)}" for n in args.checkpoint_layers.split(",") if n)
     results = run_each(__file__, systems, ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq),
+                       "--dropout", str(args.dropout),
                        "--steps", str(args.steps), "--checkpointing" if args.checkpointing else "--no-checkpointing"])
     ours, ref = results["ours"], results["reference"]
-    print(f"\nLoRA training step, {args.config} shapes, batch {args.batch} x {args.seq}, r=16, checkpointing "
-          f"{'on' if args.checkpointing else 'off'}, {torch.cuda.get_device_name()}, median of {args.steps} steps")
+    print(f"\nLoRA training step, {args.config} shapes, batch {args.batch} x {args.seq}, r=16, dropout {args.dropout}, "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, {torch.cuda.get_device_name()}, "
+          f"median of {args.steps} steps")
     print(f"{'':16}{'ours':>12}{'transformers+peft':>20}{'ours/ref':>10}")
     print(f"{'tokens/s':16}{ours['tokens_per_s']:12,.0f}{ref['tokens_per_s']:20,.0f}{ours['tokens_per_s'] / ref['tokens_per_s']:10.2f}")
     print(f"{'peak GiB':16}{ours['peak_gib']:12.2f}{ref['peak_gib']:20.2f}{ours['peak_gib'] / ref['peak_gib']:10.2f}")
@@ -162,10 +166,11 @@ def main() -> None:
 
 
 def dora(args) -> None:
-    flags = ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+    flags = ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+             "--dropout", str(args.dropout)]
     r = run_each(__file__, ("ours-dora", "reference-dora", "ours"), flags)
     d, ref, lora = r["ours-dora"], r["reference-dora"], r["ours"]
-    print(f"\nDoRA training step, {args.config} shapes, batch {args.batch} x {args.seq}, r=16, dropout 0.05, "
+    print(f"\nDoRA training step, {args.config} shapes, batch {args.batch} x {args.seq}, r=16, dropout {args.dropout}, "
           f"checkpointing on, {torch.cuda.get_device_name()}, median of {args.steps} steps")
     print(f"{'':16}{'ours dora':>12}{'peft dora':>12}{'ours lora':>12}{'dora/peft':>11}{'dora/lora':>11}")
     for key, fmt in (("tokens_per_s", ",.0f"), ("peak_gib", ".2f")):

@@ -3,9 +3,9 @@
     model = ours_lora(config, device, dtype)                        # as train.py builds it on a GPU
     reference = peft_lora(hf_random(CONFIG_PATH, overrides, device, dtype))
 
-LoRA r=16, alpha 32, dropout 0.05 on qkv/o/gate_up/down on both sides; per-layer gradient checkpointing
-(non-reentrant) unless asked otherwise; random weights (transformers' init on its side, ours' on ours: speed and
-memory do not depend on the values).
+LoRA r=16, alpha 32, dropout 0.05 (unless asked otherwise) on qkv/o/gate_up/down on both sides; per-layer gradient
+checkpointing (non-reentrant) unless asked otherwise; random weights (transformers' init on its side, ours' on ours:
+speed and memory do not depend on the values).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool = True, layers: int | None = None,
-              four_bit: bool = False, dora: bool = False):
+              four_bit: bool = False, dora: bool = False, dropout: float = 0.05):
     """This project's Phi-3 with LoRA, training mode; checkpointed layer inputs offloaded on a GPU (train.py's
     default); layers: only the first N checkpointed; four_bit: QLoRA, the layers' weights quantized to NF4 (as
     train.py --quantize nf4 does at load, one tensor at a time)."""
@@ -37,7 +37,7 @@ def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool =
         from phi3.quantized import quantize_layers, quantized_names
         weights = {f"{n}.weight": model.get_submodule(n).weight.detach() for n in quantized_names(model)}
         quantize_layers(model, weights, device, dtype, None)
-    add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.05, dora=dora))
+    add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=dropout, dora=dora))
     mark_only_lora_as_trainable(model)
     return model.train()
 
@@ -91,10 +91,10 @@ def bnb_4bit(path: Path, overrides: dict | None, device, dtype, folder: Path):
     return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
 
-def peft_lora(model, checkpointing: bool = True, dora: bool = False):
+def peft_lora(model, checkpointing: bool = True, dora: bool = False, dropout: float = 0.05):
     """peft's LoRA on a transformers model, training mode, with transformers' own gradient checkpointing."""
     import peft
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, task_type="CAUSAL_LM",
                                                        target_modules=TARGETS, use_dora=dora))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -69,6 +69,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(len(slices) * rank, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(sum(e - s for s, e in slices), rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and peft; B = 0 -> starts at the base
+        self._norm = None  # DoRA: (its inputs, ||W + s B A||), see dora_norm
         self.lora_magnitude = nn.Parameter(self.slice_rows(self.dora_norm())) if dora else None
         self.merged, self.merged_scale = False, None
         self.train(base.training)  # an adapter added to a model in eval mode has no dropout: as the layer it wraps
@@ -106,9 +107,19 @@ class LoRALinear(nn.Module):
         return torch.cat(pieces + [norm[start:]])
 
     def dora_norm(self, full_B: torch.Tensor | None = None) -> torch.Tensor:
-        """||W + s B A|| per output row (out,), fp32, no gradient (peft detaches it)."""
-        B = self.full_B() if full_B is None else full_B
-        return dora_weight_norm(self.frozen_weight(), self.lora_A, B, self.scale)
+        """||W + s B A|| per output row (out,), fp32, no gradient (peft detaches it). Kept while W, A and B are
+        unchanged, so a checkpointed layer's recompute and every decoding step reuse it instead of reading W again."""
+        key = self._norm_inputs()
+        if self._norm is None or self._norm[0] != key:
+            B = self.full_B() if full_B is None else full_B
+            self._norm = key, dora_weight_norm(self.frozen_weight(), self.lora_A, B, self.scale)
+        return self._norm[1]
+
+    def _norm_inputs(self) -> tuple:
+        """What the norm is computed from: each tensor's device, storage and version counter (an in-place update,
+        an optimizer step or a load, bumps the version; `.to()` or a new tensor changes the storage), and s."""
+        W = self.base4.packed if self.base4 is not None else self.weight
+        return tuple((t.device, t.data_ptr(), t._version) for t in (self.lora_A, self.lora_B, W)) + (self.scale,)
 
     def dora_scale(self, full_B: torch.Tensor | None = None) -> torch.Tensor:
         """DoRA's g = m / ||W + s B A|| per output row (out,), fp32; the gradient reaches m only."""

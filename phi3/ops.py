@@ -9,6 +9,7 @@ against) and the switch to its Triton kernel (kernels/) on a GPU.
     nf4_linear(x, W4)                          x W^T, W in NF4                          a 4-bit base's other layers
     dora_linear(x, W or W4, A, B, s, g, p)     peft's DoRA layer, g = m / ||W + s B A||  LoRA layers with --dora
     dora_weight_norm(W or W4, A, B, s)         ||W + s B A|| per output row, no grad    DoRA's g
+    column_scale(L, g)                         (L * g).to(L dtype), g (N,) fp32         DoRA's g applied
 
 backend: "triton", "torch" or None (= triton iff the input is on a GPU). Every function is autograd-aware.
 """
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from phi3.kernels import dora_norm
+from phi3.kernels.column_scale import ColumnScaleFunction
 from phi3.kernels.lora_linear import LoRALinearFunction
 from phi3.kernels.nf4_weight import NF4Weight, dequantize_reference
 from phi3.kernels.qlora_linear import NF4LinearFunction, QLoRALinearFunction
@@ -172,11 +174,25 @@ def dora_linear(x, weight, lora_A, lora_B, scale: float, g, dropout_p: float = 0
         return dora_linear_reference(x, dense, lora_A, lora_B, scale, g, mask)
     lora = qlora_linear if four_bit else lora_linear
     xd = x if mask is None else x * mask.to(x.dtype)
-    y = (lora(xd, weight, lora_A, lora_B, scale, backend="triton") * g).to(x.dtype)  # g in fp32: one rounding
+    y = column_scale(lora(xd, weight, lora_A, lora_B, scale, backend="triton"), g, backend="triton")
     if mask is None:
         return y
     rest = x - xd
-    return y + (nf4_linear(rest, weight, backend="triton") if four_bit else rest @ weight.t())
+    if four_bit:
+        return y + nf4_linear(rest, weight, backend="triton")
+    return torch.addmm(y.reshape(-1, y.shape[-1]), rest.reshape(-1, x.shape[-1]), weight.t()).view(y.shape)  # one pass
+
+
+def column_scale_reference(L, g):
+    """(L * g).to(L.dtype): each column of L (..., N) times g (N,) fp32, the product in fp32, one rounding."""
+    return (L * g).to(L.dtype)
+
+
+def column_scale(L, g, *, backend=None):
+    """L (..., N) scaled per column by g (N,), gradients to both (kernels/column_scale.py on a GPU)."""
+    if g.shape != L.shape[-1:]:
+        raise ValueError(f"column_scale: L {tuple(L.shape)} needs g ({L.shape[-1]},)")
+    return ColumnScaleFunction.apply(L, g) if _triton(backend, L) else column_scale_reference(L, g)
 
 
 def dora_weight_norm_reference(weight: torch.Tensor, lora_A, lora_B, scale: float) -> torch.Tensor:
@@ -193,3 +209,4 @@ def dora_weight_norm(weight, lora_A, lora_B, scale: float, *, backend=None) -> t
             return dora_norm.dora_weight_norm(weight, lora_A, lora_B, scale)
         dense = dequantize_reference(weight, torch.float32) if isinstance(weight, NF4Weight) else weight
         return dora_weight_norm_reference(dense, lora_A, lora_B, scale)
+

@@ -67,6 +67,43 @@ def test_dora_forward_and_every_gradient_equal_peft(tmp_path, name, targets, dro
     assert_trains_like_peft(model, tmp_path / "base", tmp_path, IDS)
 
 
+def test_dora_norm_once_per_step_and_anew_after_every_change(tmp_path, monkeypatch):
+    """The norm ||W + s B A|| is kept while W, A and B are unchanged: a checkpointed layer's recompute reuses the
+    forward's (one norm per layer per step, not two); an optimizer step, a load into A or B, and moving the model make
+    it anew, and the kept norm always equals a fresh one."""
+    import phi3.lora_layers
+    from phi3.model import Recompute
+    save_hf("gqa", tmp_path / "base")
+    model = add_lora(load_model(tmp_path / "base", recompute=Recompute()), LoRAConfig(rank=4, dora=True))
+    mark_only_lora_as_trainable(model)
+    layers = list(lora_modules(model).values())
+    computed = []
+    real = phi3.lora_layers.dora_weight_norm
+    monkeypatch.setattr(phi3.lora_layers, "dora_weight_norm", lambda *a: computed.append(1) or real(*a))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def step():
+        computed.clear()
+        model.train()(IDS).float().logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        return len(computed)
+
+    assert step() == 0  # each norm was made with the magnitude, and A and B have not changed since
+    assert step() == len(layers)  # the optimizer step changed them: every norm anew, shared by forward and recompute
+    for m in layers:
+        assert torch.equal(m.dora_norm(), real(m.frozen_weight(), m.lora_A, m.full_B(), m.scale))
+    computed.clear()
+    with torch.no_grad():
+        layers[0].lora_B.copy_(torch.randn(layers[0].lora_B.shape))  # as load_adapter writes
+        layers[1].lora_A.add_(1.0)
+    model.eval()(IDS)
+    assert len(computed) == 2
+    computed.clear()
+    model.to(torch.float64)(IDS)
+    assert len(computed) == len(layers) and all(m._norm[1].dtype == torch.float32 for m in layers)
+
+
 def test_peft_trained_dora_adapter_loads_here_and_in_sample_py(tmp_path, capsys):
     peft = peft_or_skip()
     import transformers

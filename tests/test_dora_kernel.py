@@ -239,3 +239,60 @@ def test_cuda_deterministic_counters_reset_no_weight_sized_tensor():
     assert torch.cuda.max_memory_allocated() - before <= 64 * n * 4  # up to 63 partials of n floats, and the norm
     assert torch.equal(first, second)
     assert all(int(c.abs().sum()) == 0 for c in launch._counters.values())
+
+
+# ---- DoRA's output scale g * L (kernels/column_scale.py) ---------------------------------------------------------
+# Tolerance: the same rule. y and dL are one rounding of an fp32 product (as torch's): equal to torch's but for the
+# rare fp32 product that rounds to the other side of a 16-bit tie; dg sums M products in fp32 (the kernel per row
+# block, then torch over the blocks; torch in its own order): 16 fp32 ulps of the largest |dg| of slack, as above.
+
+def _column_scale_case(m, n, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    L = torch.randn(m, n, generator=gen).to(DEV, dtype)
+    g = (torch.rand(n, generator=gen) + 0.5).to(DEV)
+    dy = torch.randn(m, n, generator=gen).to(DEV, dtype)
+    return L, g, dy
+
+
+def _check_column_scale(L, g, dy):
+    from phi3.ops import column_scale, column_scale_reference
+    results = []
+    for run in (lambda a, b: column_scale(a, b, backend="triton"), column_scale_reference):
+        a, b = L.clone().requires_grad_(), g.clone().requires_grad_()
+        y = run(a, b)
+        y.backward(dy)
+        results.append((y, a.grad, b.grad))
+    a, b = L.double().requires_grad_(), g.double().requires_grad_()
+    y = a * b
+    y.backward(dy.double())
+    for i, (got, ref, exact) in enumerate(zip(*results, (y, a.grad, b.grad))):
+        assert got.dtype == ref.dtype and got.shape == ref.shape and torch.isfinite(got).all()
+        slack = 16 * torch.finfo(torch.float32).eps * exact.abs().max().item() if i == 2 else 0.0
+        err, torch_err = (got.double() - exact).abs().max().item(), (ref.double() - exact).abs().max().item()
+        assert err <= 2 * torch_err + slack, (i, err, torch_err)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n", [(1, 1), (33, 257), (70, 600), (5, 31)])
+def test_column_scale_against_float64(dtype, m, n):
+    """Rows and columns that are not multiples of the blocks (32 x 256), one element, several row blocks."""
+    _check_column_scale(*_column_scale_case(m, n, dtype, seed=m * n))
+
+
+@needs_triton
+def test_column_scale_keeps_leading_dims_and_strided_grads():
+    """(B, T, N) inputs, and a gradient that is not contiguous (an expanded one, as a sum's backward gives)."""
+    from phi3.ops import column_scale
+    L, g, _ = _column_scale_case(6, 40, torch.float32, seed=3)
+    L3 = L.view(2, 3, 40).requires_grad_()
+    column_scale(L3, g.requires_grad_(), backend="triton").sum().backward()
+    assert torch.equal(L3.grad, g.detach().expand(2, 3, 40)) and torch.allclose(g.grad, L.sum(0).float())
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("n", [9216, 3072, 16384, 7680, 35840])
+def test_cuda_column_scale_bf16(n):
+    """Phi-3-mini's and Phi-3-medium's layer widths at 8192 tokens, bf16."""
+    _check_column_scale(*_column_scale_case(8192, n, torch.bfloat16, seed=n))
