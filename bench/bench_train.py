@@ -39,12 +39,15 @@ ABLATIONS = {  # this project with one mechanism switched off: what each buys in
     # the LoRA kernel's own mechanism (issue 12: each must pay for itself in the whole step; the concat GEMM kind
     # and the private fast launcher did not, and were removed: bench/README.md)
     "ours-rule": "kernel configs and GEMM kinds by the rule alone, the shipped table switched off (kernels/choices.py)",
+    "ours-checkpointed-loss": "the loss recomputing each chunk's lm_head GEMM and fp32 logits in the backward instead "
+                              "of computing d hidden in the forward (phi3/loss.py)",
 }
 
 
 def build_ours(checkpointing: bool, ablation: str | None = None):
     import phi3.kernels.choices
     import phi3.attention
+    import phi3.loss
     import phi3.model
     from phi3.loss import cross_entropy_sum
     from phi3.ops import rms_norm_reference, rope_qk_reference, swiglu_reference
@@ -58,6 +61,8 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
         phi3.model.swiglu = swiglu_reference
     elif ablation == "ours-rule":
         phi3.kernels.choices.use_table({})
+    elif ablation == "ours-checkpointed-loss":
+        phi3.loss.fused_linear_loss = False
     layers = None  # the middle ground, ours-checkpoint-N: only the first N layers checkpointed
     if ablation and ablation.startswith("ours-checkpoint-"):
         layers = int(ablation.removeprefix("ours-checkpoint-"))

@@ -10,13 +10,15 @@ against) and the switch to its Triton kernel (kernels/) on a GPU.
     dora_linear(x, W or W4, A, B, s, g, p)     peft's DoRA layer, g = m / ||W + s B A||  LoRA layers with --dora
     dora_weight_norm(W or W4, A, B, s)         ||W + s B A|| per output row, no grad    DoRA's g
     column_scale(L, g)                         (L * g).to(L dtype), g (N,) fp32         DoRA's g applied
+    cross_entropy_grad(logits, t)              loss rows and softmax - onehot(t), in place  phi3/loss.py's chunks
 
-backend: "triton", "torch" or None (= triton iff the input is on a GPU). Every function is autograd-aware.
+backend: "triton", "torch" or None (= triton iff the input is on a GPU). Every function is autograd-aware but
+cross_entropy_grad (it runs inside phi3/loss.py's autograd Function, whose forward computes the gradient).
 """
 import torch
 import torch.nn.functional as F
 
-from phi3.kernels import dora_norm
+from phi3.kernels import cross_entropy, dora_norm
 from phi3.kernels.column_scale import ColumnScaleFunction
 from phi3.kernels.lora_linear import LoRALinearFunction
 from phi3.kernels.nf4_weight import NF4Weight, dequantize_reference
@@ -210,3 +212,25 @@ def dora_weight_norm(weight, lora_A, lora_B, scale: float, *, backend=None) -> t
         dense = dequantize_reference(weight, torch.float32) if isinstance(weight, NF4Weight) else weight
         return dora_weight_norm_reference(dense, lora_A, lora_B, scale)
 
+
+def cross_entropy_grad_reference(logits, targets):
+    """Per-row cross entropy lse(x) - x[t] (F.cross_entropy's, no reduction) and its gradient softmax(x) - onehot(t)
+    rounded once to logits' dtype, x = logits upcast to fp32 (fp64 stays fp64) as `F.cross_entropy(logits.float())`
+    sees them. logits (n, V), targets (n,) int64 in [0, V). Loss rows in x's dtype."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    grad = torch.softmax(x, -1)
+    grad[torch.arange(len(targets), device=x.device), targets] -= 1
+    return F.cross_entropy(x, targets, reduction="none"), grad.to(logits.dtype)
+
+
+def cross_entropy_grad(logits, targets, *, backend=None):
+    """(loss rows, d(sum of losses)/d logits), the spec above; the gradient is written over logits and returned (its
+    buffer), so a chunk's logits and their gradient never both exist. No autograd."""
+    if (logits.dim() != 2 or logits.stride(-1) != 1 or targets.shape != logits.shape[:1]
+            or targets.dtype != torch.int64):
+        raise ValueError(f"cross_entropy_grad: logits {tuple(logits.shape)} with stride {logits.stride()} must be "
+                         f"(n, V) with unit column stride, targets {tuple(targets.shape)} {targets.dtype} (n,) int64")
+    if not _triton(backend, logits) or logits.dtype == torch.float64:
+        loss, grad = cross_entropy_grad_reference(logits, targets)
+        return loss, logits.copy_(grad)
+    return cross_entropy.cross_entropy_grad(logits, targets), logits
