@@ -19,6 +19,7 @@ import torch
 
 from phi3.kernels import launch
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
+from phi3.loss import cross_entropy_sum
 from phi3.model import Phi3ForCausalLM, Recompute
 from phi3.quantized import quantize_layers, quantized_names
 
@@ -63,6 +64,6 @@ def start(config, lora: LoRAConfig, device: torch.device, dtype: torch.dtype, re
                 ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
                 with torch.set_grad_enabled(training):
                     hidden = model.hidden_states(ids)
-                    if training:
-                        hidden.float().sum().backward()
+                    if training:  # the loss too: with a frozen lm_head its kernel runs in the forward
+                        cross_entropy_sum(hidden, model.lm_head, ids).backward()
     return binaries.start(device)

@@ -90,6 +90,7 @@ import sys, torch
 from pathlib import Path
 from phi3 import Phi3Config, Phi3ForCausalLM, compile_ahead
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
+from phi3.loss import cross_entropy_sum
 from phi3.model import Recompute
 cache = Path(sys.argv[1])
 seen = []  # every compile: kernel, options, constants, argument types and attributes (triton >= 3.4 has the hook)
@@ -119,7 +120,7 @@ for training in (True, False):  # what the run's micro-batches run
         with torch.set_grad_enabled(training):
             hidden = model.hidden_states(ids, positions, None)
             if training:
-                hidden.float().square().mean().backward()
+                (cross_entropy_sum(hidden, model.lm_head, ids) / tokens).backward()
 new = sorted(set(p.name for p in cache.iterdir()) - set(compiled))
 noted = [(fn.__name__, [a for a in args if type(a) is int], kw) for fn, args, kw in early.jobs.values()]
 def closest(late):  # the noted jobs of that kernel: their int arguments and constexprs
