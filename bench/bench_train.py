@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 CONFIGS = REPO / "assets" / "configs"
 CONFIG = CONFIGS / "phi3-mini-4k-instruct" / "config.json"  # --config replaces it
 DROPOUT = 0.05  # --dropout replaces it (both sides)
+NEW_TOKENS = tuple(range(32000, 32008))  # --tokens: 8 rows trained (Phi-3's placeholder special tokens)
 
 
 ABLATIONS = {  # this project with one mechanism switched off: what each buys in the whole step
@@ -67,19 +68,20 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
     if ablation and ablation.startswith("ours-checkpoint-"):
         layers = int(ablation.removeprefix("ours-checkpoint-"))
     model = ours_lora(ours_config(CONFIG), "cuda", torch.bfloat16, checkpointing, ablation != "ours-no-offload", layers,
-                      four_bit=ablation == "ours-nf4", dora=ablation == "ours-dora", dropout=DROPOUT)
+                      four_bit=ablation == "ours-nf4", dora=ablation == "ours-dora", dropout=DROPOUT,
+                      embedding=ablation == "ours-embed", tokens=NEW_TOKENS if ablation == "ours-tokens" else ())
 
     def loss_fn(ids, labels):
         return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()
     return model, loss_fn
 
 
-def build_reference(checkpointing: bool, four_bit: bool = False, dora: bool = False):
+def build_reference(checkpointing: bool, four_bit: bool = False, kind: str = ""):
     if four_bit:  # the random bf16 checkpoint bitsandbytes quantizes at load: made once per config, in /tmp
         base = bnb_4bit(CONFIG, None, "cuda", torch.bfloat16, Path("/tmp") / f"bench-bnb-{CONFIG.parent.name}")
     else:
         base = hf_random(CONFIG, None, "cuda", torch.bfloat16)
-    model = peft_lora(base, checkpointing, dora, DROPOUT)
+    model = peft_lora(base, checkpointing, kind == "dora", DROPOUT, kind == "embed", NEW_TOKENS if kind == "tokens" else ())
 
     def loss_fn(ids, labels):
         # transformers shifts labels itself; pass ids as labels so every position is trained like ours
@@ -90,7 +92,7 @@ def build_reference(checkpointing: bool, four_bit: bool = False, dora: bool = Fa
 def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool) -> dict:
     torch.manual_seed(0)
     if system.startswith("reference"):
-        model, loss_fn = build_reference(checkpointing, system == "reference-bnb", system == "reference-dora")
+        model, loss_fn = build_reference(checkpointing, system == "reference-bnb", system.removeprefix("reference-"))
     else:
         # the middle ground checkpoints its first N layers also in a --no-checkpointing run (the sweep's point)
         checkpointing = checkpointing or system.startswith("ours-checkpoint-")
@@ -133,6 +135,9 @@ def main() -> None:
                    "bitsandbytes (reference-bnb) and against ours in bf16")
     p.add_argument("--dora", action="store_true", help="DoRA: ours-dora against transformers + peft's (use_dora) "
                    "and against ours with plain LoRA")
+    p.add_argument("--embed", action="store_true", help="LoRA on embed_tokens too: ours-embed against peft's, and ours")
+    p.add_argument("--tokens", action="store_true", help="8 trainable token rows too: ours-tokens against peft's "
+                   "(trainable_token_indices), and ours")
     p.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                    help="also run ours with each mechanism off in turn (or only those named, comma-separated)")
     args = p.parse_args()
@@ -143,8 +148,9 @@ def main() -> None:
         return
     if args.qlora:
         return qlora(args)
-    if args.dora:
-        return dora(args)
+    for kind in ("dora", "embed", "tokens"):
+        if getattr(args, kind):
+            return adapter_kind(args, kind)
     systems = ("ours", "reference") + tuple(a for a in args.ablations.split(",") if a) + tuple(
         f"ours-checkpoint-{int(n)}" for n in args.checkpoint_layers.split(",") if n)
     results = run_each(__file__, systems, ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq),
@@ -170,18 +176,22 @@ def main() -> None:
                   f"the mechanism buys {ours['tokens_per_s'] / off['tokens_per_s']:.3f}x")
 
 
-def dora(args) -> None:
+KINDS = {"dora": "DoRA", "embed": "LoRA also on embed_tokens", "tokens": f"{len(NEW_TOKENS)} trainable token rows too"}
+
+
+def adapter_kind(args, kind: str) -> None:
+    """ours-KIND against transformers + peft's same adapter, and against ours with plain LoRA (its cost)."""
     flags = ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
              "--dropout", str(args.dropout)]
-    r = run_each(__file__, ("ours-dora", "reference-dora", "ours"), flags)
-    d, ref, lora = r["ours-dora"], r["reference-dora"], r["ours"]
-    print(f"\nDoRA training step, {args.config} shapes, batch {args.batch} x {args.seq}, r=16, dropout {args.dropout}, "
-          f"checkpointing on, {torch.cuda.get_device_name()}, median of {args.steps} steps")
-    print(f"{'':16}{'ours dora':>12}{'peft dora':>12}{'ours lora':>12}{'dora/peft':>11}{'dora/lora':>11}")
-    for key, fmt in (("tokens_per_s", ",.0f"), ("peak_gib", ".2f")):
-        print(f"{key:16}{d[key]:12{fmt}}{ref[key]:12{fmt}}{lora[key]:12{fmt}}{d[key] / ref[key]:11.2f}"
-              f"{d[key] / lora[key]:11.2f}")
-    print(f"step cost of DoRA over ours LoRA: {lora['tokens_per_s'] / d['tokens_per_s']:.3f}x")
+    r = run_each(__file__, (f"ours-{kind}", f"reference-{kind}", "ours"), flags)
+    d, ref, lora = r[f"ours-{kind}"], r[f"reference-{kind}"], r["ours"]
+    print(f"\n{KINDS[kind]}: training step, {args.config} shapes, batch {args.batch} x {args.seq}, r=16, dropout "
+          f"{args.dropout}, checkpointing on, {torch.cuda.get_device_name()}, median of {args.steps} steps")
+    print(f"{'':16}{'ours ' + kind:>13}{'peft ' + kind:>13}{'ours lora':>12}{'ours/peft':>11}{kind + '/lora':>13}")
+    for key, fmt in (("tokens_per_s", ",.0f"), ("peak_gib", ".2f"), ("trainable", ",")):
+        print(f"{key:16}{d[key]:13{fmt}}{ref[key]:13{fmt}}{lora[key]:12{fmt}}{d[key] / ref[key]:11.2f}"
+              f"{d[key] / lora[key]:13.2f}")
+    print(f"step cost of {kind} over ours LoRA: {lora['tokens_per_s'] / d['tokens_per_s']:.3f}x")
 
 
 def qlora(args) -> None:

@@ -19,12 +19,14 @@ TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool = True, layers: int | None = None,
-              four_bit: bool = False, dora: bool = False, dropout: float = 0.05):
+              four_bit: bool = False, dora: bool = False, dropout: float = 0.05, embedding: bool = False,
+              tokens: tuple[int, ...] = ()):
     """This project's Phi-3 with LoRA, training mode; checkpointed layer inputs offloaded on a GPU (train.py's
     default); layers: only the first N checkpointed; four_bit: QLoRA, the layers' weights quantized to NF4 (as
-    train.py --quantize nf4 does at load, one tensor at a time)."""
+    train.py --quantize nf4 does at load, one tensor at a time); embedding: LoRA on embed_tokens too; tokens: those
+    token rows trainable (train.py --trainable-tokens)."""
     from phi3 import Phi3ForCausalLM
-    from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
+    from phi3.lora import LoRAConfig, add_lora, add_trainable_tokens, mark_only_lora_as_trainable
     from phi3.model import Recompute
 
     device = torch.device(device)
@@ -37,7 +39,10 @@ def ours_lora(config, device, dtype, checkpointing: bool = True, offload: bool =
         from phi3.quantized import quantize_layers, quantized_names
         weights = {f"{n}.weight": model.get_submodule(n).weight.detach() for n in quantized_names(model)}
         quantize_layers(model, weights, device, dtype, None)
-    add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=dropout, dora=dora))
+    targets = ("qkv", "o", "gate_up", "down") + (("embed_tokens",) if embedding else ())
+    add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=dropout, dora=dora, targets=targets))
+    if tokens:
+        add_trainable_tokens(model, tokens)
     mark_only_lora_as_trainable(model)
     return model.train()
 
@@ -91,11 +96,15 @@ def bnb_4bit(path: Path, overrides: dict | None, device, dtype, folder: Path):
     return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
 
-def peft_lora(model, checkpointing: bool = True, dora: bool = False, dropout: float = 0.05):
-    """peft's LoRA on a transformers model, training mode, with transformers' own gradient checkpointing."""
+def peft_lora(model, checkpointing: bool = True, dora: bool = False, dropout: float = 0.05, embedding: bool = False,
+              tokens: tuple[int, ...] = ()):
+    """peft's LoRA on a transformers model, training mode, with transformers' own gradient checkpointing; the same
+    kinds as ours_lora (tokens: their embedding and lm_head rows, peft's dict form, as ours on an untied model)."""
     import peft
+    extra = dict(trainable_token_indices={"embed_tokens": list(tokens), "lm_head": list(tokens)}) if tokens else {}
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, task_type="CAUSAL_LM",
-                                                       target_modules=TARGETS, use_dora=dora))
+                                                       target_modules=TARGETS + (["embed_tokens"] if embedding else []),
+                                                       use_dora=dora, **extra))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
