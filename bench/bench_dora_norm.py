@@ -1,5 +1,5 @@
 """DoRA's weight norm, || W[n, :] + s B[n, :] A || per output row, at Phi-3-mini shapes (GPU only): the Triton kernel
-(kernels/dora_norm.py, one pass over W) against torch and against the time to read W once.
+(kernels/dora.py, one pass over W) against torch and against the time to read W once.
 
     python bench/bench_dora_norm.py                  # r = 16, bf16 and NF4 W, the four projections
     python bench/bench_dora_norm.py --r 64 --configs  # also each dora-norm config, forced (one that overflows

@@ -60,7 +60,7 @@ CONFIGS = {
                    "16x64x128 s6": _c(4, 6, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)},
     "nf4-dequantize": {"64 blocks": _c(4, 1, BLOCKS=64), "128 blocks": _c(8, 1, BLOCKS=128),
                        "32 blocks": _c(4, 1, BLOCKS=32)},
-    # DoRA's weight norm (kernels/dora_norm.py), not yet timed: BLOCK_N rows x BLOCK_K columns of W a step (BLOCK_K
+    # DoRA's weight norm (kernels/dora.py), not yet timed: BLOCK_N rows x BLOCK_K columns of W a step (BLOCK_K
     # whole NF4 blocks). Past r = 64 the first two overflow shared memory; "64x64 w8 s2" fits any rank.
     "dora-norm": {"64x128 s4": _c(4, 4, BLOCK_N=64, BLOCK_K=128), "64x128 w8 s4": _c(8, 4, BLOCK_N=64, BLOCK_K=128),
                   "64x64 w8 s2": _c(8, 2, BLOCK_N=64, BLOCK_K=64), "128x128 w8 s3": _c(8, 3, BLOCK_N=128, BLOCK_K=128),

@@ -18,8 +18,8 @@ cross_entropy_grad (it runs inside phi3/loss.py's autograd Function, whose forwa
 import torch
 import torch.nn.functional as F
 
-from phi3.kernels import cross_entropy, dora_norm
-from phi3.kernels.column_scale import ColumnScaleFunction
+from phi3.kernels import cross_entropy, dora
+from phi3.kernels.dora import ColumnScaleFunction
 from phi3.kernels.lora_linear import LoRALinearFunction
 from phi3.kernels.nf4_weight import NF4Weight, dequantize_reference
 from phi3.kernels.qlora_linear import NF4LinearFunction, QLoRALinearFunction
@@ -191,7 +191,7 @@ def column_scale_reference(L, g):
 
 
 def column_scale(L, g, *, backend=None):
-    """L (..., N) scaled per column by g (N,), gradients to both (kernels/column_scale.py on a GPU)."""
+    """L (..., N) scaled per column by g (N,), gradients to both (kernels/dora.py on a GPU)."""
     if g.shape != L.shape[-1:]:
         raise ValueError(f"column_scale: L {tuple(L.shape)} needs g ({L.shape[-1]},)")
     return ColumnScaleFunction.apply(L, g) if _triton(backend, L) else column_scale_reference(L, g)
@@ -205,10 +205,10 @@ def dora_weight_norm_reference(weight: torch.Tensor, lora_A, lora_B, scale: floa
 
 def dora_weight_norm(weight, lora_A, lora_B, scale: float, *, backend=None) -> torch.Tensor:
     """DoRA's weight norm, no gradient (peft detaches it). weight: a 16-bit (out, in) tensor or an NF4Weight.
-    The torch path materialises W + s B A; the kernel (kernels/dora_norm.py) reads W once without it."""
+    The torch path materialises W + s B A; the kernel (kernels/dora.py) reads W once without it."""
     with torch.no_grad():
         if _triton(backend, lora_A):
-            return dora_norm.dora_weight_norm(weight, lora_A, lora_B, scale)
+            return dora.dora_weight_norm(weight, lora_A, lora_B, scale)
         dense = dequantize_reference(weight, torch.float32) if isinstance(weight, NF4Weight) else weight
         return dora_weight_norm_reference(dense, lora_A, lora_B, scale)
 

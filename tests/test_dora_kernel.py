@@ -1,4 +1,4 @@
-"""DoRA's weight norm kernel (kernels/dora_norm.py: || W[n, :] + s B[n, :] A || for every row n, reading W once)
+"""DoRA's weight norm kernel (kernels/dora.py: || W[n, :] + s B[n, :] A || for every row n, reading W once)
 against float64: || W64 + s B64 A64 || with W64 = W.double(), or dequantize_reference(W, float64) for NF4 (its fp32
 values, exactly).
 
@@ -15,7 +15,7 @@ slack for summation-order noise: the kernel adds each row's `in` squares in per-
 steps and `splits` partials, torch in another order; the worst-case bound of such sums, ~(steps + log2 BLOCK_K +
 splits) / 2 units of rounding in the norm, is ~20 ulps at the longest tested rows, the typical error its square
 root). Measured: ~1 ulp under the interpreter and in a CPU emulation of the GPU's 3xTF32
-dot at Phi-3-mini shapes, against torch's ~2; plain tf32 would be 1400 to 6000 (kernels/dora_norm.py).
+dot at Phi-3-mini shapes, against torch's ~2; plain tf32 would be 1400 to 6000 (kernels/dora.py).
 """
 import pytest
 import torch
@@ -23,7 +23,7 @@ import torch
 from conftest import DEV, cuda, needs_cuda, needs_triton
 from test_qlora_kernel import _nf4_weight
 from phi3.kernels import choices, launch
-from phi3.kernels.dora_norm import _dora_norm_kernel
+from phi3.kernels.dora import _dora_norm_kernel
 from phi3.kernels.nf4_weight import NF4Weight, dequantize_reference
 from phi3.ops import dora_weight_norm, dora_weight_norm_reference
 
@@ -241,7 +241,7 @@ def test_cuda_deterministic_counters_reset_no_weight_sized_tensor():
     assert all(int(c.abs().sum()) == 0 for c in launch._counters.values())
 
 
-# ---- DoRA's output scale g * L (kernels/column_scale.py) ---------------------------------------------------------
+# ---- DoRA's output scale g * L (kernels/dora.py) --------------------------------------------------------------
 # Tolerance: the same rule. y and dL are one rounding of an fp32 product (as torch's): equal to torch's but for the
 # rare fp32 product that rounds to the other side of a 16-bit tie; dg sums M products in fp32 (the kernel per row
 # block, then torch over the blocks; torch in its own order): 16 fp32 ulps of the largest |dg| of slack, as above.

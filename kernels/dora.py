@@ -1,5 +1,6 @@
-"""DoRA's weight norm in one pass over W, never writing W + s B A (phi3/ops.py: dora_weight_norm; its torch spec
-dora_weight_norm_reference):
+"""DoRA's two kernels: its weight norm in one pass over W, never writing W + s B A, and its output scale g * L.
+
+The weight norm (phi3/ops.py: dora_weight_norm; its torch spec dora_weight_norm_reference):
 
     norm[n] = || W[n, :] + s B[n, :] A ||_2      (out,) fp32, for every output row n
     W (out, in) bf16 / fp16 / fp32, or an NF4Weight dequantized in registers (nf4_gemm's tiles: the fp32 values
@@ -23,6 +24,15 @@ rounded, against ~2 for torch's fp32 (emulated on the CPU at Phi-3-mini shapes; 
 on the CUDA cores: 2 r FLOPs per weight, their whole rate at r = 16 with bf16 W at memory speed. 3xTF32 costs
 6 r_pad tensor-core FLOPs per weight: bf16 W stays memory-bound up to r ~ 32 on an H100; NF4 W (4x fewer bytes) and
 large ranks are bound by the dots (and NF4's dequantization) instead.
+
+The output scale (phi3/ops.py: column_scale; its torch spec column_scale_reference): y = (L * g).to(L.dtype), L
+(..., N) the fused LoRA layer's output, g = m / ||W + s B A|| (N,) fp32. In torch, `(L * g).to(dtype)` makes an fp32
+copy of L forward; its backward makes three more full fp32 passes (the cast's gradient, dy * g, and dy * L for g's
+gradient): about 12 bytes per element forward and 34 back against 4 and 6 here (with the norm kept for the recompute,
+a DoRA step with dropout at Phi-3-mini's shapes went from 1.04 to 0.84 s on an H100: bench/README.md). Forward: one
+read of L, one write of y. Backward: one read of dy and L, one write of dL = (dy g).to(dtype) and of each row block's
+partial column sums of dy * L (fp32), which one small torch sum over the row blocks finishes: no atomics, so a resumed
+run repeats bit for bit.
 """
 import torch
 import triton
@@ -142,3 +152,65 @@ def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: 
     with launch.on_device(norm):
         choices.launch_with("nf4.dora" if nf4 else "dora", "dora-norm", choices.key(1, N, K, R, False), w_args[0], go)
     return norm
+
+
+# -------------------------------------------------------------------------------------------------- the output scale
+_BLOCK_M, _BLOCK_N = 32, 256  # 8K elements a program: 16 KiB of each 16-bit operand, 16-byte loads per thread
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's element offsets (int64: L passes 2^31 elements past 65,536 tokens of 32K columns), its
+    columns and the in-bounds mask."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs = tl.cast(rows, tl.int64)[:, None] * N + cols[None, :]
+    return offs, cols, (rows[:, None] < M) & (cols[None, :] < N)
+
+
+@triton.jit
+def _scale_fwd_kernel(l_ptr, g_ptr, y_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y = (L * g).to(dtype): the product in fp32, one rounding."""
+    offs, cols, mask = _tile(M, N, BLOCK_M, BLOCK_N)
+    g = tl.load(g_ptr + cols, mask=cols < N, other=0.0)
+    L = tl.load(l_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, (L * g[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_bwd_kernel(dy_ptr, l_ptr, g_ptr, dl_ptr, part_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dL = (dy * g).to(dtype); part[row block, n] = sum over the block's rows of dy * L, fp32."""
+    offs, cols, mask = _tile(M, N, BLOCK_M, BLOCK_N)
+    g = tl.load(g_ptr + cols, mask=cols < N, other=0.0)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    L = tl.load(l_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dl_ptr + offs, (dy * g[None, :]).to(dl_ptr.dtype.element_ty), mask=mask)
+    tl.store(part_ptr + tl.program_id(0) * N + cols, tl.sum(dy * L, axis=0), mask=cols < N)
+
+
+class ColumnScaleFunction(torch.autograd.Function):
+    """y = (L * g).to(L.dtype). Gradients: dL = (dy g).to(dtype), dg = sum over rows of dy * L (fp32)."""
+
+    @staticmethod
+    def forward(ctx, L, g):
+        L2, g = L.reshape(-1, L.shape[-1]).contiguous(), g.float().contiguous()
+        y = launch.empty(*L2.shape, dtype=L.dtype, device=L.device)
+        _launch(_scale_fwd_kernel, L2, g, y)
+        ctx.save_for_backward(L2, g)
+        return y.view(L.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        L2, g = ctx.saved_tensors
+        dL = launch.empty(*L2.shape, dtype=L2.dtype, device=L2.device)
+        parts = launch.empty(launch.cdiv(L2.shape[0], _BLOCK_M), L2.shape[1], dtype=torch.float32, device=L2.device)
+        _launch(_scale_bwd_kernel, dy.reshape(L2.shape).contiguous(), L2, g, dL, parts)
+        return dL.view(dy.shape), parts.sum(0)
+
+
+def _launch(kernel, *tensors):
+    """One program per BLOCK_M x BLOCK_N tile of the (M, N) operands (the first tensor's shape)."""
+    M, N = tensors[0].shape
+    with launch.on_device(tensors[0]):
+        launch.run(kernel, (launch.cdiv(M, _BLOCK_M), launch.cdiv(N, _BLOCK_N)), (*tensors, M, N),
+                   dict(BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N))
