@@ -77,8 +77,8 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
 
 
 def build_reference(checkpointing: bool, four_bit: bool = False, kind: str = ""):
-    if four_bit:  # the random bf16 checkpoint bitsandbytes quantizes at load: made once per config, in /tmp
-        base = bnb_4bit(CONFIG, None, "cuda", torch.bfloat16, Path("/tmp") / f"bench-bnb-{CONFIG.parent.name}")
+    if four_bit:  # the random bf16 checkpoint bitsandbytes quantizes at load
+        base = bnb_4bit(CONFIG, None, "cuda", torch.bfloat16)
     else:
         base = hf_random(CONFIG, None, "cuda", torch.bfloat16)
     model = peft_lora(base, checkpointing, kind == "dora", DROPOUT, kind == "embed", NEW_TOKENS if kind == "tokens" else ())

@@ -11,6 +11,7 @@ speed and memory do not depend on the values).
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 
 import torch
@@ -80,19 +81,20 @@ def hf_random(path: Path, overrides: dict | None, device, dtype):
         torch.set_default_dtype(default)
 
 
-def bnb_4bit(path: Path, overrides: dict | None, device, dtype, folder: Path):
-    """transformers' Phi3ForCausalLM with random weights, saved to `folder` and loaded back through bitsandbytes in
-    4-bit (NF4, double quantization, bf16 compute), prepared for k-bit training as peft's QLoRA recipe does."""
+def bnb_4bit(path: Path, overrides: dict | None, device, dtype):
+    """transformers' Phi3ForCausalLM with random weights, saved to a temporary folder (removed once loaded: a 14B
+    model's is 28 GB, and three of them filled a 64 GB disk) and loaded back through bitsandbytes in 4-bit (NF4,
+    double quantization, bf16 compute), prepared for k-bit training as peft's QLoRA recipe does."""
     import peft
     import transformers
-    if not (folder / "config.json").is_file():
-        hf_random(path, overrides, device, dtype).save_pretrained(folder)
-        torch.cuda.empty_cache()
     q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=dtype)
-    model = transformers.Phi3ForCausalLM.from_pretrained(folder, quantization_config=q, dtype=dtype,
-                                                         device_map={"": torch.device(device).index or 0},
-                                                         attn_implementation="sdpa")
+    with tempfile.TemporaryDirectory(prefix="bench-bnb-") as folder:
+        hf_random(path, overrides, device, dtype).save_pretrained(folder)
+        torch.cuda.empty_cache()
+        model = transformers.Phi3ForCausalLM.from_pretrained(folder, quantization_config=q, dtype=dtype,
+                                                             device_map={"": torch.device(device).index or 0},
+                                                             attn_implementation="sdpa")
     return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
 
 
