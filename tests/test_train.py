@@ -334,15 +334,18 @@ def test_any_number_of_ctrl_c_and_resume_trains_exactly_like_one_run(base, small
     assert straight.wait(timeout=300) == 0, straight.stderr.read()
     out = tmp_path / "stopped"
     progress = lambda: len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
-    # (seconds to wait, counted from the start of the process or from its first logged step)
-    plan = [(0.3, "start"), (0.0, "step"), (0.4, "step"), (0.1, "step"), (0.7, "step"), (0.2, "step"), (None, "")]
+    # (seconds to wait, counted from the start of the process or from its k-th new line of metrics). The lines, not
+    # only the seconds, place the stops: a fast CPU can run the rest of the 60 steps within a second, and a stop
+    # that comes after the run's end is no stop.
+    plan = [(0.3, "start", 0), (0.0, "step", 1), (0.04, "step", 3), (0.01, "step", 2), (0.07, "step", 4),
+            (0.02, "step", 1), (None, "", 0)]
     stops = []
-    for delay, after in plan:
+    for delay, after, lines in plan:
         resume = ["--resume", out] if list(out.glob("checkpoint-*")) else [*common, "--out", out]
         seen = progress()
         proc = train_process(*resume, env=env)
         deadline = time.time() + 120
-        while after == "step" and progress() == seen and proc.poll() is None and time.time() < deadline:
+        while after == "step" and progress() < seen + lines and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         if delay is not None:
             time.sleep(delay)
