@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from phi3.lora_layers import (ADAPTERS, LoRAEmbedding, LoRALinear, TrainableTokens, adapter_modules,  # noqa: F401
-                              check_token_ids, set_module)
+                              check_token_ids)
+from phi3.model import set_module
 from phi3.peft_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, adapter_base_model,  # noqa: F401
                              load_adapter, read_adapter_config, save_adapter)
 from phi3.quantized import NF4Linear

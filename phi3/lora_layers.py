@@ -303,11 +303,6 @@ def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ADAPTERS)}
 
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def check_token_ids(token_ids, vocab_size: int) -> list[int]:
     """Distinct ints in [0, vocab_size), at least one; ValueError saying which is not."""
     ids = list(token_ids)

@@ -241,3 +241,10 @@ class Phi3ForCausalLM(nn.Module):
         pad = self.config.pad_token_id
         if pad is not None and pad < self.config.vocab_size:
             self.model.embed_tokens.weight[pad].zero_()
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` in place of the submodule called `name` (e.g. "model.layers.0.mlp.down_proj"): how adapters and
+    4-bit layers replace a model's own layers."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)

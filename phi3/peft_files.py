@@ -25,7 +25,8 @@ import torch.nn as nn
 from phi3.atomic import atomic_file, write_safetensors
 from phi3.checkpoint import CheckpointError, read_safetensors
 from phi3.config import finite_number, is_int, read_json_object, show
-from phi3.lora_layers import LoRAEmbedding, LoRALinear, TrainableTokens, adapter_modules, check_token_ids, set_module
+from phi3.lora_layers import LoRAEmbedding, LoRALinear, TrainableTokens, adapter_modules, check_token_ids
+from phi3.model import set_module
 from phi3.patterns import PatternError, Patterns
 from phi3.quantized import NF4Linear
 

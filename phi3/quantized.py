@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from phi3 import nf4
 from phi3.kernels.nf4_weight import NF4Weight
+from phi3.model import set_module
 from phi3.ops import nf4_linear
 
 LAYERS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
@@ -71,11 +72,6 @@ def is_4bit_config(raw: dict) -> bool:
     return isinstance(q, dict) and q.get("quant_method") == "bitsandbytes" and q.get("load_in_4bit") is True
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, module)
-
-
 def quantize_layers(model: nn.Module, state: dict, device, dtype, error) -> None:
     """Quantize each of the model's LAYERS from `state` (16-bit tensors, memory-mapped), one tensor at a time on
     `device`: the 16-bit model is never in memory, on the GPU or (its file's pages given back as each tensor is
@@ -84,7 +80,7 @@ def quantize_layers(model: nn.Module, state: dict, device, dtype, error) -> None
         source = state.pop(f"{name}.weight")
         w = source.to(device=device, dtype=dtype)
         try:
-            _set(model, name, NF4Linear(nf4.quantize(w)))
+            set_module(model, name, NF4Linear(nf4.quantize(w)))
         except ValueError as e:
             error(name, str(e))
         del w
@@ -118,4 +114,4 @@ def read_4bit_layers(model: nn.Module, state: dict, device, path) -> None:
                                f"{[linear.out_features, linear.in_features]}; config.json does not match the weights")
         for key in [k for k in state if k == f"{name}.weight" or k.startswith(f"{name}.weight.")]:
             del state[key]
-        _set(model, name, NF4Linear(w))
+        set_module(model, name, NF4Linear(w))
