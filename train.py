@@ -33,7 +33,7 @@ from phi3 import CheckpointError, ConfigError, Phi3Config, Phi3ForCausalLM, load
 from phi3 import compile_ahead, distributed
 from phi3.atomic import atomic_file
 from phi3.checkpoint import default_dtype, parse_dtype, write_hf_files
-from phi3.config import open_regular, read_json_object
+from phi3.config import open_regular
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
 from phi3.lora import (LoRAConfig, add_lora, add_trainable_tokens, lora_state_dict, mark_only_lora_as_trainable,
                        merge_lora, parse_targets, save_adapter)
@@ -285,8 +285,8 @@ class Run:
         counts = {"train": {b.input_ids.numel() for e in range(epochs) for b in self.epoch_batches(e)},
                   "eval": {b.input_ids.numel() for b in self.eval_batches}}
         folder = Path(self.cfg.model).expanduser()
-        config = Phi3Config.from_json(folder / "config.json")
-        four_bit = bool(self.cfg.quantize) or is_4bit_config(read_json_object(folder / "config.json", ConfigError, ""))
+        config, raw_config = Phi3Config.read(folder / "config.json")
+        four_bit = bool(self.cfg.quantize) or is_4bit_config(raw_config)
         return compile_ahead.start(config, lora_config(self.cfg), self.device, self.dtype, recompute_of(self.cfg),
                                    counts, four_bit)
 

@@ -199,7 +199,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         raise CheckpointError(f"{folder}: checkpoint folder not found; pass a folder in Hugging Face layout "
                               "(config.json + model.safetensors)")
     try:
-        config = Phi3Config.from_json(folder / "config.json")
+        config, raw_config = Phi3Config.read(folder / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     if quantize not in (None, "nf4"):
@@ -211,7 +211,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     state = load_state_dict(folder)
 
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    if quantized.is_4bit_config(read_json_object(folder / "config.json", CheckpointError, "download it again")):
+    if quantized.is_4bit_config(raw_config):
         try:
             quantized.read_4bit_layers(model, state, device, folder)
         except nf4.NF4Error as e:

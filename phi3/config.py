@@ -176,13 +176,19 @@ class Phi3Config:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Phi3Config":
+        return cls.read(path)[0]
+
+    @classmethod
+    def read(cls, path: str | Path) -> tuple["Phi3Config", dict]:
+        """The config and the JSON object it came from, read once (its other keys, e.g. a 4-bit folder's
+        quantization_config, then agree with the config: the file cannot change in between)."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"{path}: file not found; a checkpoint folder needs the config.json of its model")
         d = read_json_object(path, ConfigError, "restore the checkpoint's original config.json")
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(d, source=str(path)), d
 
     def to_hf_dict(self) -> dict:
         """config.json contents in the Hugging Face layout (loads in transformers' Phi3ForCausalLM)."""
