@@ -22,13 +22,14 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _add_low_rank(acc, l_ptr, r_ptr, offs_m, offs_n, M, N, R, scale, seed, p, inv_keep,
+def _add_low_rank(acc, l_ptr, r_ptr, offs_m, col0, M, N, R, scale, seed, p, inv_keep,
                   stride_lm, stride_lr, stride_rr, stride_rn, dt: tl.constexpr, DOT_PREC: tl.constexpr,
                   R_PAD: tl.constexpr, BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr):
-    """GEMM epilogue: acc + scale * L[offs_m] R[:, offs_n], in the fp32 accumulator before the one store of C.
-    DROPOUT (backward only): the low-rank term is multiplied by the dropout mask of element (m, n) of x."""
+    """GEMM epilogue: acc + scale * L[offs_m] R[:, col0 + (0 .. BLOCK_N - 1)], in the fp32 accumulator before the
+    one store of C. DROPOUT (backward only): the low-rank term is multiplied by the dropout mask of element (m, n) of
+    x (col0 = pid_n * BLOCK_N: `_dropout` draws for whole groups of four columns)."""
     rows = offs_m % M  # wrap out-of-range rows/cols onto valid memory; those elements are never stored
-    cols = offs_n % N
+    cols = (col0 + tl.arange(0, acc.shape[1])) % N
     if DROPOUT:
         low = tl.zeros(acc.shape, tl.float32)
     else:
@@ -40,7 +41,7 @@ def _add_low_rank(acc, l_ptr, r_ptr, offs_m, offs_n, M, N, R, scale, seed, p, in
         ro = tl.load(r_ptr + rs[:, None] * stride_rr + cols[None, :] * stride_rn, mask=rs[:, None] < R, other=0.0)
         low = tl.dot(lo.to(dt), (ro * scale).to(dt), low, input_precision=DOT_PREC)
     if DROPOUT:
-        return acc + _dropout(low, seed, offs_m, offs_n, N, p, inv_keep, True)
+        return acc + _dropout(low, seed, offs_m, col0, N, p, inv_keep, True)
     return low
 
 
@@ -72,7 +73,7 @@ def _lora_gemm_kernel(a_ptr, b_ptr, l_ptr, r_ptr, c_ptr, M, N, K, R, scale, seed
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    acc = _add_low_rank(acc, l_ptr, r_ptr, offs_m, offs_n, M, N, R, scale, seed, p, inv_keep,
+    acc = _add_low_rank(acc, l_ptr, r_ptr, offs_m, pid_n * BLOCK_N, M, N, R, scale, seed, p, inv_keep,
                         stride_lm, stride_lr, stride_rr, stride_rn, dt, DOT_PREC, R_PAD, BLOCK_R, DROPOUT)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(dt),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -119,8 +120,7 @@ def _lora_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, M, N, K, R, scale, 
         tile_c += NUM_SMS
         pid_m, pid_n = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
         offs_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _add_low_rank(acc, l_ptr, r_ptr, offs_m, offs_n, M, N, R, scale, seed, p, inv_keep,
+        acc = _add_low_rank(acc, l_ptr, r_ptr, offs_m, pid_n * BLOCK_N, M, N, R, scale, seed, p, inv_keep,
                             stride_lm, stride_lr, stride_rr, stride_rn, dt, DOT_PREC, R_PAD, BLOCK_R, DROPOUT)
         if SUBTILE:
             halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))

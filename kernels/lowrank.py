@@ -4,9 +4,9 @@
     G  = s dy B,  dB = s dy^T S         _lora_dy_kernel     backward, one pass over dy (dB as partials)
     dA = G^T dropout(x)                 _lora_da_kernel     backward, mask regenerated from the seed; sums dB
 
-Dropout is Philox (tl.rand) keyed by (seed, row * in + col): the mask is never stored, and `_dropout_mask_kernel`
-materializes the same multiplier for tests. Each kernel is persistent: its programs (a wave or two of the GPU)
-walk the work items, so no partly filled last wave idles the GPU.
+Dropout is Philox4x32-10 keyed by the seed, one evaluation per four elements of a row (`_dropout`): the mask is
+never stored, and `_dropout_mask_kernel` materializes the same multiplier for tests. Each kernel is persistent: its
+programs (a wave or two of the GPU) walk the work items, so no partly filled last wave idles the GPU.
 
 Offsets into tensors of M rows are int64 (the row index is cast before it meets a stride, as in Liger and
 flash-attention; also the column index where the stride is the caller's): past 131,072 tokens gate_up's dy has
@@ -22,12 +22,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _dropout(x, seed, offs_m, offs_k, n_cols, p, inv_keep, DROPOUT: tl.constexpr):
-    """keep with probability 1-p, scale kept values by 1/(1-p); Philox counter = row * n_cols + col, int64: tl.rand
-    puts its high word in Philox's second counter, which is 0 below 2^32, so smaller counters draw what int32 did."""
+def _kept(word, p):
+    """1 (int8) where a Philox word keeps its element: uniform(word) >= p, tl.rand's uint32 -> [0, 1) conversion."""
+    return (tl.uint_to_uniform_float(word) >= p).to(tl.int8)
+
+
+@triton.jit
+def _dropout(x, seed, offs_m, col0, n_cols, p, inv_keep, DROPOUT: tl.constexpr):
+    """dropout(x) for x = rows offs_m, columns col0 .. col0 + BLOCK_K - 1 of an (M, n_cols) input.
+
+    Element (m, k) takes word k % 4 of Philox4x32-10(seed, counter = m * cdiv(n_cols, 4) + k // 4), the counter
+    int64 (tl.randint4x puts its high 32 bits in Philox's second counter word: no wrap past 2^32 counters); it is
+    kept iff uniform(word) >= p, uniform being tl.rand's conversion (keep rate 1 - p); kept values are scaled by
+    1/(1-p). One Philox evaluation serves four elements: its integer work, not memory, bounded the skinny kernels
+    when each element took one (tl.rand). The decision depends on (seed, m, k, n_cols, p) only, never on the block
+    sizes, provided col0 is a multiple of 4 (callers start blocks at multiples of their block size) and BLOCK_K is too.
+    """
     if DROPOUT:
-        rnd = tl.rand(seed, tl.cast(offs_m, tl.int64)[:, None] * n_cols + offs_k[None, :])
-        x = tl.where(rnd >= p, x.to(tl.float32) * inv_keep, 0.0).to(x.dtype)
+        tl.static_assert(x.shape[1] % 4 == 0, "dropout blocks span whole groups of four columns")
+        groups = col0 // 4 + tl.arange(0, x.shape[1] // 4)
+        counter = tl.cast(offs_m, tl.int64)[:, None] * tl.cdiv(n_cols, 4) + groups[None, :]  # (BLOCK_M, BLOCK_K / 4)
+        r0, r1, r2, r3 = tl.randint4x(seed, counter)
+        # interleave(a, b) alternates a and b along the last axis: rows read r0 r1 r2 r3 r0 ..., column k is r[k % 4].
+        # int8 flags, not the words, go through that layout change: its shared-memory scratch stays small
+        keep = tl.interleave(tl.interleave(_kept(r0, p), _kept(r2, p)), tl.interleave(_kept(r1, p), _kept(r3, p)))
+        x = tl.where(keep != 0, x.to(tl.float32) * inv_keep, 0.0).to(x.dtype)
     return x
 
 
@@ -37,7 +56,7 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, p, inv_keep, BLOCK_M: tl.constexpr
     offs_m = tl.cast(tl.program_id(0), tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ones = tl.full((BLOCK_M, BLOCK_K), 1.0, tl.float32)
-    mask = _dropout(ones, seed, offs_m, offs_k, K, p, inv_keep, True)
+    mask = _dropout(ones, seed, offs_m, tl.program_id(1) * BLOCK_K, K, p, inv_keep, True)
     tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], mask,
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
@@ -60,7 +79,7 @@ def _lora_down_kernel(x_ptr, a_ptr, s_ptr, M, K, R, seed, p, inv_keep, stride_xm
             ks = k0 + offs_k
             mk = (offs_m[:, None] < M) & (ks[None, :] < K)
             x_offs = offs_m[:, None] * stride_xm + tl.cast(ks, tl.int64)[None, :] * stride_xk  # any x strides
-            x = _dropout(tl.load(x_ptr + x_offs, mask=mk, other=0.0), seed, offs_m, ks, K, p, inv_keep, DROPOUT)
+            x = _dropout(tl.load(x_ptr + x_offs, mask=mk, other=0.0), seed, offs_m, k0, K, p, inv_keep, DROPOUT)
             a = tl.load(a_ptr + offs_r[None, :] * stride_ar + ks[:, None] * stride_ak,
                         mask=(offs_r[None, :] < R) & (ks[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
             acc = tl.dot(x, a.to(dt), acc, input_precision=DOT_PREC)
@@ -170,7 +189,7 @@ def _lora_da_kernel(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, dbp_ptr, db_ptr, M
                 offs_m = tl.cast(m0, tl.int64) + tl.arange(0, BLOCK_M)
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + tl.cast(offs_k, tl.int64)[None, :] * stride_xk,
                             mask=(offs_m[:, None] < m_end) & (offs_k[None, :] < K), other=0.0)
-                x = _dropout(x, seed, offs_m, offs_k, K, p, inv_keep, DROPOUT)
+                x = _dropout(x, seed, offs_m, kb * BLOCK_K, K, p, inv_keep, DROPOUT)
                 g = tl.load(g_ptr + offs_m[:, None] * R + offs_r[None, :],
                             mask=(offs_m[:, None] < m_end) & (offs_r[None, :] < R), other=0.0)  # (BLOCK_M, BLOCK_R)
                 acc = tl.dot(tl.trans(x), g.to(dt), acc, input_precision=DOT_PREC)

@@ -131,7 +131,7 @@ def _nf4_gemm_kernel(a_ptr, packed_ptr, absmax_code_ptr, nested_absmax_ptr, nest
                         tl.minimum(k0 + offs_k, K - 1), pid_n * BLOCK_N, N, BLOCK_N, WHOLE_BLOCKS)
         acc = tl.dot(a, w.to(dt), acc, input_precision=DOT_PREC)
         a_ptrs += BLOCK_K * stride_ak
-    acc = _add_low_rank(acc, l_ptr, r_ptr, offs_m, offs_n, M, N, R, scale, seed, p, inv_keep,
+    acc = _add_low_rank(acc, l_ptr, r_ptr, offs_m, pid_n * BLOCK_N, M, N, R, scale, seed, p, inv_keep,
                         stride_lm, stride_lr, stride_rr, stride_rn, dt, DOT_PREC, R_PAD, BLOCK_R, DROPOUT)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(dt),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -187,37 +188,135 @@ def test_torch_backend_cpu():
     torch.testing.assert_close(y, lora_linear_reference(x, w, a, b, 2.0))
 
 
-@triton.jit
-def _mask_at_rows_kernel(out_ptr, ref_ptr, idx_ptr, row0, n_cols, seed, p,
-                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """_dropout's keep decision for rows row0.. (int32 row indices, as in the kernels) at the last BLOCK_K columns
-    of n_cols, and tl.rand's at the exact element indices idx (int64, computed by torch)."""
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_k = n_cols - BLOCK_K + tl.arange(0, BLOCK_K)
-    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
-    ones = tl.full((BLOCK_M, BLOCK_K), 1.0, tl.float32)
-    tl.store(out_ptr + tile, _dropout(ones, seed, offs_m, offs_k, n_cols, p, 2.0, True))
-    tl.store(ref_ptr + tile, tl.rand(seed, tl.load(idx_ptr + tile)))
+# Philox4x32-10 on the host (Random123, Salmon et al. SC'11), the reference for the dropout mask's draws
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _philox(counter, key):
+    """Philox4x32-10 of counter (c0, c1, c2, c3) under key (k0, k1), each word a uint32 value (or array of them),
+    held in uint64 so the 32 x 32-bit products are exact. Returns the four output words (uint64 arrays)."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) for c in counter)
+    k0, k1 = (np.uint64(k) for k in key)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c0, np.uint64(0xCD9E8D57) * c2  # (hi, lo) = mulhilo
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _M32, (p0 >> 32) ^ c3 ^ k1, p0 & _M32
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & _M32, (k1 + np.uint64(0xBB67AE85)) & _M32
+    return c0, c1, c2, c3
+
+
+def _philox_at(counter, seed):
+    """The words tl.randint4x(seed, counter) draws for int64 counters: Philox counter (low 32 bits, high 32 bits,
+    0, 0), key (the seed's low 32 bits, its high 32 bits)."""
+    c = np.asarray(counter, dtype=np.int64).astype(np.uint64)
+    return _philox((c & _M32, c >> 32, 0, 0), (seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF))
+
+
+def _keep_reference(seed, counters, cols, p):
+    """The dropout decisions at counters (m * cdiv(n_cols, 4) + k // 4) and columns k: word k % 4 of the counter's
+    Philox output, kept iff uniform(word) >= p, uniform being tl.rand's: the word as int32, negative x -> -x - 1,
+    times 4.6566127342e-10, all in fp32."""
+    words = _philox_at(counters, seed)
+    word = np.choose(np.broadcast_to(np.asarray(cols) % 4, np.shape(counters)), words)
+    x = word.astype(np.uint32).view(np.int32)
+    x = np.where(x < 0, -(x + 1), x)  # -x - 1 without int32 overflow at -2^31
+    return torch.from_numpy(x.astype(np.float32) * np.float32(4.6566127342e-10) >= np.float32(p))
+
+
+def _reference_counters(rows, cols, n_cols):
+    """(rows, cols) int64 Philox counters of an (M, n_cols) input: m * cdiv(n_cols, 4) + k // 4."""
+    return np.asarray(rows, np.int64)[:, None] * -(-n_cols // 4) + np.asarray(cols, np.int64)[None, :] // 4
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _randint4x_kernel(out_ptr, counter_ptr, seed, N: tl.constexpr):
+    """out (4, N) int32 = the bits of tl.randint4x(seed, counter) for N int64 counters."""
+    offs = tl.arange(0, N)
+    r0, r1, r2, r3 = tl.randint4x(seed, tl.load(counter_ptr + offs))
+    tl.store(out_ptr + offs, r0.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + N + offs, r1.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + 2 * N + offs, r2.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + 3 * N + offs, r3.to(tl.int32, bitcast=True))
 
 
 @needs_triton
-@pytest.mark.parametrize("n_cols,row0", [(8192, 2**31 // 8192 - 2), (8192, 2**32 // 8192 - 2), (3072, 2**33 // 3072)])
+def test_philox_reference():
+    """The host Philox gives Random123's known answers (its kat_vectors file) and tl.randint4x's words, for
+    counters past 2^32 (the high word is Philox's second counter word) and seeds past 2^32 (the key's high word)."""
+    kat = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+           ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+           ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for counter, key, expected in kat:
+        assert tuple(int(w) for w in _philox(counter, key)) == expected
+    counters = torch.tensor([0, 1, 2, 3, 7, 1000, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 3 * 2**33 + 7,
+                             2**40 + 12345, 2**62 + 3, 2**63 - 1, 123456789])
+    for seed in (0, 1234, 2**31 - 1, 2**40 + 99):
+        out = torch.empty(4, len(counters), dtype=torch.int32, device=DEV)
+        _randint4x_kernel[(1,)](out, counters.to(DEV), seed, N=len(counters))
+        expected = np.stack(_philox_at(counters.numpy(), seed)).astype(np.uint32).view(np.int32)
+        assert np.array_equal(out.cpu().numpy(), expected), seed
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _mask_at_kernel(out_ptr, row0, col0, n_cols, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_dropout's multiplier (0 or 2 at p = 0.5) at rows row0 .. (int32 row indices), columns col0 .. of n_cols."""
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    ones = tl.full((BLOCK_M, BLOCK_K), 1.0, tl.float32)
+    tl.store(out_ptr + tile, _dropout(ones, seed, offs_m, col0, n_cols, p, 2.0, True))
+
+
+@needs_triton
+@pytest.mark.parametrize("n_cols,row0", [(8192, 2**31 // 8192 - 2), (8192, 2**32 // 8192 - 2),
+                                         (8192, 2**31 // 2048 - 2), (8192, 2**32 // 2048 - 2), (3070, 2**33 // 768)])
 def test_dropout_counter_is_exact_past_int32(n_cols, row0):
-    """The mask's Philox counter row * in + col is computed in int64: rows whose element index passes 2^31 (and
-    2^32, where int32 products would wrap around and repeat earlier rows' masks) keep with tl.rand(exact index)."""
-    rows, cols = 4, 16
-    idx = (torch.arange(row0, row0 + rows)[:, None] * n_cols + torch.arange(n_cols - cols, n_cols)[None, :]).to(DEV)
-    assert idx.max() >= 2**31  # past int32: the first two cases straddle 2^31 and 2^32, the last is past 2^33
-    out, ref = (torch.empty(rows, cols, device=DEV) for _ in range(2))
-    seed, p = 1234, 0.5
-    _mask_at_rows_kernel[(1,)](out, ref, idx, row0, n_cols, seed, p, BLOCK_M=rows, BLOCK_K=cols)
-    assert torch.equal(out != 0, ref >= p)
-    wrapped = torch.empty_like(ref)  # what int32 arithmetic would have drawn: the index mod 2^32, as int32
-    _mask_at_rows_kernel[(1,)](out, wrapped, ((idx + 2**31) % 2**32 - 2**31).int(), row0, n_cols, seed, p,
-                               BLOCK_M=rows, BLOCK_K=cols)
-    assert torch.equal(wrapped[idx < 2**32], ref[idx < 2**32])  # below 2^32 masks are what int32 counters drew
-    if (idx >= 2**32).any():
-        assert not torch.equal(wrapped[idx >= 2**32], ref[idx >= 2**32])
+    """The Philox counter m * cdiv(n_cols, 4) + k // 4 is int64: rows whose element index straddles 2^31 and 2^32,
+    whose counter straddles 2^31 and 2^32 (an int32 counter is the counter mod 2^32: past 2^32 it would repeat
+    earlier rows' words), and counters past 2^33 in rows of 3070 (not a multiple of 4) keep exactly as the host
+    Philox says, at the last columns of the row, with column blocks of 16 and 64."""
+    rows, seed, p = 4, 1234, 0.5
+    for block in (16, 64):
+        col0 = -(-n_cols // block) * block - block  # the last block (past the row's end for 3070: not compared)
+        out = torch.empty(rows, block, device=DEV)
+        _mask_at_kernel[(1,)](out, row0, col0, n_cols, seed, p, BLOCK_M=rows, BLOCK_K=block)
+        cols = np.arange(col0, min(col0 + block, n_cols))
+        counters = _reference_counters(np.arange(row0, row0 + rows), cols, n_cols)
+        keep = _keep_reference(seed, counters, cols, p)
+        assert 0 < keep.sum() < keep.numel()
+        assert torch.equal(out.cpu()[:, :len(cols)] != 0, keep)
+    assert (row0 + rows) * n_cols > 2**31  # element indices past int32 (counters past it in the last three cases)
+    if (counters >= 2**32).any():  # an int32 counter is the counter mod 2^32: other masks (earlier rows' words)
+        wrapped = _keep_reference(seed, counters % 2**32, cols, p)
+        assert not torch.equal(wrapped[counters >= 2**32], keep[counters >= 2**32])
+
+
+@needs_triton
+@pytest.mark.parametrize("blocks", [None, (16, 64), (64, 16), (8, 128)])
+def test_dropout_mask_is_the_reference(blocks):
+    """Every multiplier of dropout_mask (blocks None: its own 32 x 32) or of _dropout_mask_kernel with other block
+    sizes is the host reference's, in rows of 45 (not a multiple of 4: a row's last group is partly past its end)."""
+    M, K, seed, p = 37, 45, 99, 0.3
+    if blocks is None:
+        m = dropout_mask(seed, (M, K), p, DEV)
+    else:
+        m = torch.full((M, K), float("nan"), device=DEV)
+        grid = (launch.cdiv(M, blocks[0]), launch.cdiv(K, blocks[1]))
+        ll._dropout_mask_kernel[grid](m, M, K, seed, p, 1.0 / (1.0 - p), BLOCK_M=blocks[0], BLOCK_K=blocks[1])
+    keep = _keep_reference(seed, _reference_counters(np.arange(M), np.arange(K), K), np.arange(K), p)
+    assert torch.equal(m.cpu(), torch.where(keep, torch.tensor(1.0 / (1.0 - p), dtype=torch.float32), 0.0))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (37, 45)), (torch.float16, (37, 48))])
+def test_dropout_independent_of_block_sizes(monkeypatch, dtype, shape):
+    """Each kernel draws the mask in its own column blocks (here 16 to 64; dropout_mask's are 32): the layer still
+    equals the reference with dropout_mask's mask. fp16 rows of 48 take the TMA GEMM, fp32 the pointer one."""
+    small = choices.SMALL
+    monkeypatch.setitem(small, "down", {**small["down"], "BLOCK_M": 16, "BLOCK_K": 16})
+    monkeypatch.setitem(small, "da", {**small["da"], "BLOCK_M": 16, "BLOCK_K": 64})
+    monkeypatch.setitem(small, "gemm", {**small["gemm"], "BLOCK_N": 16})
+    monkeypatch.setitem(small, "tma", {**small["tma"], "BLOCK_N": 64})
+    _check(shape, 40, 8, dtype, scale=1.5, p=0.3, seed=4)
 
 
 # ---------------------------------------------------------------------------------- the choices a launch takes
