@@ -2,6 +2,7 @@
 
     python bench/bench_model.py --ckpt /tmp/phi3-mini-random      # writes the random checkpoint first if missing
     python bench/bench_model.py --nf4    # also ours on a 4-bit base (quantized at load): load, memory, decode speed
+    python bench/bench_model.py --eager  # also ours decoding without CUDA graphs (phi3/decode_graph.py): what they buy
 
 The checkpoint is Phi-3-mini-4k shaped (assets/configs/phi3-mini-4k-instruct/config.json) with random bf16
 weights (speed does not depend on the values). Each system runs in its own process so that peak host
@@ -38,8 +39,10 @@ def make_checkpoint(path: Path) -> None:
 def measure(system: str, ckpt: Path, prompt_len: int, new_tokens: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    if system in ("ours", "ours-nf4"):
+    if system.startswith("ours"):
+        import phi3.generate
         from phi3 import load_model
+        phi3.generate.use_graphs = system != "ours-eager"
         model = load_model(ckpt, dtype=torch.bfloat16, device="cuda", quantize="nf4" if system == "ours-nf4" else None)
     else:
         import transformers
@@ -71,8 +74,9 @@ def measure(system: str, ckpt: Path, prompt_len: int, new_tokens: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt", type=Path, default=Path("/tmp/phi3-mini-random"))
-    p.add_argument("--system", choices=["ours", "transformers", "ours-nf4"])
+    p.add_argument("--system", choices=["ours", "transformers", "ours-nf4", "ours-eager"])
     p.add_argument("--nf4", action="store_true", help="also ours with the layers quantized to NF4 at load")
+    p.add_argument("--eager", action="store_true", help="also ours decoding eagerly (no CUDA graphs)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=256)
     args = p.parse_args()
@@ -84,7 +88,7 @@ def main() -> None:
         make_checkpoint(args.ckpt)
         print(f"wrote random Phi-3-mini checkpoint to {args.ckpt} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     size = sum(f.stat().st_size for f in args.ckpt.glob("*.safetensors")) / 2**30
-    systems = ("ours", "transformers") + (("ours-nf4",) if args.nf4 else ())
+    systems = ("ours", "transformers") + (("ours-nf4",) if args.nf4 else ()) + (("ours-eager",) if args.eager else ())
     results = run_each(__file__, systems, ["--ckpt", str(args.ckpt), "--prompt-len",
                        str(args.prompt_len), "--new-tokens", str(args.new_tokens)])
     ours, ref = results["ours"], results["transformers"]
@@ -99,6 +103,10 @@ def main() -> None:
         print(f"ours on a 4-bit base: load {q['load_s']:.2f} s, peak host RSS {q['host_peak_gib']:.2f} GiB, peak GPU "
               f"{q['gpu_peak_gib']:.2f} GiB, decode {q['decode_tok_s']:.2f} tokens/s "
               f"({q['decode_tok_s'] / ours['decode_tok_s']:.2f}x ours bf16)")
+    if args.eager:
+        e = results["ours-eager"]
+        print(f"ours decoding eagerly (no CUDA graphs): {e['decode_tok_s']:.2f} tokens/s; the graphs buy "
+              f"{ours['decode_tok_s'] / e['decode_tok_s']:.2f}x")
     same = ours["tokens"] == ref["tokens"]
     print(f"greedy tokens identical to transformers: {same}"
           + ("" if same else f" (first difference at {next(i for i, (a, b) in enumerate(zip(ours['tokens'], ref['tokens'])) if a != b)})"))

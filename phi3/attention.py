@@ -16,7 +16,9 @@ Three ways to compute it, chosen once per call by `Visibility.of`:
   (2.7x slower than its causal path at T 2048 on an H200, and O(T^2) memory), it skips the masked blocks and needs
   no mask at all. Its output comes out (tokens, heads, hd): o_proj reads it with no copy.
 - sdpa: everything else (CPU, fp32/fp64, decoding with a KV cache), with is_causal or a bool (B|1, 1, T, S) mask.
-  This is also the reference the other two are tested against (tests/test_attention.py).
+  This is also the reference the other two are tested against (tests/test_attention.py). On a GPU it never takes
+  SDPA's cuDNN backend: cuDNN builds a plan for every new shape, and decoding's key length grows by one a token
+  (1.07 ms of host time per layer per token on an H100: 60 % of decoding, bench/README.md).
 
 Both GPU paths call torch's kernels through autograd Functions of their own, so that a checkpointed layer can keep
 its attention output (and row log-sum-exp) from the forward pass for its recompute, instead of computing attention
@@ -27,8 +29,11 @@ enough for attention to dominate (`keep_from_tokens`); `keep_outputs = False` tu
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # The GPU paths call the ATen ops under torch.nn.attention.varlen.varlen_attn and SDPA's cuDNN path directly: their
 # signatures are the same in torch 2.11 and 2.13, while varlen_attn's own (causal and GQA arguments) differ.
@@ -44,6 +49,8 @@ cudnn_from_tokens = 4096
 # ... and sequences at least this long keep their attention output for the recompute (where the layer input is
 # offloaded): below it attention is a small part of a layer and the extra copies and host memory do not pay.
 keep_from_tokens = 8192
+# SDPA's backends for the "sdpa" calls on a GPU: all but cuDNN (see the module docstring)
+_SDPA_GPU = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def flash_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
@@ -142,8 +149,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: Visibility, 
         y = CudnnAttention.apply(q, k, v, _keeper(seen, layer), layer)  # (B, nh, T, hd) over (B, T, nh, hd) memory
         return y.transpose(1, 2).reshape(B, T, nh * hd)
     is_causal = isinstance(seen.mask, str)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if is_causal else seen.mask, is_causal=is_causal,
-                                       enable_gqa=k.shape[1] != nh)  # scale 1/sqrt(hd)
+    with sdpa_kernel(_SDPA_GPU) if q.is_cuda else contextlib.nullcontext():
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if is_causal else seen.mask, is_causal=is_causal,
+                                           enable_gqa=k.shape[1] != nh)  # scale 1/sqrt(hd)
     return y.transpose(1, 2).reshape(B, T, nh * hd)
 
 

@@ -16,7 +16,10 @@ from numbers import Integral, Real
 
 import torch
 
+from phi3.decode_graph import DecodeGraphs
 from phi3.model import KVCache, Phi3ForCausalLM
+
+use_graphs = True  # decoding steps replayed as CUDA graphs on a GPU (phi3/decode_graph.py); bench/ switches it off
 
 
 def _is_int(x) -> bool:
@@ -99,16 +102,26 @@ def _decode(model, ids, max_new_tokens, temperature, top_k, top_p, stop_ids, use
     dtype = model.lm_head.weight.dtype
     total = len(ids) + max_new_tokens
     cache = KVCache(config, 1, total, device, dtype) if use_cache else None
+    # a graph replays fixed kernels: not while training (dropout draws a new mask each call)
+    graphs = DecodeGraphs(model, cache) if cache is not None and _graphable(model, device) else None
     switch_at = config.original_max_position_embeddings if config.rope_type == "longrope" else None
     pending = ids  # tokens not yet seen by the model
     for _ in range(max_new_tokens):
         if cache is not None and switch_at is not None and cache.length <= switch_at < len(ids):
             cache.length, pending = 0, ids  # crossing into long factors: re-encode everything
-        inputs = torch.tensor([pending if cache is not None else ids], device=device)
-        logits = model(inputs, kv_cache=cache)[0, -1]
+        if graphs is not None and len(pending) == 1:
+            logits = graphs(pending[0], cache.length)
+            cache.length += 1
+        else:
+            inputs = torch.tensor([pending if cache is not None else ids], device=device)
+            logits = model(inputs, kv_cache=cache)[0, -1]
         token = sample_next(logits, temperature, top_k, top_p, generator)
         ids.append(token)
         pending = [token]
         yield token
         if token in stop_ids:
             return
+
+
+def _graphable(model, device) -> bool:
+    return use_graphs and device.type == "cuda" and isinstance(model, Phi3ForCausalLM) and not model.training

@@ -54,10 +54,16 @@ class RotaryEmbedding(nn.Module):
         self.longrope = config.rope_type == "longrope"
         self.original_max = config.original_max_position_embeddings
         self.attention_factor = config.rope_attention_factor
+        self._inv_freq = {}  # inv_freq's tables, per factor list and device
 
     def inv_freq(self, factors: list[float], device) -> torch.Tensor:
-        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
-        return 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * self.theta**exponents)
+        """1 / (factor theta^(2i / dim)), fp32, made once per factor list and device: a graphed decoding step
+        (phi3/decode_graph.py) cannot copy a Python list to the GPU inside its recording."""
+        key = (id(factors), str(device))
+        if key not in self._inv_freq:
+            exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+            self._inv_freq[key] = 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * self.theta**exponents)
+        return self._inv_freq[key]
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq(self.short_factor, position_ids.device)
@@ -84,20 +90,24 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0  # tokens already stored; advanced by the model after all layers ran
 
-    def _grow(self, needed: int) -> None:
+    def reserve(self, needed: int) -> None:
+        """Room for `needed` tokens (to twice the old size, at most max_len). New slots are zeros, not garbage: a
+        graphed decoding step (phi3/decode_graph.py) reads slots beyond the tokens stored, masked, and a masked NaN
+        would still poison softmax."""
+        if needed <= self.k.shape[3]:
+            return
         if needed > self.max_len:
             raise ValueError(f"the KV cache holds at most {self.max_len} tokens, {needed} were asked for")
         capacity = min(max(needed, 2 * self.k.shape[3]), self.max_len)
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_empty((*old.shape[:3], capacity, old.shape[4]))
+            new = old.new_zeros((*old.shape[:3], capacity, old.shape[4]))
             new[:, :, :, :self.length] = old[:, :, :, :self.length]
             setattr(self, name, new)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
-        if end > self.k.shape[3]:
-            self._grow(end)
+        self.reserve(end)
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]

@@ -12,10 +12,12 @@ from phi3.generate import generate, sample_next
 from tiny import save_hf
 
 
-@pytest.mark.parametrize("name,prompt_len,new", [("4k", 10, 30), ("gqa", 5, 20), ("longrope", 26, 12),
+@pytest.mark.parametrize("name,prompt_len,new", [("4k", 10, 30), ("gqa", 5, 20), ("gqa", 50, 30), ("longrope", 26, 12),
                                                   ("phi4mini", 26, 12)])
 def test_greedy_cache_and_no_cache_match_the_reference(tmp_path, monkeypatch, name, prompt_len, new):
-    """At every step, with the cache or without, our logits are transformers' float64 logits for that prefix (what
+    """At every step, with the cache or without, or through the step a CUDA graph replays (phi3/decode_graph.py, run
+    eagerly here: its fixed attention windows with masks, the sliding window, the window and the cache growing past
+    64 tokens, LongRoPE's switch), our logits are transformers' float64 logits for that prefix (what
     transformers' greedy generate computes, LongRoPE's re-encoding past original_max_position_embeddings included)
     up to fp32 rounding, and the token taken is their argmax up to that rounding.
 
@@ -31,8 +33,9 @@ def test_greedy_cache_and_no_cache_match_the_reference(tmp_path, monkeypatch, na
     seen = []  # the logits generate samples from, step by step
     monkeypatch.setattr(phi3.generate, "sample_next", lambda logits, *a: seen.append(logits.double()) or
                         sample_next(logits, *a))
-    for use_cache in (True, False):
+    for use_cache, graph in ((True, False), (True, True), (False, False)):
         seen.clear()
+        monkeypatch.setattr(phi3.generate, "_graphable", lambda model, device: graph)
         tokens = list(generate(model, prompt, new, use_cache=use_cache))
         assert len(tokens) == len(seen) == new
         for i, ours in enumerate(seen):
@@ -41,7 +44,7 @@ def test_greedy_cache_and_no_cache_match_the_reference(tmp_path, monkeypatch, na
                 exact = exact_model(ids).logits[0, -1]
                 fp32_error = (ref(ids).logits[0, -1].double() - exact).abs().max()
             e = 2 * fp32_error + 8 * torch.finfo(torch.float32).eps * exact.abs().max()
-            assert (ours - exact).abs().max() <= e, f"step {i} (use_cache={use_cache})"
+            assert (ours - exact).abs().max() <= e, f"step {i} (use_cache={use_cache}, graph={graph})"
             assert exact[tokens[i]] >= exact.max() - 2 * e, f"step {i}: token {tokens[i]} is not the argmax"
 
 
