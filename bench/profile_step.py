@@ -26,8 +26,8 @@ import bench_train
 FAMILIES = [  # (family, substrings of a kernel's name): the first that matches
     ("LoRA GEMMs (Triton)", ("_lora_gemm", "_nf4_gemm")),
     ("LoRA skinny kernels (Triton)", ("_lora_down", "_lora_dy", "_lora_da", "_dropout_mask")),
+    ("attention", ("flash", "fmha", "attn", "cudnn", "sdpa")),  # before cuBLAS: flash kernels' names hold "cutlass"
     ("cuBLAS GEMMs", ("gemm", "xmma", "nvjet", "cutlass", "splitk")),
-    ("attention", ("flash", "fmha", "attn", "cudnn", "sdpa")),
     ("RMSNorm, SwiGLU, RoPE (Triton)", ("_rms_norm", "_swiglu", "_rope")),
     ("DoRA (Triton)", ("_dora_norm", "_scale_fwd", "_scale_bwd")),
     ("cross-entropy", ("cross_entropy", "softmax", "nll_loss")),
