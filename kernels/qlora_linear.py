@@ -5,6 +5,7 @@ its main GEMM reading W as NF4 (kernels/nf4_gemm.py). Two GEMM kinds, chosen per
   "nf4"         W dequantized inside the GEMM's K loop: W is read as 4 bits, but every row tile dequantizes its
                 columns again (work that grows with the token count); the decode configs (<= DECODE_TOKENS tokens)
                 are one row tile, so each byte of W is read once.
+  one token     (the forward at decoding) the matrix-vector kernel of kernels/nf4_gemv.py, whatever the kind.
   "nf4-cublas"  W dequantized once per call into a temporary (freed on return, so never kept from forward to
                 backward; the caching allocator gives its block to the next layer of that shape), then lora_linear's
                 "cublas" kind.
@@ -18,6 +19,7 @@ import torch
 from . import choices, launch
 from .lora_linear import _cublas_gemm, _lora_down, _lora_skinny_backward, _prec, _r_blocks
 from .nf4_gemm import _nf4_dequantize_kernel, _nf4_gemm_kernel
+from .nf4_gemv import _nf4_gemv_kernel
 from .nf4_weight import NF4Weight
 
 FUSED_MAX_TOKENS = 512  # estimate: past it, the repeated in-loop dequant costs more than one pass + cuBLAS
@@ -42,6 +44,9 @@ def _gemm(site, a, w, lo=None, ro=None, scale=1.0, seed=0, p=0.0):
     n_out = w.shape[0] if site == "nf4.fwd" else w.shape[1]
     c = launch.empty(a.shape[0], n_out, dtype=a.dtype, device=a.device)
     key = choices.key(a.shape[0], c.shape[1], a.shape[1], lo.shape[1], p > 0)
+    if site == "nf4.fwd" and a.shape[0] == 1 and w.shape[1] % 64 == 0:  # one token: decoding
+        _gemv(key, a, w, lo, ro, scale, c)
+        return c
     run = lambda kind: _KINDS[kind](site, key, a, w, lo, ro, scale, c, seed, p)
     run(choices.choose(site, key, _kinds(a.shape[0]), run, a.device))
     return c
@@ -57,6 +62,15 @@ def _fused_gemm(site, key, a, w, lo, ro, scale, c, seed, p):
     go = lambda cfg: launch.run(_nf4_gemm_kernel, (launch.cdiv(M, cfg["BLOCK_M"]) * launch.cdiv(N, cfg["BLOCK_N"]),),
                                 args, {**meta, **cfg})
     choices.launch_with(site, "nf4-decode" if M <= DECODE_TOKENS else "nf4", key, a, go)
+
+
+def _gemv(key, a, w, lo, ro, scale, c):
+    N, R = c.shape[1], lo.shape[1]
+    args = (a, *_nf4(w), lo, ro, c, N, a.shape[1], R, float(scale), a.stride(1), lo.stride(1), ro.stride(0),
+            ro.stride(1))
+    meta = dict(R_PAD=launch.next_pow2(R) if R else 0, enable_fp_fusion=False)
+    go = lambda cfg: launch.run(_nf4_gemv_kernel, (launch.cdiv(N, cfg["BLOCK_N"]),), args, {**meta, **cfg})
+    choices.launch_with("nf4.fwd", "nf4-gemv", key, a, go)
 
 
 def _dense_gemm(site, key, a, w, lo, ro, scale, c, seed, p):
