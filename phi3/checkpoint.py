@@ -239,10 +239,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         def error(name, message):
             raise CheckpointError(f"{folder}: tensor {name}.weight cannot be quantized: {message}")
         quantized.quantize_layers(model, state, device, dtype, error)
-    # .to() on an mmap view copies only when dtype/device differ, one tensor at a time. The values are checked after
-    # the cast: a NaN in the file, or a value the chosen dtype cannot hold (fp16 overflows above 65504), would
-    # otherwise only show up as a NaN loss or garbage text.
-    state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+    # .to() on an mmap view copies only when dtype/device differ, one tensor at a time; a copied tensor's file pages
+    # are given back at once, so loading onto a GPU holds about one tensor of the file in host memory, not all of it.
+    # The values are checked after the cast: a NaN in the file, or a value the chosen dtype cannot hold (fp16
+    # overflows above 65504), would otherwise only show up as a NaN loss or garbage text.
+    state = {name: _moved(t, device, dtype) for name, t in state.items()}
     for name, t in state.items():
         if not torch.isfinite(t).all():
             raise CheckpointError(f"{folder}: tensor {name} has NaN or infinite values as "
@@ -254,6 +255,13 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def _moved(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    out = t.to(device=device, dtype=dtype)
+    if out is not t:
+        quantized.give_back_pages(t)
+    return out
 
 
 def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -84,15 +84,16 @@ def quantize_layers(model: nn.Module, state: dict, device, dtype, error) -> None
         except ValueError as e:
             error(name, str(e))
         del w
-        _give_back_pages(source)
+        give_back_pages(source)
 
 
 _libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 _MADV_DONTNEED = 4
 
 
-def _give_back_pages(t: torch.Tensor) -> None:
-    """Drop the whole memory pages of a CPU tensor that nothing reads again (a quantized layer's 16-bit source): a
+def give_back_pages(t: torch.Tensor) -> None:
+    """Drop the whole memory pages of a CPU tensor that nothing reads again (a quantized layer's 16-bit source, a
+    tensor already copied to the GPU or to another dtype): a
     file's pages read through its private map would otherwise stay in the process's memory until the load ends,
     the whole 16-bit file at its peak. Read again, a page of a file comes back from the file."""
     if _libc is None or t.device.type != "cpu":
