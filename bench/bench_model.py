@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from phi3 import Phi3Config, Phi3ForCausalLM, save_model  # noqa: E402
+from phi3.progress import peak_host_gib  # noqa: E402
 
 
 def make_checkpoint(path: Path) -> None:
@@ -34,13 +35,6 @@ def make_checkpoint(path: Path) -> None:
     model = model.to_empty(device="cuda").to(torch.bfloat16)
     model.init_weights(seed=0)
     save_model(model, path, dtype=torch.bfloat16, tokenizer_from=REPO / "assets" / "tokenizer")
-
-
-def peak_host_gib() -> float:
-    """This process's peak resident memory since its exec (Linux's VmHWM; the child of a large parent starts with
-    the parent's ru_maxrss)."""
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return int(status["VmHWM"].split()[0]) / 2**20  # kB
 
 
 def measure(system: str, ckpt: Path, prompt_len: int, new_tokens: int) -> dict:

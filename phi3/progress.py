@@ -120,7 +120,17 @@ class Progress:
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return peak_host_gib()
+
+
+def peak_host_gib() -> float:
+    """This process's peak resident memory since it started: Linux's VmHWM. Not ru_maxrss, which a process started by
+    a larger one inherits from it (the parent's peak at the fork comes through exec). ru_maxrss elsewhere."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(status["VmHWM"].split()[0]) / 2**20  # kB
+    except (OSError, KeyError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**(20 if sys.platform != "darwin" else 30)
 
 
 def read_metrics(path: Path) -> list[dict]:

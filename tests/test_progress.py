@@ -47,3 +47,18 @@ def test_the_live_line_shows_where_a_long_step_is(tmp_path, monkeypatch, capsys)
     now[0] += 600
     progress.within_step("forward", 0, 32)  # an eval after the step is not inside it
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_peak_host_memory_is_the_process_own():
+    """A process started by a larger one reports its own peak: ru_maxrss would carry the parent's (1 GiB here) through
+    fork and exec (bench_model read 7.88 GiB for every system that way, the parent having written a checkpoint)."""
+    import subprocess
+    import sys
+    held = b"\x01" * 2**30  # resident in this process
+    child = subprocess.run([sys.executable, "-c", "import resource; from phi3.progress import peak_host_gib; "
+                            "print(peak_host_gib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)"],
+                           capture_output=True, text=True, check=True)
+    own, inherited = map(float, child.stdout.split())
+    assert own < 0.9 < 1.0 <= inherited, (own, inherited)  # the child itself: the interpreter, torch and phi3
+    del held
