@@ -12,12 +12,12 @@ from phi3.generate import generate, sample_next
 from tiny import save_hf
 
 
-@pytest.mark.parametrize("name,prompt_len,new", [("4k", 10, 30), ("gqa", 5, 20), ("gqa", 50, 30), ("longrope", 26, 12),
-                                                  ("phi4mini", 26, 12)])
+@pytest.mark.parametrize("name,prompt_len,new", [("4k", 10, 30), ("gqa", 5, 20), ("gqa", 50, 30), ("tied", 1, 8),
+                                                  ("longrope", 26, 12), ("phi4mini", 26, 12)])
 def test_greedy_cache_and_no_cache_match_the_reference(tmp_path, monkeypatch, name, prompt_len, new):
     """At every step, with the cache or without, or through the step a CUDA graph replays (phi3/decode_graph.py, run
     eagerly here: its fixed attention windows with masks, the sliding window, the window and the cache growing past
-    64 tokens, LongRoPE's switch), our logits are transformers' float64 logits for that prefix (what
+    64 tokens, LongRoPE's switch, a one-token prompt decoded from position 0), our logits are transformers' float64 logits for that prefix (what
     transformers' greedy generate computes, LongRoPE's re-encoding past original_max_position_embeddings included)
     up to fp32 rounding, and the token taken is their argmax up to that rounding.
 
