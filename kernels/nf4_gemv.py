@@ -56,6 +56,7 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_code_ptr, nested_absmax_ptr, nest
     if R_PAD > 0:  # the low-rank term, both factors rounded to x's dtype as the GEMM's epilogue rounds them
         offs_r = tl.arange(0, R_PAD)
         s = tl.load(s_ptr + offs_r * stride_sr, mask=offs_r < R, other=0.0)
-        b = tl.load(r_ptr + offs_r[None, :] * stride_rr + rows[:, None] * stride_rn, mask=offs_r[None, :] < R, other=0.0)
+        b = tl.load(r_ptr + offs_r[None, :] * stride_rr + rows[:, None] * stride_rn, mask=offs_r[None, :] < R,
+                    other=0.0)  # (BLOCK_N, R_PAD): B^T's columns of these rows
         acc += tl.sum(s.to(dt).to(tl.float32)[None, :] * (b * scale).to(dt).to(tl.float32), axis=1)
     tl.store(y_ptr + offs_n, acc.to(dt), mask=offs_n < N)

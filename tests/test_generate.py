@@ -17,9 +17,10 @@ from tiny import save_hf
 def test_greedy_cache_and_no_cache_match_the_reference(tmp_path, monkeypatch, name, prompt_len, new):
     """At every step, with the cache or without, or through the step a CUDA graph replays (phi3/decode_graph.py, run
     eagerly here: its fixed attention windows with masks, the sliding window, the window and the cache growing past
-    64 tokens, LongRoPE's switch, a one-token prompt decoded from position 0), our logits are transformers' float64 logits for that prefix (what
-    transformers' greedy generate computes, LongRoPE's re-encoding past original_max_position_embeddings included)
-    up to fp32 rounding, and the token taken is their argmax up to that rounding.
+    64 tokens, LongRoPE's switch, a one-token prompt decoded from position 0), our logits are transformers' float64
+    logits for that prefix (what transformers' greedy generate computes, LongRoPE's re-encoding past
+    original_max_position_embeddings included) up to fp32 rounding, and the token taken is their argmax up to that
+    rounding.
 
     Tolerance from the arithmetic: e = 2x transformers' own fp32 error at that prefix (DESIGN's rule) plus a few
     fp32 ulps of the largest logit. The token taken beats every other in our logits, so in the exact logits it is
