@@ -54,22 +54,23 @@ class RotaryEmbedding(nn.Module):
         self.longrope = config.rope_type == "longrope"
         self.original_max = config.original_max_position_embeddings
         self.attention_factor = config.rope_attention_factor
-        self._inv_freq = {}  # inv_freq's tables, per factor list and device
+        self._tables = {}  # device -> inv_freq's (short, long)
 
-    def inv_freq(self, factors: list[float], device) -> torch.Tensor:
-        """1 / (factor theta^(2i / dim)), fp32, made once per factor list and device: a graphed decoding step
-        (phi3/decode_graph.py) cannot copy a Python list to the GPU inside its recording."""
-        key = (id(factors), str(device))
-        if key not in self._inv_freq:
+    def inv_freq(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """1 / (factor theta^(2i / dim)) for the short and the long factors, fp32, made once per device: a graphed
+        decoding step (phi3/decode_graph.py) cannot copy a Python list to the GPU inside its recording."""
+        key = str(device)
+        if key not in self._tables:
             exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
-            self._inv_freq[key] = 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * self.theta**exponents)
-        return self._inv_freq[key]
+            table = lambda factors: 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device)
+                                           * self.theta**exponents)
+            self._tables[key] = table(self.short_factor), table(self.long_factor)
+        return self._tables[key]
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq(self.short_factor, position_ids.device)
+        inv_freq, long = self.inv_freq(position_ids.device)
         if self.longrope:
             # One choice for the whole call, from its largest position (torch.where: no host sync).
-            long = self.inv_freq(self.long_factor, position_ids.device)
             inv_freq = torch.where(position_ids.max() + 1 > self.original_max, long, inv_freq)
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
             freqs = position_ids[..., None].float() * inv_freq  # (B, T, rotary_dim/2)
