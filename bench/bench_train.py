@@ -42,6 +42,8 @@ ABLATIONS = {  # this project with one mechanism switched off: what each buys in
     "ours-rule": "kernel configs and GEMM kinds by the rule alone, the shipped table switched off (kernels/choices.py)",
     "ours-checkpointed-loss": "the loss recomputing each chunk's lm_head GEMM and fp32 logits in the backward instead "
                               "of computing d hidden in the forward (phi3/loss.py)",
+    "ours-full-recompute": "each layer's recompute running the down projection's frozen GEMM too, whose output "
+                           "nothing reads (phi3/recompute.py)",
 }
 
 
@@ -64,6 +66,8 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
         phi3.kernels.choices.use_table({})
     elif ablation == "ours-checkpointed-loss":
         phi3.loss.fused_linear_loss = False
+    elif ablation == "ours-full-recompute":
+        phi3.model.recomputing = lambda: False
     layers = None  # the middle ground, ours-checkpoint-N: only the first N layers checkpointed
     if ablation and ablation.startswith("ours-checkpoint-"):
         layers = int(ablation.removeprefix("ours-checkpoint-"))

@@ -44,7 +44,8 @@ def _gemm(site, a, w, lo=None, ro=None, scale=1.0, seed=0, p=0.0):
     n_out = w.shape[0] if site == "nf4.fwd" else w.shape[1]
     c = launch.empty(a.shape[0], n_out, dtype=a.dtype, device=a.device)
     key = choices.key(a.shape[0], c.shape[1], a.shape[1], lo.shape[1], p > 0)
-    if site == "nf4.fwd" and a.shape[0] == 1 and w.shape[1] % 64 == 0:  # one token: decoding
+    # one token (decoding): whole 64-blocks per row, and bytes that can be read as 32-bit words
+    if site == "nf4.fwd" and a.shape[0] == 1 and w.shape[1] % 64 == 0 and w.packed.storage_offset() % 4 == 0:
         _gemv(key, a, w, lo, ro, scale, c)
         return c
     run = lambda kind: _KINDS[kind](site, key, a, w, lo, ro, scale, c, seed, p)
@@ -65,10 +66,12 @@ def _fused_gemm(site, key, a, w, lo, ro, scale, c, seed, p):
 
 
 def _gemv(key, a, w, lo, ro, scale, c):
+    """One token (decoding): W read as 32-bit words of eight codes (its bytes, in the same order)."""
     N, R = c.shape[1], lo.shape[1]
-    args = (a, *_nf4(w), lo, ro, c, N, a.shape[1], R, float(scale), a.stride(1), lo.stride(1), ro.stride(0),
-            ro.stride(1))
-    meta = dict(R_PAD=launch.next_pow2(R) if R else 0, enable_fp_fusion=False)
+    packed, *statistics = _nf4(w)
+    args = (a, packed.view(torch.int32), *statistics, lo, ro, c, N, a.shape[1], R, float(scale), a.stride(1),
+            lo.stride(1), ro.stride(0), ro.stride(1))
+    meta = dict(R_PAD=launch.next_pow2(R) if R else 0)
     go = lambda cfg: launch.run(_nf4_gemv_kernel, (launch.cdiv(N, cfg["BLOCK_N"]),), args, {**meta, **cfg})
     choices.launch_with("nf4.fwd", "nf4-gemv", key, a, go)
 
@@ -106,12 +109,13 @@ class QLoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, scale, dropout_p, seed):
+    def forward(ctx, x, weight, lora_A, lora_B, scale, dropout_p, seed, output=True):
         assert x.shape[-1] == weight.shape[1] == lora_A.shape[1] and lora_B.shape == (weight.shape[0], lora_A.shape[0])
         x2 = x.reshape(-1, x.shape[-1])
         with launch.on_device(x):
             s = _lora_down(x2, lora_A, seed, dropout_p)
-            y = _gemm("nf4.fwd", x2, weight, s, lora_B.t(), scale)
+            y = (_gemm("nf4.fwd", x2, weight, s, lora_B.t(), scale) if output  # else: a recompute's (phi3/recompute.py)
+                 else x2.new_empty(x2.shape[0], weight.shape[0]))
         ctx.save_for_backward(x, lora_A, lora_B, s)
         ctx.weight, ctx.scale, ctx.dropout_p, ctx.seed = weight, scale, dropout_p, seed
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -125,7 +129,7 @@ class QLoRALinearFunction(torch.autograd.Function):
             dx = None
             if ctx.needs_input_grad[0]:  # dx = dy W + (G A) * mask, W dequantized in the GEMM
                 dx = _gemm("nf4.dx", dy2, ctx.weight, g, lora_A, 1.0, ctx.seed, p).view(x.shape)
-        return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None
+        return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None, None
 
 
 class NF4LinearFunction(torch.autograd.Function):

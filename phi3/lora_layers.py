@@ -135,6 +135,15 @@ class LoRALinear(nn.Module):
         op = qlora_linear if self.base4 is not None else lora_linear
         return op(x, self.frozen_weight(), self.lora_A, B, self.scale, dropout_p=p, training=self.training)
 
+    def backward_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) for its backward only: what the layer saves is computed and saved, but not x W^T. For a recompute
+        whose output nothing uses (phi3/recompute.py); what it returns is uninitialized memory."""
+        if self.merged or self.lora_magnitude is not None or not self.training:  # DoRA needs x W^T for g's gradient
+            return self(x)
+        op = qlora_linear if self.base4 is not None else lora_linear
+        return op(x, self.frozen_weight(), self.lora_A, self.full_B(), self.scale, dropout_p=self.dropout,
+                  output=False)
+
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
         return self.scale * (self.full_B().float() @ self.lora_A.float())  # (out, in), fp32
@@ -199,6 +208,15 @@ class LoRAEmbedding(nn.Module):
             return out
         after_A = F.embedding(ids, self.lora_embedding_A.t(), self.padding_idx)  # (B, T, r), fp32
         return (out + (after_A @ self.lora_embedding_B.t()) * self.scale).to(out.dtype)  # peft's order and dtypes
+
+    def backward_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) for its backward only: what the layer saves is computed and saved, but not x W^T. For a recompute
+        whose output nothing uses (phi3/recompute.py); what it returns is uninitialized memory."""
+        if self.merged or self.lora_magnitude is not None or not self.training:  # DoRA needs x W^T for g's gradient
+            return self(x)
+        op = qlora_linear if self.base4 is not None else lora_linear
+        return op(x, self.frozen_weight(), self.lora_A, self.full_B(), self.scale, dropout_p=self.dropout,
+                  output=False)
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
-
 from phi3.attention import Visibility, attend
 from phi3.config import Phi3Config
 from phi3.offload import CheckpointOffload
 from phi3.ops import rms_norm, rope_qk, swiglu
+from phi3.recompute import checkpoint_layer, recomputing
 
 
 class RMSNorm(nn.Module):
@@ -147,14 +146,18 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def untiled(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_up_proj(x)))  # up * silu(gate); gate is the first half
+        h = swiglu(self.gate_up_proj(x))  # up * silu(gate); gate is the first half
+        if recomputing() and hasattr(self.down_proj, "backward_inputs"):
+            # the output only joins the residual sum, which a recompute throws away (phi3/recompute.py)
+            return self.down_proj.backward_inputs(h)
+        return self.down_proj(h)
 
     def forward(self, x: torch.Tensor, recompute_tiles: bool = False) -> torch.Tensor:
         tokens = x.shape[:-1].numel()
         if tokens <= self.tile_tokens or (torch.is_grad_enabled() and not recompute_tiles):
             return self.untiled(x)
         def run(tile):
-            return checkpoint(self.untiled, tile, use_reentrant=False) if torch.is_grad_enabled() else self.untiled(tile)
+            return checkpoint_layer(self.untiled, tile) if torch.is_grad_enabled() else self.untiled(tile)
         tiles = x.reshape(tokens, x.shape[-1]).split(token_tiles(tokens, self.tile_tokens))
         return torch.cat([run(tile) for tile in tiles]).view(*x.shape[:-1], -1)
 
@@ -225,7 +228,7 @@ class Phi3ForCausalLM(nn.Module):
             if i < checkpointed:
                 keep = offloaded is None or not offloaded.moves(i)
                 with contextlib.nullcontext() if keep else offloaded.layer_input(x, i):
-                    x = checkpoint(layer, x, cos, sin, seen, kv_cache, True, use_reentrant=False)
+                    x = checkpoint_layer(layer, x, cos, sin, seen, kv_cache, True)
             else:
                 x = layer(x, cos, sin, seen, kv_cache)
         if offloaded is not None:

@@ -109,14 +109,15 @@ def lora_linear_reference(x, weight, lora_A, lora_B, scale, dropout_mask=None):
 
 
 def lora_linear(x, weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, training: bool = True,
-                *, backend=None, seed=None) -> torch.Tensor:
+                *, backend=None, seed=None, output=True) -> torch.Tensor:
     """A LoRA layer with W frozen. seed: the kernels' dropout seed (None: drawn from torch's CPU generator, so
-    checkpoint recompute replays it)."""
+    checkpoint recompute replays it). output=False: the kernels skip x W^T and return uninitialized memory, saving
+    for the backward all the same (a recompute's, phi3/recompute.py); the torch path computes it anyway."""
     p = float(dropout_p) if training else 0.0
     if not _triton(backend, x):
         mask = None if p == 0 else F.dropout(torch.ones_like(x), p)
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, mask)
-    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed))
+    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed), output)
 
 
 def _kernel_seed(p, seed):
@@ -127,14 +128,14 @@ def _kernel_seed(p, seed):
 
 
 def qlora_linear(x, weight: NF4Weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, training: bool = True,
-                 *, backend=None, seed=None) -> torch.Tensor:
+                 *, backend=None, seed=None, output=True) -> torch.Tensor:
     """lora_linear with W frozen in NF4. The spec: W = dequantize_reference(W4, x.dtype) (fp32 values rounded once
     to x's dtype), then lora_linear's; the kernels dequantize W inside their GEMM (kernels/qlora_linear.py)."""
     if not _triton(backend, x):
         return lora_linear(x, dequantize_reference(weight, x.dtype), lora_A, lora_B, scale, dropout_p, training,
                            backend="torch")
     p = float(dropout_p) if training else 0.0
-    return QLoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed))
+    return QLoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed), output)
 
 
 def nf4_linear(x, weight: NF4Weight, *, backend=None) -> torch.Tensor:
