@@ -5,10 +5,13 @@
 
 Workload (issue 12, item 4): each optimizer step takes 16 examples whose lengths are drawn lognormal (median
 400, sigma 0.9) and clipped to [50, 2048]; only real tokens count. transformers + peft: micro-batches of 4
-examples, each padded to its longest, gradient checkpointing on (its 2,843 tokens/s and 12.1 GiB on the H200 are
-the baseline). This project: the same 16 examples packed into rows of 2048 tokens (phi3/data.py, per-document
-attention, positions restarting), 4 rows per micro-batch (--rows), checkpointing on. LoRA r=16 on
-qkv/o/gate_up/down, AdamW. Each system runs in its own process.
+examples, each padded to its longest, gradient checkpointing on (its 2,843 tokens/s and 12.1 GiB on the H200 were
+the first baseline). This project: the same 16 examples packed (phi3/data.py, per-document attention, positions
+restarting) into single-row micro-batches of about --row-tokens tokens (8192): as few rows as hold the step's
+tokens, the examples balanced across them (longest first into the lightest row), each row rounded up to 64 tokens,
+so almost nothing is padding and no micro-batch is a small remainder. `--rows 4` packs into rows of 2048 instead, 4
+per micro-batch (the earlier way: ~88 % full rows, and a step of one 4-row and one 1-row micro-batch).
+Checkpointing on, LoRA r=16 on qkv/o/gate_up/down, AdamW. Each system runs in its own process.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ def step_examples(steps: int, per_step: int = 16, seed: int = 0) -> list[list[li
     return [[rng.integers(0, 32000, size=n).tolist() for n in row] for row in lengths]
 
 
+def balanced_rows(examples: list, row_tokens: int) -> list[list]:
+    """The examples in ceil(tokens / row_tokens) rows, each example (longest first) into the row with fewest tokens."""
+    rows = [[] for _ in range(max(1, -(-sum(len(e.ids) for e in examples) // row_tokens)))]
+    for e in sorted(examples, key=lambda e: -len(e.ids)):
+        min(rows, key=lambda row: sum(len(d.ids) for d in row)).append(e)
+    return rows
+
+
 def ours(args, device):
     from phi3.data import Example, make_batches
     from train import MicroBatchLoss, accumulate_gradients
@@ -49,8 +60,12 @@ def ours(args, device):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
 
     def step(examples):
-        packed = make_batches([Example(ids, [True] * len(ids)) for ids in examples], args.rows, ROW, 0, packing=True,
-                              shuffle=False, seed=0)
+        examples = [Example(ids, [True] * len(ids)) for ids in examples]
+        if args.rows:
+            packed = make_batches(examples, args.rows, ROW, 0, packing=True, shuffle=False, seed=0)
+        else:
+            packed = [make_batches(row, 1, -(-sum(len(e.ids) for e in row) // 64) * 64, 0, packing=True,
+                                   shuffle=False, seed=0)[0] for row in balanced_rows(examples, args.row_tokens)]
         accumulate_gradients(loss_of, packed, device, contextlib.nullcontext)  # bf16 weights: no autocast
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -107,19 +122,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="a 4-layer model (smoke runs on the CPU)")
-    p.add_argument("--rows", type=int, default=4, help="this project's packed rows of 2048 per micro-batch (8: a "
-                   "step's ~5 rows in one micro-batch)")
+    p.add_argument("--rows", type=int, default=0, help="this project's packed rows of 2048 per micro-batch (0: "
+                   "single-row micro-batches of about --row-tokens)")
+    p.add_argument("--row-tokens", type=int, default=8192, help="tokens a single-row micro-batch aims at")
     args = p.parse_args()
     if args.system:
         print(json.dumps(measure(args.system, args)))
         return
-    flags = ["--steps", str(args.steps), "--device", args.device, "--rows", str(args.rows)] + (
+    flags = ["--steps", str(args.steps), "--device", args.device, "--rows", str(args.rows), "--row-tokens",
+             str(args.row_tokens)] + (
         ["--tiny"] if args.tiny else [])
     results = run_each(__file__, ("ours", "reference"), flags)
     a, b = results["ours"], results["reference"]
     print(f"variable-length chat, 16 examples per step (lognormal median 400, sigma 0.9, [50, 2048]), "
           f"{'tiny' if args.tiny else 'Phi-3-mini'} shapes, {args.steps} steps")
-    print(f"ours (packed, {args.rows} rows per micro-batch): {a['real_tokens_per_s']:,.0f} real tokens/s, "
+    packing = f"{args.rows} rows of {ROW} per micro-batch" if args.rows else f"single rows of ~{args.row_tokens}"
+    print(f"ours (packed, {packing}): {a['real_tokens_per_s']:,.0f} real tokens/s, "
           f"{a['peak_gib']:.2f} GiB; transformers+peft (padded): {b['real_tokens_per_s']:,.0f}, {b['peak_gib']:.2f} GiB; ratio "
           f"{a['real_tokens_per_s'] / b['real_tokens_per_s']:.2f}x (target 6x)")
 
