@@ -126,23 +126,22 @@ class LoRALinear(nn.Module):
         norm = self.dora_norm(full_B)
         return self.full_magnitude(norm) / norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output: bool = True) -> torch.Tensor:
+        """output=False (backward_inputs): see there."""
         if self.merged:
             return F.linear(x, self.weight)
         p, B = self.dropout if self.training else 0.0, self.full_B()
-        if self.lora_magnitude is not None:
+        if self.lora_magnitude is not None:  # (DoRA's backward needs x W^T: always computed)
             return dora_linear(x, self.frozen_weight(), self.lora_A, B, self.scale, self.dora_scale(B), p)
         op = qlora_linear if self.base4 is not None else lora_linear
-        return op(x, self.frozen_weight(), self.lora_A, B, self.scale, dropout_p=p, training=self.training)
+        return op(x, self.frozen_weight(), self.lora_A, B, self.scale, dropout_p=p, training=self.training,
+                  output=output)
 
     def backward_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """forward(x) for its backward only: what the layer saves is computed and saved, but not x W^T. For a recompute
-        whose output nothing uses (phi3/recompute.py); what it returns is uninitialized memory."""
-        if self.merged or self.lora_magnitude is not None or not self.training:  # DoRA needs x W^T for g's gradient
-            return self(x)
-        op = qlora_linear if self.base4 is not None else lora_linear
-        return op(x, self.frozen_weight(), self.lora_A, self.full_B(), self.scale, dropout_p=self.dropout,
-                  output=False)
+        """forward(x) for its backward only: what the layer saves is computed and saved as forward(x) would, but the
+        kernels skip x W^T and return uninitialized memory. For a recompute whose output nothing reads
+        (phi3/recompute.py)."""
+        return self(x, output=False)
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
@@ -208,15 +207,6 @@ class LoRAEmbedding(nn.Module):
             return out
         after_A = F.embedding(ids, self.lora_embedding_A.t(), self.padding_idx)  # (B, T, r), fp32
         return (out + (after_A @ self.lora_embedding_B.t()) * self.scale).to(out.dtype)  # peft's order and dtypes
-
-    def backward_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """forward(x) for its backward only: what the layer saves is computed and saved, but not x W^T. For a recompute
-        whose output nothing uses (phi3/recompute.py); what it returns is uninitialized memory."""
-        if self.merged or self.lora_magnitude is not None or not self.training:  # DoRA needs x W^T for g's gradient
-            return self(x)
-        op = qlora_linear if self.base4 is not None else lora_linear
-        return op(x, self.frozen_weight(), self.lora_A, self.full_B(), self.scale, dropout_p=self.dropout,
-                  output=False)
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
