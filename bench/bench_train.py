@@ -44,9 +44,8 @@ ABLATIONS = {  # this project with one mechanism switched off: what each buys in
                               "of computing d hidden in the forward (phi3/loss.py)",
     "ours-full-recompute": "each layer's recompute running the down projection's frozen GEMM too, whose output "
                            "nothing reads (phi3/recompute.py)",
-    # not an ablation: the mechanism switched on below its threshold, to see whether it pays there
-    "ours-keep-attention": "attention outputs kept for the recompute at every length (phi3/attention.py "
-                           "keep_from_tokens = 0)",
+    "ours-no-keep": "each layer's recompute computing attention again instead of taking back the output and "
+                    "log-sum-exp its forward kept in host memory beside its input (phi3/attention.py)",
 }
 
 
@@ -71,8 +70,8 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
         phi3.loss.fused_linear_loss = False
     elif ablation == "ours-full-recompute":
         phi3.model.recomputing = lambda: False
-    elif ablation == "ours-keep-attention":
-        phi3.attention.keep_from_tokens = 0
+    elif ablation == "ours-no-keep":
+        phi3.attention.keep_outputs = False
     layers = None  # the middle ground, ours-checkpoint-N: only the first N layers checkpointed
     if ablation and ablation.startswith("ours-checkpoint-"):
         layers = int(ablation.removeprefix("ours-checkpoint-"))

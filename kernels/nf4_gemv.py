@@ -1,20 +1,16 @@
 """One token through a 4-bit linear (decoding): y = W x + scale * (s B)^T ... as a matrix-vector product.
 
-At one token a GEMM's tile of 16 rows is 15 rows of padding and its few column tiles leave most of the GPU idle, so
-the 4-bit base decoded slower than the bf16 one (bench/README.md). Here each program takes BLOCK_N rows of W and all
-of K, on the CUDA cores, and reads W as 32-bit words of eight 4-bit codes: at one token the work is W's bytes and
-the instructions that unpack each weight, so those are kept few. A word's eight codes are shifted out of the
-register one after another (no byte loads, no per-byte address), each looked up in the 16-entry table (64 bytes of
-L1) and multiplied into a running sum per word; the 64-block's absmax multiplies a word's sum, not each value, and
-the sums over words and blocks happen once, after the loop. The weight is used in fp32, not rounded to x's dtype
-first (more exact than the GEMM, within its rounding), so fused multiply-adds are allowed here.
+At one token a GEMM's tile of 16 rows is 15 rows of padding and its few column tiles leave most of the GPU idle
+(Phi-3-mini's o_proj: 48 tiles of 64 columns on 132 SMs), so the 4-bit base decoded slower than the bf16 one
+(bench/README.md). Here each program takes BLOCK_N rows of W and all of K, and each weight is read as its 4 bits and
+used once, on the CUDA cores: at one token the work is W's bytes and the few instructions that unpack each of them,
+so those are kept few. A 64-block's absmax multiplies the block's sum, not each of its values; the byte's two codes
+are looked up in the 16-entry table (from memory, one L1 line: CODE_FROM_MEMORY, or by warp shuffles, as the GEMM
+does); the weight is used in fp32, not rounded to x's dtype first (more exact than the GEMM, within its rounding).
 
-    y[n] = sum_b absmax[n, b] sum_w sum_q code[nibble q of word (n, 8 b + w)] x[64 b + 8 w + e(q)]
-           + scale * sum_r S[r] B^T[r, n]
+    y[n] = sum_b absmax[n, b] sum_j code[nibble(n, 64 b + j)] x[64 b + j]  +  scale * sum_r S[r] B^T[r, n]
 
-Word w of a 64-block is bytes 4w .. 4w + 3 (little-endian); byte j holds value 2j in its high nibble and 2j + 1 in
-its low one, so the nibble at bits 4q is value e(q) = q + 1 for even q and q - 1 for odd q. S (the forward's
-dropout(x) A^T, fp32) and B^T as the GEMM's epilogue takes them (R_PAD = 0: no low-rank term).
+S (the forward's dropout(x) A^T, fp32) and B^T as the GEMM's epilogue takes them (R_PAD = 0: no low-rank term).
 """
 import triton
 import triton.language as tl
@@ -23,33 +19,44 @@ from .nf4_gemm import _absmax
 
 
 @triton.jit
-def _nf4_gemv_kernel(x_ptr, words_ptr, absmax_code_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
+def _codes(byte, code_ptr, code, CODE_FROM_MEMORY: tl.constexpr):
+    """(high, low) NF4 values of each byte (any shape)."""
+    hi, lo = byte >> 4, byte & 15
+    if CODE_FROM_MEMORY:
+        return tl.load(code_ptr + hi), tl.load(code_ptr + lo)
+    table = tl.broadcast_to(code[None, None, :], (byte.shape[0], byte.shape[1], 16))
+    return tl.gather(table, hi, 2), tl.gather(table, lo, 2)
+
+
+@triton.jit
+def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_code_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
                      s_ptr, r_ptr, y_ptr, N, K, R, scale, stride_xk, stride_sr, stride_rr, stride_rn,
-                     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
-    """y (N,) for x (K,), W (N, K) in NF4 with K % 64 == 0 (whole 64-blocks per row), rows offs_n per program,
-    BLOCKS 64-blocks of each row per step."""
+                     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     CODE_FROM_MEMORY: tl.constexpr):
+    """y (N,) for x (K,), W (N, K) in NF4 with K % 64 == 0 (whole 64-blocks per row), rows offs_n per program."""
+    NB: tl.constexpr = BLOCK_K // 64  # 64-blocks per step
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)  # rows past N read the last one; never stored
+    code = tl.load(code_ptr + tl.arange(0, 16))
     blocks_per_row = K // 64
-    w = tl.arange(0, 8)  # the words of a 64-block
-    acc = tl.zeros((BLOCK_N, BLOCKS, 8), tl.float32)  # per word: its absmax times its eight products
-    for b0 in range(0, blocks_per_row, BLOCKS):
-        blk = b0 + tl.arange(0, BLOCKS)
-        inside = blk < blocks_per_row  # blocks past the row read its last one, against x = 0
-        blocks = rows[:, None] * blocks_per_row + tl.minimum(blk, blocks_per_row - 1)[None, :]  # (BLOCK_N, BLOCKS)
-        words = tl.load(words_ptr + blocks[:, :, None] * 8 + w[None, None, :])  # (BLOCK_N, BLOCKS, 8) int32
-        col = blk[:, None] * 64 + w[None, :] * 8  # (BLOCKS, 8): each word's first column
-        sums = tl.zeros((BLOCK_N, BLOCKS, 8), tl.float32)
-        for q in tl.static_range(8):
-            x_q = tl.load(x_ptr + (col + q + 1 - 2 * (q % 2)) * stride_xk, mask=inside[:, None], other=0.0)
-            sums += tl.load(code_ptr + ((words >> (4 * q)) & 15)) * x_q.to(tl.float32)[None, :, :]
-        acc += sums * _absmax(absmax_code_ptr, nested_absmax_ptr, nested_code_ptr, offset, blocks)[:, :, None]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    j = tl.arange(0, 32)  # byte j of a block holds values 2j (high nibble) and 2j + 1
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for b0 in range(0, blocks_per_row, NB):
+        blk = b0 + tl.arange(0, NB)
+        inside = blk < blocks_per_row
+        blocks = rows[:, None] * blocks_per_row + tl.where(inside, blk, 0)[None, :]  # (BLOCK_N, NB)
+        byte = tl.load(packed_ptr + blocks[:, :, None] * 32 + j[None, None, :]).to(tl.int32)  # (BLOCK_N, NB, 32)
+        hi, lo = _codes(byte, code_ptr, code, CODE_FROM_MEMORY)
+        k = (blk[:, None] * 64 + 2 * j[None, :]) * stride_xk  # (NB, 32): the even values' columns
+        x_even = tl.load(x_ptr + k, mask=inside[:, None], other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + k + stride_xk, mask=inside[:, None], other=0.0).to(tl.float32)
+        block_sums = tl.sum(hi * x_even[None, :, :] + lo * x_odd[None, :, :], axis=2)  # (BLOCK_N, NB)
+        acc += tl.sum(block_sums * _absmax(absmax_code_ptr, nested_absmax_ptr, nested_code_ptr, offset, blocks), axis=1)
     dt = y_ptr.dtype.element_ty
     if R_PAD > 0:  # the low-rank term, both factors rounded to x's dtype as the GEMM's epilogue rounds them
         offs_r = tl.arange(0, R_PAD)
         s = tl.load(s_ptr + offs_r * stride_sr, mask=offs_r < R, other=0.0)
         b = tl.load(r_ptr + offs_r[None, :] * stride_rr + rows[:, None] * stride_rn, mask=offs_r[None, :] < R,
                     other=0.0)  # (BLOCK_N, R_PAD): B^T's columns of these rows
-        y += tl.sum(s.to(dt).to(tl.float32)[None, :] * (b * scale).to(dt).to(tl.float32), axis=1)
-    tl.store(y_ptr + offs_n, y.to(dt), mask=offs_n < N)
+        acc += tl.sum(s.to(dt).to(tl.float32)[None, :] * (b * scale).to(dt).to(tl.float32), axis=1)
+    tl.store(y_ptr + offs_n, acc.to(dt), mask=offs_n < N)

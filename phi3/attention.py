@@ -22,9 +22,9 @@ Three ways to compute it, chosen once per call by `Visibility.of`:
 
 Both GPU paths call torch's kernels through autograd Functions of their own, so that a checkpointed layer can keep
 its attention output (and row log-sum-exp) from the forward pass for its recompute, instead of computing attention
-a second time: at 131k tokens that recompute is a fifth of the step. Those outputs are as large as the layer's input,
-so they are kept only where the layer input itself waits in host memory (phi3/offload.py) and the sequences are long
-enough for attention to dominate (`keep_from_tokens`); `keep_outputs = False` turns it off.
+a second time: at 131k tokens that recompute is a fifth of the step, at batch 4 x 2048 it still buys 1.03-1.05x.
+Those outputs are as large as the layer's input, so they are kept only where the layer input itself waits in host
+memory (phi3/offload.py), beside it; `keep_outputs = False` turns it off.
 """
 
 from __future__ import annotations
@@ -41,14 +41,11 @@ _FLASH_OPS = hasattr(torch.ops.aten, "_flash_attention_forward") and hasattr(tor
 _CUDNN_OPS = hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
 use_flash = True  # bench/ ablations switch these off to measure what they buy
 use_cudnn = True
-# Kept attention outputs: 1.08-1.13x the long-context step at 16k-32k tokens on an H200 for 2-4 % more GPU memory
-# (bench/README.md, long context); bench/ ablations switch it off
+# Kept attention outputs: 1.08-1.13x the long-context step at 16k-32k tokens on an H200 for 2-4 % more GPU memory,
+# 1.03-1.05x at batch 4 x 2048 and 2 x 4096 on an H100 for 0.05 GiB (bench/README.md); bench/ ablations switch it off
 keep_outputs = True
 # Rows at least this long take cuDNN (1.5x faster from here on an H200, slower at batch 4 x 2048: bench/README.md)
 cudnn_from_tokens = 4096
-# ... and sequences at least this long keep their attention output for the recompute (where the layer input is
-# offloaded): below it attention is a small part of a layer and the extra copies and host memory do not pay.
-keep_from_tokens = 8192
 # SDPA's backends for the "sdpa" calls on a GPU: all but cuDNN (see the module docstring)
 _SDPA_GPU = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -105,7 +102,7 @@ def cudnn_preferred(device: torch.device) -> bool:
 def _keeper(seen: "Visibility", layer: int):
     """Where this layer's attention output is kept for its recompute, or None (see the module docstring)."""
     keeper = seen.keeper
-    if keeper is None or not keep_outputs or seen.max_len < keep_from_tokens or not torch.is_grad_enabled():
+    if keeper is None or not keep_outputs or not torch.is_grad_enabled():
         return None
     return keeper if keeper.holds_input_of(layer) else None
 

@@ -224,7 +224,7 @@ class Phi3ForCausalLM(nn.Module):
             # last one stays: of those the backward pass reaches it first), as many as host memory holds
             self.offload = self.offload or CheckpointOffload(x.device)
             offloaded = self.offload.new_pass(checkpointed - 1, x.numel() * x.element_size())
-        seen.keeper = offloaded  # where layer inputs wait, long attention outputs may wait too (phi3/attention.py)
+        seen.keeper = offloaded  # where layer inputs wait, attention outputs wait too (phi3/attention.py)
         for i, layer in enumerate(self.model.layers):
             if i < checkpointed:
                 keep = offloaded is None or not offloaded.moves(i)

@@ -22,7 +22,7 @@ Host memory bounds it: a pass moves layer inputs only while they fit in half of 
 would leave it swapping or killed); the later layers' inputs then stay on the GPU, and a note says so once.
 
 A layer whose input waits here can also leave what it computed once for its recompute to take back instead of
-computing it again (`keep` / `take_kept`: attention's output at long context, phi3/attention.py). Those tensors
+computing it again (`keep` / `take_kept`: attention's output and log-sum-exp, phi3/attention.py). Those tensors
 travel with the layer's input: they come back together, one layer ahead of the backward pass. They are as large as
 the inputs (26 GiB more at 131k tokens on Phi-3-mini), so a pass keeps them only while the layer inputs and they fit
 in half of the machine's memory (`host_limit_bytes`); past that, layers compute attention again as without keeping.

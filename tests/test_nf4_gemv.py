@@ -2,7 +2,7 @@
 
 The checks are test_qlora_kernel's (y, dx, dA, dB against lora_linear_reference on W rounded to the dtype and in
 fp64; DESIGN.md's rule), at one token, where the forward takes the matrix-vector kernel: in_features multiples of 64
-(whole blocks per row) below, at and above one BLOCKS step, ranks 0 (nf4_linear), 1 and 16, strided input.
+(whole blocks per row) below, at and above one BLOCK_K step, ranks 0 (nf4_linear), 1 and 16, strided input.
 CPU: under TRITON_INTERPRET=1, fp32 and fp16. GPU (`pytest -m cuda`): bf16 at Phi-3-mini, Phi-3-medium and Phi-4
 shapes, and every config of the kernel.
 """
@@ -28,11 +28,10 @@ def launched(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("k,r", [(64, 1), (192, 16), (320, 4)])
-@pytest.mark.parametrize("rows,blocks", [(16, 2), (4, 4)])
-def test_one_token(launched, monkeypatch, dtype, k, r, rows, blocks):
-    """Steps of 2 and 4 64-blocks: K of 1, 3 and 5 blocks (a ragged last step, or less than one); 37 rows: a
-    ragged last program."""
-    monkeypatch.setitem(choices.SMALL, "nf4-gemv", {**choices.SMALL["nf4-gemv"], "BLOCK_N": rows, "BLOCKS": blocks})
+@pytest.mark.parametrize("from_memory", [True, False])
+def test_one_token(launched, monkeypatch, dtype, k, r, from_memory):
+    """Both ways of looking the codes up; one step of 128 columns (two 64-blocks): K of 1, 3 and 5 blocks."""
+    monkeypatch.setitem(choices.SMALL, "nf4-gemv", {**choices.SMALL["nf4-gemv"], "CODE_FROM_MEMORY": from_memory})
     _check((1, 1, k), 37, r, dtype, scale=1.5, seed=k)
     assert "_nf4_gemv_kernel" in launched
 

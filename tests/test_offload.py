@@ -183,7 +183,6 @@ def flash_on_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", forward)
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", backward)
     monkeypatch.setattr(phi3.attention, "flash_supported", lambda *args: True)
-    monkeypatch.setattr(phi3.attention, "keep_from_tokens", 16)  # the test's 50-token rows keep their output
     return calls
 
 
@@ -256,8 +255,8 @@ def test_kept_attention_outputs_on_the_gpu(monkeypatch, backend):
     import phi3.attention
     if backend == "cudnn" and not phi3.attention.cudnn_preferred(torch.device("cuda")):
         pytest.skip("cuDNN attention is chosen on Hopper GPUs only")
-    monkeypatch.setattr(phi3.attention, "keep_from_tokens", 1024)  # the rules, moved to lengths a test can afford
-    monkeypatch.setattr(phi3.attention, "cudnn_from_tokens", 1024 if backend == "cudnn" else 1 << 30)
+    monkeypatch.setattr(phi3.attention, "cudnn_from_tokens", 1024 if backend == "cudnn" else 1 << 30)  # (cuDNN's
+    # rule moved to lengths a test can afford)
     model = lora_model("cuda", torch.bfloat16, layers=8, hidden=1024, heads=8, window=None)
     batches = [torch.randint(0, 512, shape, device="cuda") for shape in [(2, 2048), (1, 1024)]]
     seen = phi3.attention.Visibility.of(2, 2048, 0, None, None, torch.bfloat16, batches[0].device, 128)
