@@ -58,9 +58,12 @@ CONFIGS = {
     "nf4-decode": {"16x64x256 s4": _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1),
                    "16x128x128 s4": _c(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
                    "16x64x128 s6": _c(4, 6, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)},
-    # one token (kernels/nf4_gemv.py): rows per program x 64-blocks per step (provisional, to be timed)
-    "nf4-gemv": {"8x4 w2 s2": _c(2, 2, BLOCK_N=8, BLOCKS=4), "16x4 w4 s2": _c(4, 2, BLOCK_N=16, BLOCKS=4),
-                 "4x8 w2 s2": _c(2, 2, BLOCK_N=4, BLOCKS=8), "16x2 w2 s2": _c(2, 2, BLOCK_N=16, BLOCKS=2)},
+    # one token (kernels/nf4_gemv.py): rows per program x columns per step; the first two were fastest on an H100
+    # over Phi-3-mini's and Phi-4's layers (bench/README.md), codes looked up from memory beat warp shuffles
+    "nf4-gemv": {"8x512 mem w2 s4": _c(2, 4, BLOCK_N=8, BLOCK_K=512, CODE_FROM_MEMORY=True),
+                 "16x512 mem s3": _c(4, 3, BLOCK_N=16, BLOCK_K=512, CODE_FROM_MEMORY=True),
+                 "8x1024 mem s3": _c(4, 3, BLOCK_N=8, BLOCK_K=1024, CODE_FROM_MEMORY=True),
+                 "16x512 s3": _c(4, 3, BLOCK_N=16, BLOCK_K=512, CODE_FROM_MEMORY=False)},
     "nf4-dequantize": {"64 blocks": _c(4, 1, BLOCKS=64), "128 blocks": _c(8, 1, BLOCKS=128),
                        "32 blocks": _c(4, 1, BLOCKS=32)},
     # DoRA's weight norm (kernels/dora.py), not yet timed: BLOCK_N rows x BLOCK_K columns of W a step (BLOCK_K
@@ -74,7 +77,7 @@ SMALL = {"tma": _tma(1, 1, 32, 32), "gemm": _c(4, 2, BLOCK_M=32, BLOCK_N=32, BLO
          "down": _c(4, 2, BLOCK_M=32, BLOCK_K=32), "dy": _c(4, 2, BLOCK_N=32), "da": _c(4, 2, BLOCK_M=32, BLOCK_K=32),
          "nf4": _c(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4),
          "nf4-decode": _c(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1), "nf4-dequantize": _c(4, 1, BLOCKS=32),
-         "nf4-gemv": _c(4, 1, BLOCK_N=16, BLOCKS=2),
+         "nf4-gemv": _c(4, 1, BLOCK_N=16, BLOCK_K=128, CODE_FROM_MEMORY=True),
          "dora-norm": _c(4, 2, BLOCK_N=16, BLOCK_K=64)}
 
 _table = None  # use_table's: None = the shipped one

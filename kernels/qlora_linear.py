@@ -44,8 +44,7 @@ def _gemm(site, a, w, lo=None, ro=None, scale=1.0, seed=0, p=0.0):
     n_out = w.shape[0] if site == "nf4.fwd" else w.shape[1]
     c = launch.empty(a.shape[0], n_out, dtype=a.dtype, device=a.device)
     key = choices.key(a.shape[0], c.shape[1], a.shape[1], lo.shape[1], p > 0)
-    # one token (decoding): whole 64-blocks per row, and bytes that can be read as 32-bit words
-    if site == "nf4.fwd" and a.shape[0] == 1 and w.shape[1] % 64 == 0 and w.packed.storage_offset() % 4 == 0:
+    if site == "nf4.fwd" and a.shape[0] == 1 and w.shape[1] % 64 == 0:  # one token: decoding
         _gemv(key, a, w, lo, ro, scale, c)
         return c
     run = lambda kind: _KINDS[kind](site, key, a, w, lo, ro, scale, c, seed, p)
@@ -66,12 +65,10 @@ def _fused_gemm(site, key, a, w, lo, ro, scale, c, seed, p):
 
 
 def _gemv(key, a, w, lo, ro, scale, c):
-    """One token (decoding): W read as 32-bit words of eight codes (its bytes, in the same order)."""
     N, R = c.shape[1], lo.shape[1]
-    packed, *statistics = _nf4(w)
-    args = (a, packed.view(torch.int32), *statistics, lo, ro, c, N, a.shape[1], R, float(scale), a.stride(1),
-            lo.stride(1), ro.stride(0), ro.stride(1))
-    meta = dict(R_PAD=launch.next_pow2(R) if R else 0)
+    args = (a, *_nf4(w), lo, ro, c, N, a.shape[1], R, float(scale), a.stride(1), lo.stride(1), ro.stride(0),
+            ro.stride(1))
+    meta = dict(R_PAD=launch.next_pow2(R) if R else 0, enable_fp_fusion=False)
     go = lambda cfg: launch.run(_nf4_gemv_kernel, (launch.cdiv(N, cfg["BLOCK_N"]),), args, {**meta, **cfg})
     choices.launch_with("nf4.fwd", "nf4-gemv", key, a, go)
 
