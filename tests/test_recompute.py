@@ -10,7 +10,6 @@ import torch
 import phi3.lora_layers
 from phi3.kernels import launch
 from phi3.kernels import lora_linear as lora_kernels
-from phi3.model import Recompute
 from phi3.recompute import checkpoint_layer, recomputing
 from test_offload import gradients, lora_model
 
