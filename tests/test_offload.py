@@ -17,12 +17,13 @@ from phi3 import Phi3Config, Phi3ForCausalLM
 from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
 from phi3.model import Recompute
 from phi3.offload import CheckpointOffload
+from phi3.quantized import quantize_layers
 from test_attention import mask_of_sequences
 
 CUDA = torch.cuda.is_available()
 
 
-def lora_model(device, dtype, layers=4, hidden=64, heads=4, dropout=0.1, window=40):
+def lora_model(device, dtype, layers=4, hidden=64, heads=4, dropout=0.1, window=40, four_bit=False):
     config = Phi3Config.from_json("assets/configs/phi3-mini-4k-instruct/config.json")
     config = dataclasses.replace(config, hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=layers,
                                  num_attention_heads=heads, num_key_value_heads=heads, vocab_size=512,
@@ -31,6 +32,8 @@ def lora_model(device, dtype, layers=4, hidden=64, heads=4, dropout=0.1, window=
         model = Phi3ForCausalLM(config)
     model = model.to_empty(device=device).to(dtype)
     model.init_weights(seed=0)
+    if four_bit:  # a QLoRA base: the layers' weights in NF4
+        quantize_layers(model, dict(model.state_dict()), device, dtype, lambda name, message: pytest.fail(message))
     add_lora(model, LoRAConfig(rank=4, alpha=8, dropout=dropout))
     mark_only_lora_as_trainable(model)
     with torch.no_grad():  # B = 0 would give A no gradient

@@ -10,6 +10,7 @@ import torch
 import phi3.lora_layers
 from phi3.kernels import launch
 from phi3.kernels import lora_linear as lora_kernels
+from phi3.kernels import qlora_linear as qlora_kernels
 from phi3.recompute import checkpoint_layer, recomputing
 from test_offload import gradients, lora_model
 
@@ -36,8 +37,11 @@ def test_recomputing_is_true_only_in_the_second_run_and_below():
     assert torch.equal(x.grad, x2.grad)
 
 
-@pytest.mark.skipif(not launch.INTERPRET, reason="the kernels on CPU tensors: TRITON_INTERPRET=1 (a GPU's run: "
-                    "tests/test_long_context.py, its gradients through the same recompute)")
+interpreted = pytest.mark.skipif(not launch.INTERPRET, reason="the kernels on CPU tensors: TRITON_INTERPRET=1 (a "
+                                 "GPU's run: tests/test_long_context.py, its gradients through the same recompute)")
+
+
+@interpreted
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_checkpointed_gradients_equal_and_down_skips_its_product(monkeypatch, dropout):
     real_op, gemms = phi3.lora_layers.lora_linear, []
@@ -51,5 +55,22 @@ def test_checkpointed_gradients_equal_and_down_skips_its_product(monkeypatch, dr
     assert gemms.count("dx") == 2 * 4 - 1  # no dx for the first qkv_proj: its input is a frozen embedding's
     model.recompute = None
     assert checkpointed.keys() == (kept := gradients(model, batches, None)).keys()
+    for name in kept:
+        assert torch.equal(checkpointed[name], kept[name]), name
+
+
+@interpreted
+def test_on_a_4bit_base_too(monkeypatch):
+    """QLoRA's layers: the recompute skips down's NF4 GEMM, the gradients are those of keeping the activations."""
+    real_op, gemms = phi3.lora_layers.qlora_linear, []
+    monkeypatch.setattr(phi3.lora_layers, "qlora_linear", lambda *a, **k: real_op(*a, **k, backend="triton"))
+    real_gemm = qlora_kernels._gemm
+    monkeypatch.setattr(qlora_kernels, "_gemm", lambda site, *a, **k: gemms.append(site) or real_gemm(site, *a, **k))
+    model = lora_model(torch.device("cpu"), torch.float32, layers=2, hidden=64, dropout=0.1, four_bit=True)
+    batches = [torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(7))]
+    checkpointed = gradients(model, batches, None)
+    assert gemms.count("nf4.fwd") == 2 * 4 + 2 * 3
+    model.recompute = None
+    kept = gradients(model, batches, None)
     for name in kept:
         assert torch.equal(checkpointed[name], kept[name]), name
