@@ -24,6 +24,7 @@ from .nf4_weight import NF4Weight
 
 FUSED_MAX_TOKENS = 512  # estimate: past it, the repeated in-loop dequant costs more than one pass + cuBLAS
 DECODE_TOKENS = 16  # up to this many: the "nf4-decode" configs (BLOCK_M = 16)
+GEMV_PROGRAMS_PER_SM = 16  # one token: enough programs (each 1-2 KB of W in flight) to keep W streaming
 
 
 def _nf4(w: NF4Weight):
@@ -65,11 +66,20 @@ def _fused_gemm(site, key, a, w, lo, ro, scale, c, seed, p):
 
 
 def _gemv(key, a, w, lo, ro, scale, c):
-    N, R = c.shape[1], lo.shape[1]
-    args = (a, *_nf4(w), lo, ro, c, N, a.shape[1], R, float(scale), a.stride(1), lo.stride(1), ro.stride(0),
-            ro.stride(1))
+    (N, K), R = w.shape, lo.shape[1]
+    count = launch.counters(a.device, N)
+
+    def go(cfg):
+        rows, steps = launch.cdiv(N, cfg["BLOCK_N"]), launch.cdiv(K // 64, cfg["BLOCK_K"] // 64)
+        wanted = launch.cdiv(GEMV_PROGRAMS_PER_SM * launch.num_sms(a.device), rows)  # splits of K, a step at least
+        steps_per_split = launch.cdiv(steps, max(1, min(steps, wanted)))
+        splits = launch.cdiv(steps, steps_per_split)
+        partial = launch.empty(splits, N, dtype=torch.float32, device=a.device) if splits > 1 else c
+        args = (a, *_nf4(w), lo, ro, c, partial, count, N, K, R, float(scale), steps_per_split * cfg["BLOCK_K"] // 64,
+                a.stride(1), lo.stride(1), ro.stride(0), ro.stride(1))
+        launch.run(_nf4_gemv_kernel, (rows, splits), args, {**meta, **cfg})
+
     meta = dict(R_PAD=launch.next_pow2(R) if R else 0, enable_fp_fusion=False)
-    go = lambda cfg: launch.run(_nf4_gemv_kernel, (launch.cdiv(N, cfg["BLOCK_N"]),), args, {**meta, **cfg})
     choices.launch_with("nf4.fwd", "nf4-gemv", key, a, go)
 
 
@@ -97,12 +107,19 @@ def dequantize(weight: NF4Weight, dtype=None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- autograd
+# The two GEMMs of a frozen W held in another format, per format: gemm("fwd", x, W, S, (s B)^T, s) = x W^T + S (s B)^T,
+# gemm("dx", dy, W, G, A, 1, seed, p) = dy W + (G A) * mask. kernels/fp8_linear.py adds FP8Weight's.
+FROZEN_GEMMS = {NF4Weight: lambda site, a, w, lo, ro, scale, seed=0, p=0.0: _gemm("nf4." + site, a, w, lo, ro, scale,
+                                                                                  seed, p)}
+
+
 class QLoRALinearFunction(torch.autograd.Function):
-    """y = x W^T + s (dropout(x) A^T) B^T, W an NF4Weight, dropout mask = Philox(seed) (p = 0: no dropout).
+    """y = x W^T + s (dropout(x) A^T) B^T, W an NF4Weight (or another FROZEN_GEMMS format: an FP8Weight), dropout
+    mask = Philox(seed) (p = 0: no dropout).
 
     Gradients (xd = dropout(x), S = xd A^T, G = s dy B), as LoRALinearFunction's:
         dx = dy W + (G A) * mask,   dA = G^T xd,   dB = s dy^T S,   W: none (frozen)
-    Saved: x, S, the seed and a reference to the NF4Weight itself (never a dequantized W).
+    Saved: x, S, the seed and a reference to the weight itself (never a dequantized W).
     """
 
     @staticmethod
@@ -111,8 +128,8 @@ class QLoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         with launch.on_device(x):
             s = _lora_down(x2, lora_A, seed, dropout_p)
-            y = (_gemm("nf4.fwd", x2, weight, s, lora_B.t(), scale) if output  # else: a recompute's (phi3/recompute.py)
-                 else x2.new_empty(x2.shape[0], weight.shape[0]))
+            y = (FROZEN_GEMMS[type(weight)]("fwd", x2, weight, s, lora_B.t(), scale) if output  # else: a recompute's
+                 else x2.new_empty(x2.shape[0], weight.shape[0]))  # (phi3/recompute.py)
         ctx.save_for_backward(x, lora_A, lora_B, s)
         ctx.weight, ctx.scale, ctx.dropout_p, ctx.seed = weight, scale, dropout_p, seed
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -125,7 +142,7 @@ class QLoRALinearFunction(torch.autograd.Function):
             g, da, db = _lora_skinny_backward(x2, dy2, lora_A, lora_B, s, ctx.scale, ctx.seed, p)
             dx = None
             if ctx.needs_input_grad[0]:  # dx = dy W + (G A) * mask, W dequantized in the GEMM
-                dx = _gemm("nf4.dx", dy2, ctx.weight, g, lora_A, 1.0, ctx.seed, p).view(x.shape)
+                dx = FROZEN_GEMMS[type(ctx.weight)]("dx", dy2, ctx.weight, g, lora_A, 1.0, ctx.seed, p).view(x.shape)
         return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None, None
 
 

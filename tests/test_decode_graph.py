@@ -4,7 +4,8 @@ The CPU half of this is in tests/test_generate.py (the graphed step run eagerly,
 Here the graphs are recorded and replayed, in bf16: each step's logits against the float64 model's for that prefix
 (DESIGN.md's rule: at most twice the error of the eager bf16 decoder, plus one bf16 rounding of the largest logit),
 over prompts and replies that cross the 64-token window, the KV cache's growth, the sliding window and LongRoPE's
-switch to the long factors.
+switch to the long factors; and a 4-bit base (its one-token kernel splits K among programs, which count their
+arrivals: the counters inside a recorded graph), against its dequantized weights in float64.
 """
 import pytest
 import torch
@@ -13,17 +14,23 @@ import phi3.generate
 from conftest import cuda, needs_cuda
 from phi3 import load_model
 from phi3.generate import generate, sample_next
+from phi3.kernels.nf4_weight import dequantize_reference
+from phi3.quantized import quantized_names
 from test_model import max_rel_err
 from tiny import save_hf
 
 pytestmark = [cuda, needs_cuda]
 
 
-@pytest.mark.parametrize("name,prompt_len,new", [("4k", 20, 40), ("phi4mini", 20, 90), ("gqa", 1, 140)])
-def test_replayed_steps_decode_as_eager_steps(tmp_path, monkeypatch, name, prompt_len, new):
+@pytest.mark.parametrize("name,prompt_len,new,quantize", [("4k", 20, 40, None), ("phi4mini", 20, 90, None),
+                                                           ("gqa", 1, 140, None), ("4k", 20, 70, "nf4")])
+def test_replayed_steps_decode_as_eager_steps(tmp_path, monkeypatch, name, prompt_len, new, quantize):
     save_hf(name, tmp_path, seed=3)
-    model = load_model(tmp_path, dtype=torch.bfloat16, device="cuda")
+    model = load_model(tmp_path, dtype=torch.bfloat16, device="cuda", quantize=quantize)
     exact_model = load_model(tmp_path, dtype=torch.float64, device="cuda")
+    for layer in quantized_names(model):  # the 4-bit weights, exactly (code x absmax in fp32, unrounded)
+        exact_model.get_submodule(layer).weight.data = dequantize_reference(model.get_submodule(layer).weight4,
+                                                                            torch.float32).double()
     prompt = torch.randint(0, 32000, (prompt_len,), generator=torch.Generator().manual_seed(7)).tolist()
     seen, recorded = [], []
     monkeypatch.setattr(phi3.generate, "sample_next", lambda logits, *a: seen.append(logits.double()) or

@@ -4,13 +4,14 @@ The checks are test_qlora_kernel's (y, dx, dA, dB against lora_linear_reference 
 fp64; DESIGN.md's rule), at one token, where the forward takes the matrix-vector kernel: in_features multiples of 64
 (whole blocks per row) below, at and above one BLOCK_K step, ranks 0 (nf4_linear), 1 and 16, strided input.
 CPU: under TRITON_INTERPRET=1, fp32 and fp16. GPU (`pytest -m cuda`): bf16 at Phi-3-mini, Phi-3-medium and Phi-4
-shapes, and every config of the kernel.
+shapes, and every config of the kernel. K split among programs (each row block's last split adds the partials)
+and not split, both.
 """
 import pytest
 import torch
 
 from conftest import cuda, needs_cuda, needs_triton
-from phi3.kernels import choices, launch
+from phi3.kernels import choices, launch, qlora_linear
 from test_qlora_kernel import _check, _check_nf4_linear
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")  # every kernel-written buffer starts as NaN
@@ -18,22 +19,33 @@ pytestmark = pytest.mark.usefixtures("poison_outputs")  # every kernel-written b
 
 @pytest.fixture
 def launched(monkeypatch):
-    """The names of the kernels launched."""
-    names, real_run = [], launch.run
-    monkeypatch.setattr(launch, "run", lambda fn, grid, args, meta: names.append(fn.__name__) or
+    """The names of the kernels launched (and grids: `launched.grids`)."""
+    names, real_run = Launched(), launch.run
+    monkeypatch.setattr(launch, "run", lambda fn, grid, args, meta: names.note(fn.__name__, grid) or
                         real_run(fn, grid, args, meta))
     return names
+
+
+class Launched(list):
+    grids: dict
+
+    def note(self, name, grid):
+        self.append(name)
+        self.grids = {**getattr(self, "grids", {}), name: grid}
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("k,r", [(64, 1), (192, 16), (320, 4)])
 @pytest.mark.parametrize("from_memory", [True, False])
-def test_one_token(launched, monkeypatch, dtype, k, r, from_memory):
-    """Both ways of looking the codes up; one step of 128 columns (two 64-blocks): K of 1, 3 and 5 blocks."""
+@pytest.mark.parametrize("split", [True, False], ids=["split-k", "whole-k"])
+def test_one_token(launched, monkeypatch, dtype, k, r, from_memory, split):
+    """Both ways of looking the codes up; one step of 128 columns (two 64-blocks): K of 1, 3 and 5 blocks, in as
+    many splits as steps (1, 2, 3) or in one."""
     monkeypatch.setitem(choices.SMALL, "nf4-gemv", {**choices.SMALL["nf4-gemv"], "CODE_FROM_MEMORY": from_memory})
+    monkeypatch.setattr(qlora_linear, "GEMV_PROGRAMS_PER_SM", 64 if split else 0)
     _check((1, 1, k), 37, r, dtype, scale=1.5, seed=k)
-    assert "_nf4_gemv_kernel" in launched
+    assert launched.grids["_nf4_gemv_kernel"] == (3, -(-k // 128) if split else 1)
 
 
 @needs_triton
