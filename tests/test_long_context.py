@@ -133,8 +133,11 @@ def test_long_context_code_path_on_the_cpu(tmp_path, monkeypatch, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_long_context_matches_transformers_on_the_gpu(tmp_path, monkeypatch, name, length, keep):
     import phi3.attention
-    if name == "phi4-mini-instruct" and length > 8192 and torch.cuda.get_device_properties(0).total_memory < 100 * 2**30:
-        pytest.skip("the fp32 reference's attention at 32k tokens and 24 heads asks for 96 GiB: an H200's memory")
+    # transformers hands grouped heads to SDPA as they are (enable_gqa), and in fp32 SDPA then takes its math kernel:
+    # (24 heads, T, T) fp32 scores, 96 GiB at 32k tokens. The heads repeated first, as transformers does with a mask,
+    # give the same attention through the memory-efficient kernel.
+    sdpa = pytest.importorskip("transformers.integrations.sdpa_attention")
+    monkeypatch.setattr(sdpa, "use_gqa_in_sdpa", lambda *args, **kwargs: False)
     monkeypatch.setattr(phi3.attention, "keep_outputs", keep)  # layer 0's input is offloaded: it keeps its output
     check_at_length(tmp_path, "cuda", name, length, torch.bfloat16, torch.float32, narrow=False,
                     monkeypatch=monkeypatch)
