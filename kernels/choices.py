@@ -25,8 +25,8 @@ def _c(num_warps, num_stages, **blocks):
     return dict(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-def _tma(warps, stages, bm, bn, subtile=True, group=8, ws=False):
-    return _c(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=group, SUBTILE=subtile, FLATTEN=False,
+def _tma(warps, stages, bm, bn, subtile=True, group=8, ws=False, bk=64):
+    return _c(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, SUBTILE=subtile, FLATTEN=False,
               WARP_SPEC=ws)
 
 
@@ -37,6 +37,10 @@ CONFIGS = {
             "128x256 s4": _tma(8, 4, 128, 256), "128x256 full s3": _tma(8, 3, 128, 256, subtile=False),
             "128x256 ws s4": _tma(8, 4, 128, 256, ws=True), "128x256 full ws s3": _tma(8, 3, 128, 256, False, ws=True),
             "128x256 ws g4 s4": _tma(8, 4, 128, 256, group=4, ws=True)},
+    # the same GEMM on FP8 operands (kernels/fp8_linear.py): K steps of 128 bytes, as the bf16 tiles' 64 values
+    "tma-fp8": {"128x256 ws s4": _tma(8, 4, 128, 256, ws=True, bk=128), "128x256 s3": _tma(8, 3, 128, 256, bk=128),
+                "128x128 ws s5": _tma(8, 5, 128, 128, ws=True, bk=128), "128x256 ws s3": _tma(8, 3, 128, 256, ws=True,
+                                                                                             bk=128)},
     "gemm": {"128x128 s4": _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
              "128x256 s3": _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
              "128x256 s4": _c(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
@@ -73,7 +77,8 @@ CONFIGS = {
                   "64x64 s4": _c(4, 4, BLOCK_N=64, BLOCK_K=64)},
 }
 # the interpreter (and fp32, whose tiles are twice the bytes): small tiles, untabled
-SMALL = {"tma": _tma(1, 1, 32, 32), "gemm": _c(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+SMALL = {"tma": _tma(1, 1, 32, 32), "tma-fp8": _tma(1, 1, 32, 32),
+         "gemm": _c(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
          "down": _c(4, 2, BLOCK_M=32, BLOCK_K=32), "dy": _c(4, 2, BLOCK_N=32), "da": _c(4, 2, BLOCK_M=32, BLOCK_K=32),
          "nf4": _c(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4),
          "nf4-decode": _c(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1), "nf4-dequantize": _c(4, 1, BLOCKS=32),

@@ -80,8 +80,8 @@ def _lora_gemm_kernel(a_ptr, b_ptr, l_ptr, r_ptr, c_ptr, M, N, K, R, scale, seed
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _lora_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, M, N, K, R, scale, seed, p, inv_keep,
-                          stride_am, stride_b, stride_cm, stride_lm, stride_lr, stride_rr, stride_rn,
+def _lora_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, a_scale_ptr, b_scale_ptr, M, N, K, R, scale, seed, p,
+                          inv_keep, stride_am, stride_b, stride_cm, stride_lm, stride_lr, stride_rr, stride_rn,
                           B_KMAJOR: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr,
                           BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr, NUM_SMS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -91,6 +91,8 @@ def _lora_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, M, N, K, R, scale, 
     fill past the edges), C stored by TMA. B_KMAJOR: b_ptr holds B_op^T (N, K), i.e. W itself in the forward.
     SUBTILE stores C in two halves, which frees shared memory for one more pipeline stage. FLATTEN / WARP_SPEC:
     Triton's loop flattening (next tile's loads during this one's epilogue) and warp specialization, per config.
+    FP8 operands (kernels/fp8.py) come with a scale per row of A_op and per column of B_op (a_scale_ptr,
+    b_scale_ptr; None for 16-bit ones): the accumulator is scaled before the low-rank term joins it.
     The descriptors are built on the device (needs triton.set_allocator): host-built ones cost tens of
     microseconds of host time per launch."""
     dt = c_ptr.dtype.element_ty
@@ -116,10 +118,16 @@ def _lora_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, M, N, K, R, scale, 
                 b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K]).T
             else:
                 b = b_desc.load([ki * BLOCK_K, pid_n * BLOCK_N])
-            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            if a_scale_ptr is not None:  # FP8: Hopper's FP8 MMA adds in about 22 bits; fp32 again after each K step
+                acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+            else:
+                acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         tile_c += NUM_SMS
         pid_m, pid_n = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
         offs_m = tl.cast(pid_m, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        if a_scale_ptr is not None:
+            cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+            acc = acc * tl.load(a_scale_ptr + offs_m % M)[:, None] * tl.load(b_scale_ptr + cols)[None, :]
         acc = _add_low_rank(acc, l_ptr, r_ptr, offs_m, pid_n * BLOCK_N, M, N, R, scale, seed, p, inv_keep,
                             stride_lm, stride_lr, stride_rr, stride_rn, dt, DOT_PREC, R_PAD, BLOCK_R, DROPOUT)
         if SUBTILE:

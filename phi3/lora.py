@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from phi3.kernels.fp8 import quantize_weight
 from phi3.lora_layers import (ADAPTERS, LoRAEmbedding, LoRALinear, TrainableTokens, adapter_modules,  # noqa: F401
                               check_token_ids)
 from phi3.model import set_module
@@ -152,6 +153,20 @@ def add_trainable_tokens(model: nn.Module, token_ids, lm_head: bool = True) -> n
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """The LoRA linear layers (adapter_modules has every kind)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def use_fp8(model: nn.Module) -> int:
+    """Give every plain LoRA linear of the decoder layers (not DoRA, not on a 4-bit base) its frozen W in FP8 too,
+    for its two GEMMs (kernels/fp8_linear.py, train.py --fp8); how many. W itself stays: merging, saving and the
+    decoding after training read it. Dimensions must be multiples of 16 (TMA's 16-byte rows): every Phi's are."""
+    layers = [m for name, m in lora_modules(model).items() if name.startswith("model.layers.")
+              and m.base4 is None and m.lora_magnitude is None and not m.merged]
+    for m in layers:
+        if m.in_features % 16 or m.out_features % 16:
+            raise ValueError(f"FP8 GEMMs need layer sizes that are multiples of 16, not {m.out_features} x "
+                             f"{m.in_features}")
+        m.fp8 = quantize_weight(m.weight)
+    return len(layers)
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phi3.ops import dora_linear, dora_weight_norm, lora_linear, qlora_linear
+from phi3.ops import dora_linear, dora_weight_norm, fp8_lora_linear, lora_linear, qlora_linear
 from phi3.quantized import NF4Linear
 
 
@@ -72,6 +72,7 @@ class LoRALinear(nn.Module):
         self._norm = None  # DoRA: (its inputs, ||W + s B A||), see dora_norm
         self.lora_magnitude = nn.Parameter(self.slice_rows(self.dora_norm())) if dora else None
         self.merged, self.merged_scale = False, None
+        self.fp8 = None  # W in FP8 for the base's GEMMs (phi3/lora.py use_fp8, train.py --fp8); W itself stays
         self.train(base.training)  # an adapter added to a model in eval mode has no dropout: as the layer it wraps
 
     @property
@@ -133,9 +134,10 @@ class LoRALinear(nn.Module):
         p, B = self.dropout if self.training else 0.0, self.full_B()
         if self.lora_magnitude is not None:  # (DoRA's backward needs x W^T: always computed)
             return dora_linear(x, self.frozen_weight(), self.lora_A, B, self.scale, self.dora_scale(B), p)
-        op = qlora_linear if self.base4 is not None else lora_linear
-        return op(x, self.frozen_weight(), self.lora_A, B, self.scale, dropout_p=p, training=self.training,
-                  output=output)
+        op, W = (qlora_linear, self.base4.weight4) if self.base4 is not None else (lora_linear, self.weight)
+        if self.fp8 is not None:
+            op, W = fp8_lora_linear, self.fp8
+        return op(x, W, self.lora_A, B, self.scale, dropout_p=p, training=self.training, output=output)
 
     def backward_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) for its backward only: what the layer saves is computed and saved as forward(x) would, but the
@@ -155,6 +157,7 @@ class LoRALinear(nn.Module):
                              " load the model in 16 bits, load the adapter there, then merge")
         if self.merged:
             return
+        self.fp8 = None  # made from the unmerged W
         merged = self.weight.float() + self.delta()
         if self.lora_magnitude is not None:
             self.merged_scale = self.dora_scale().detach()

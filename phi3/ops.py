@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from phi3.kernels import cross_entropy, dora
 from phi3.kernels.dora import ColumnScaleFunction
+from phi3.kernels.fp8 import FP8Weight
+from phi3.kernels.fp8_linear import FP8LoRALinearFunction
 from phi3.kernels.lora_linear import LoRALinearFunction
 from phi3.kernels.nf4_weight import NF4Weight, dequantize_reference
 from phi3.kernels.qlora_linear import NF4LinearFunction, QLoRALinearFunction
@@ -136,6 +138,14 @@ def qlora_linear(x, weight: NF4Weight, lora_A, lora_B, scale: float, dropout_p: 
                            backend="torch")
     p = float(dropout_p) if training else 0.0
     return QLoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed), output)
+
+
+def fp8_lora_linear(x, weight: FP8Weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, training: bool = True,
+                    *, seed=None, output=True) -> torch.Tensor:
+    """lora_linear with the frozen W's two GEMMs on FP8 operands (kernels/fp8_linear.py; train.py --fp8). Kernels
+    only: its spec is tests/test_fp8_kernel.py's reference, and it needs a Hopper GPU (or the interpreter)."""
+    p = float(dropout_p) if training else 0.0
+    return FP8LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed), output)
 
 
 def nf4_linear(x, weight: NF4Weight, *, backend=None) -> torch.Tensor:
