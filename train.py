@@ -36,7 +36,7 @@ from phi3.checkpoint import default_dtype, parse_dtype, write_hf_files
 from phi3.config import open_regular
 from phi3.data import DataError, make_batches, pad_token_for, read_jsonl, split_eval
 from phi3.lora import (LoRAConfig, add_lora, add_trainable_tokens, lora_state_dict, mark_only_lora_as_trainable,
-                       merge_lora, parse_targets, save_adapter)
+                       merge_lora, parse_targets, save_adapter, use_fp8)
 from phi3.quantized import is_4bit, is_4bit_config
 from phi3.loss import cross_entropy_sum
 from phi3.model import Recompute
@@ -44,7 +44,7 @@ from phi3.progress import Progress, emit, peak_memory_gib, plot_loss
 from phi3.run_state import (RunStateError, clean_stale_writes, find_checkpoint, load_checkpoint, lr_lambda,
                             optimizer_tensors, run_folder_of, save_checkpoint, trainable_tensors, write_json_atomic)
 from phi3.run_folder import RunFolderError, RunFolderLock, check_fresh_run_folder
-from phi3.train_config import (MAX_STEPS, FlagError, TrainConfig, check_against_model, resolve_config,
+from phi3.train_config import (MAX_STEPS, FlagError, TrainConfig, check_against_model, fp8_problem, resolve_config,
                                trainable_token_ids)
 from phi3.tokenizer import TokenizerError
 
@@ -83,6 +83,9 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, toke
     else:
         add_adapters(model, cfg, list(token_ids))
         mark_only_lora_as_trainable(model)
+        if cfg.fp8 and not use_fp8(model):
+            raise FlagError(f"--fp8: {cfg.model} has no 16-bit decoder layer with LoRA to compute in FP8 (a 4-bit "
+                            "base?); drop --fp8")
     return model.train()
 
 
@@ -219,6 +222,8 @@ class Run:
         self.log = emit if world.is_main else (lambda text: None)
         self.dtype = default_dtype(device) if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
         self.resolve_memory_flags()
+        if fp8_problem(cfg, device, self.dtype):
+            raise FlagError(fp8_problem(cfg, device, self.dtype))
         self.run_dir = Path(cfg.out)
         self.continuing = bool(cfg.resume) and (self.run_dir.resolve() ==
                                                 run_folder_of(find_checkpoint(cfg.resume)).resolve())
@@ -288,7 +293,7 @@ class Run:
         config, raw_config = Phi3Config.read(folder / "config.json")
         four_bit = bool(self.cfg.quantize) or is_4bit_config(raw_config)
         return compile_ahead.start(config, lora_config(self.cfg), self.device, self.dtype, recompute_of(self.cfg),
-                                   counts, four_bit)
+                                   counts, four_bit, self.cfg.fp8)
 
     def build_model(self) -> None:
         cfg, world, device = self.cfg, self.world, self.device
@@ -304,6 +309,7 @@ class Run:
                  + (f" for the first {cfg.checkpoint_layers} layers" if cfg.gradient_checkpointing
                     and cfg.checkpoint_layers is not None else "")
                  + (" (layer inputs wait in pinned CPU memory)" if cfg.offload_checkpoints else "")
+                 + (", the frozen base's products in FP8 (--fp8)" if cfg.fp8 else "")
                  + (f", {world.size} processes" if world.size > 1 else "")
                  + (f", sharded: {held:,} parameters in this process" if cfg.full and world.size > 1 else ""))
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,

@@ -3,12 +3,15 @@
     python3 bench/bench_same_math.py                          # Phi-3-mini shapes, random bf16 weights, 50 steps
     python3 bench/bench_same_math.py --tiny --device cpu --steps 5   # smoke run of the same code on a CPU (fp32)
     python3 bench/bench_same_math.py --qlora    # also ours on a 4-bit base and transformers + peft + bitsandbytes
+    python3 bench/bench_same_math.py --fp8 --steps 200    # ours with the base's GEMMs in FP8 against two bf16 runs
 
 Both start from the same random base weights and the same LoRA weights (peft's init, handed over through the PEFT
 files), see the same batches (examples/chat.jsonl, right-padded, assistant tokens trained, 4 x up to 1024 tokens)
 and take AdamW steps with gradient clipping; LoRA dropout is off (the two draw different masks). bf16 noise is
 measured in the same run: transformers + peft once more with eager attention instead of SDPA, another rounding
 of the same math. Issue 12, item 5: ours vs reference should differ by about what reference vs reference does.
+--fp8 (issue 29): ours only, LoRA dropout 0.05, three runs from the same start: bf16 with dropout seeds 1 and 2 (the
+run-to-run noise) and FP8 (train.py --fp8) with seed 1; the batches repeat in new orders past one epoch.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--qlora", action="store_true", help="also 4-bit bases (NF4): ours and peft + bitsandbytes (GPU)")
+    p.add_argument("--fp8", action="store_true", help="only ours: FP8 against two bf16 runs with other dropout seeds")
     args = p.parse_args()
     import peft
     import train
@@ -86,6 +90,9 @@ def main() -> None:
     base_state = {k: v.to("cpu", torch.float32) for k, v in
                   reference_model(args, "cpu", torch.float32, None, "sdpa", None).state_dict().items()}
     data = batches(args.steps)
+    if args.fp8:
+        while len(data) < args.steps:  # more epochs, each in its own order
+            data += batches(args.steps)[::-1][: args.steps - len(data)]
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
         init = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, init_lora_weights=False,  # random B: A moves too
@@ -93,7 +100,8 @@ def main() -> None:
         base = reference_model(args, "cpu", torch.float32, base_state, "sdpa", None)
         peft.get_peft_model(base, init).save_pretrained(tmp)
         del base
-        for name, attention in (("transformers+peft", "sdpa"), ("transformers+peft eager", "eager")):
+        references = (("transformers+peft", "sdpa"), ("transformers+peft eager", "eager"))
+        for name, attention in () if args.fp8 else references:
             model = reference_model(args, device, dtype, base_state, attention, Path(tmp)).train()
 
             def loss_of(b, model=model):  # transformers shifts itself: its labels[t + 1] is our labels[t]
@@ -109,6 +117,8 @@ def main() -> None:
             ours = Phi3ForCausalLM(config, Recompute() if device.type == "cuda" else None)
         ours.load_state_dict(base_state, strict=False, assign=True)  # (+ no buffers of ours missing: RoPE is computed)
         ours = load_adapter(ours.to(device=device, dtype=dtype), tmp)
+        if args.fp8:
+            return fp8_curves(ours, data, device, dtype)
         if args.qlora:
             curves.update(qlora_curves(args, config, base_state, tmp, data, device, dtype))
     mark_only_lora_as_trainable(ours)
@@ -132,6 +142,35 @@ def main() -> None:
         print(f"4-bit: largest |ours nf4 - transformers+peft+bnb|: {worst(q, bnb):.2e} (bf16 rounding noise above: "
               f"{worst(ref, eager):.2e}); the quantization's own effect, largest |ours nf4 - ours bf16|: "
               f"{worst(q, mine):.2e}")
+
+
+def fp8_curves(ours, data, device, dtype) -> None:
+    """Ours bf16 (dropout seeds 1, 2) and ours FP8 (seed 1), each from the same base and adapter."""
+    import copy
+    import train
+    from phi3.lora import lora_modules, mark_only_lora_as_trainable, use_fp8
+    start = copy.deepcopy(ours.state_dict())
+    curves = {}
+    for name, seed, fp8 in (("bf16 seed 1", 1, False), ("bf16 seed 2", 2, False), ("fp8 seed 1", 1, True)):
+        ours.load_state_dict(start)
+        for m in lora_modules(ours).values():
+            m.dropout, m.fp8 = 0.05, None
+        if fp8:
+            use_fp8(ours)
+        mark_only_lora_as_trainable(ours)
+        torch.manual_seed(seed)  # the dropout masks' seeds come from torch's generator
+        curves[name] = train_curve(ours.train(), lambda b: train.batch_loss_sum(ours, b, device) / b.trained_tokens,
+                                   data, device)
+    a, b, f = curves["bf16 seed 1"], curves["bf16 seed 2"], curves["fp8 seed 1"]
+    print(f"{len(data)} LoRA steps, Phi-3-mini shapes, dropout 0.05, {torch.cuda.get_device_name()}")
+    print(f"{'step':>5}{'bf16 s1':>10}{'bf16 s2':>10}{'fp8 s1':>10}")
+    for i in range(0, len(a), max(1, len(a) // 40)):
+        print(f"{i + 1:>5}{a[i]:>10.4f}{b[i]:>10.4f}{f[i]:>10.4f}")
+    worst = lambda x, y: max(abs(u - v) for u, v in zip(x, y))  # noqa: E731
+    tail = lambda x: sum(x[-20:]) / len(x[-20:])  # noqa: E731
+    print(f"largest |bf16 s1 - bf16 s2| (run-to-run noise): {worst(a, b):.3e}; largest |fp8 s1 - bf16 s1|: "
+          f"{worst(f, a):.3e}; |fp8 s1 - bf16 s2|: {worst(f, b):.3e}")
+    print(f"mean loss of the last 20 steps: bf16 s1 {tail(a):.4f}, bf16 s2 {tail(b):.4f}, fp8 s1 {tail(f):.4f}")
 
 
 def qlora_curves(args, config, base_state, adapter_dir, data, device, dtype) -> dict:

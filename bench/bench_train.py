@@ -5,6 +5,7 @@
     python bench/bench_train.py --config phi4-mini-instruct         # another model's shapes (assets/configs/NAME)
     python bench/bench_train.py --qlora     # 4-bit base: ours vs transformers + peft + bitsandbytes, and vs ours bf16
     python bench/bench_train.py --dora      # DoRA: ours vs transformers + peft DoRA, and vs ours LoRA
+    python bench/bench_train.py --fp8       # the base's GEMMs in FP8 (train.py --fp8): vs transformers + peft, and ours
 
 Workload (DESIGN.md section 5): random bf16 weights, LoRA r=16 alpha=32 dropout 0.05 on qkv/o/gate_up/down,
 every token trained, AdamW (fused), gradient checkpointing per layer. Each system runs in its own process
@@ -78,6 +79,9 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
     model = ours_lora(ours_config(CONFIG), "cuda", torch.bfloat16, checkpointing, ablation != "ours-no-offload", layers,
                       four_bit=ablation == "ours-nf4", dora=ablation == "ours-dora", dropout=DROPOUT,
                       embedding=ablation == "ours-embed", tokens=NEW_TOKENS if ablation == "ours-tokens" else ())
+    if ablation == "ours-fp8":
+        from phi3.lora import use_fp8
+        use_fp8(model)
 
     def loss_fn(ids, labels):
         return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()
@@ -143,6 +147,8 @@ def main() -> None:
                    "bitsandbytes (reference-bnb) and against ours in bf16")
     p.add_argument("--dora", action="store_true", help="DoRA: ours-dora against transformers + peft's (use_dora) "
                    "and against ours with plain LoRA")
+    p.add_argument("--fp8", action="store_true", help="ours-fp8 (the frozen base's GEMMs in FP8) against transformers "
+                   "+ peft (bf16) and against ours in bf16")
     p.add_argument("--embed", action="store_true", help="LoRA on embed_tokens too: ours-embed against peft's, and ours")
     p.add_argument("--tokens", action="store_true", help="8 trainable token rows too: ours-tokens against peft's "
                    "(trainable_token_indices), and ours")
@@ -156,7 +162,7 @@ def main() -> None:
         return
     if args.qlora:
         return qlora(args)
-    for kind in ("dora", "embed", "tokens"):
+    for kind in ("dora", "embed", "tokens", "fp8"):
         if getattr(args, kind):
             return adapter_kind(args, kind)
     systems = ("ours", "reference") + tuple(a for a in args.ablations.split(",") if a) + tuple(
@@ -184,18 +190,21 @@ def main() -> None:
                   f"the mechanism buys {ours['tokens_per_s'] / off['tokens_per_s']:.3f}x")
 
 
-KINDS = {"dora": "DoRA", "embed": "LoRA also on embed_tokens", "tokens": f"{len(NEW_TOKENS)} trainable token rows too"}
+KINDS = {"dora": "DoRA", "embed": "LoRA also on embed_tokens", "tokens": f"{len(NEW_TOKENS)} trainable token rows too",
+         "fp8": "the base's GEMMs in FP8 (against transformers + peft in bf16)"}
 
 
 def adapter_kind(args, kind: str) -> None:
     """ours-KIND against transformers + peft's same adapter, and against ours with plain LoRA (its cost)."""
     flags = ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
              "--dropout", str(args.dropout)]
-    r = run_each(__file__, (f"ours-{kind}", f"reference-{kind}", "ours"), flags)
-    d, ref, lora = r[f"ours-{kind}"], r[f"reference-{kind}"], r["ours"]
+    reference = "reference" if kind == "fp8" else f"reference-{kind}"  # FP8: against the usual bf16 reference
+    r = run_each(__file__, (f"ours-{kind}", reference, "ours"), flags)
+    d, ref, lora = r[f"ours-{kind}"], r[reference], r["ours"]
     print(f"\n{KINDS[kind]}: training step, {args.config} shapes, batch {args.batch} x {args.seq}, r=16, dropout "
           f"{args.dropout}, checkpointing on, {torch.cuda.get_device_name()}, median of {args.steps} steps")
-    print(f"{'':16}{'ours ' + kind:>13}{'peft ' + kind:>13}{'ours lora':>12}{'ours/peft':>11}{kind + '/lora':>13}")
+    theirs = "peft bf16" if kind == "fp8" else "peft " + kind
+    print(f"{'':16}{'ours ' + kind:>13}{theirs:>13}{'ours lora':>12}{'ours/peft':>11}{kind + '/lora':>13}")
     for key, fmt in (("tokens_per_s", ",.0f"), ("peak_gib", ".2f"), ("trainable", ",")):
         print(f"{key:16}{d[key]:13{fmt}}{ref[key]:13{fmt}}{lora[key]:12{fmt}}{d[key] / ref[key]:11.2f}"
               f"{d[key] / lora[key]:13.2f}")

@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from phi3.kernels import launch
-from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
+from phi3.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable, use_fp8
 from phi3.loss import cross_entropy_sum
 from phi3.model import Phi3ForCausalLM, Recompute
 from phi3.quantized import quantize_layers, quantized_names
@@ -35,7 +35,7 @@ def token_classes(counts) -> list[int]:
 
 
 def stand_in(config, lora: LoRAConfig, device: torch.device, dtype: torch.dtype,
-             recompute: Recompute | None, four_bit: bool = False) -> Phi3ForCausalLM:
+             recompute: Recompute | None, four_bit: bool = False, fp8: bool = False) -> Phi3ForCausalLM:
     """The run's model cut to two decoder layers (every layer has the same shapes; the second, like every later one,
     takes an input that needs a gradient, so its backward runs every kernel), LoRA added and the rest frozen as
     train.py does, weights left unset: nothing computed with them matters."""
@@ -47,17 +47,19 @@ def stand_in(config, lora: LoRAConfig, device: torch.device, dtype: torch.dtype,
                                 dtype=dtype) for name in quantized_names(model)}, device, dtype, None)
     add_lora(model, lora)
     mark_only_lora_as_trainable(model)  # a frozen norm's backward is another binary (no weight gradient)
+    if fp8:  # train.py --fp8: the base's GEMMs on FP8 operands
+        use_fp8(model)
     return model
 
 
 def start(config, lora: LoRAConfig, device: torch.device, dtype: torch.dtype, recompute: Recompute | None,
-          token_counts: dict, four_bit: bool = False) -> launch.Binaries | None:
+          token_counts: dict, four_bit: bool = False, fp8: bool = False) -> launch.Binaries | None:
     """Start compiling every binary a run with micro-batches of token_counts["train"] (training) and
     token_counts["eval"] tokens needs; returns what to wait() for (None on the CPU: nothing is compiled there)."""
     if device.type != "cuda":
         return None
     with launch.noting(device) as binaries:  # (the stand-in's random draws are handed back: the run's come next)
-        model = stand_in(config, lora, device, dtype, recompute, four_bit)
+        model = stand_in(config, lora, device, dtype, recompute, four_bit, fp8)
         for training in (True, False):
             model.train(training)
             for tokens in token_classes(token_counts["train" if training else "eval"]):

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from phi3.kernels.lora_linear import GEMM_CHOICES
 from phi3 import distributed, quantized
 from phi3.checkpoint import EMBEDDED_MODEL, CheckpointError, check_replaceable, check_tokenizer_fits
@@ -75,6 +77,9 @@ class TrainConfig:
     quantize: str | None = field(default=None, metadata={
         "choices": ["nf4"], "help": "nf4: QLoRA, the base's layer weights held in 4 bits (bitsandbytes' NF4); a folder "
                                     "saved in 4-bit loads as 4-bit without it"})
+    fp8: bool = field(default=False, metadata={
+        "help": "Hopper GPUs (H100, H200): the frozen base's matrix products in FP8 (e4m3, a scale per row), LoRA in "
+                "bf16/fp32: faster, the base's products less exact (README.md); not with --quantize, --dora, --full"})
     init: str = field(default="pretrained", metadata={"choices": ["pretrained", "random"],
                                                       "help": "random: build from --model's config.json (pretraining)"})
     export_merged: str | None = field(default=None, metadata={"help": "also write base+adapter merged (HF layout) here"})
@@ -107,12 +112,12 @@ MAX_STEPS = 2**31 - 1  # optimizer steps in one run: counts past it are typos (-
 
 
 # Fields added after version 1 of train_config.json: a run saved before them resumes with their defaults.
-ADDED_LATER = ("offload_checkpoints", "checkpoint_layers", "dora", "trainable_tokens")
+ADDED_LATER = ("offload_checkpoints", "checkpoint_layers", "dora", "trainable_tokens", "fp8")
 
 # Flags that shape the trained tensors or the sequence of batches: a resumed run keeps the saved values (it
 # would otherwise fail to load, or silently train on other batches than the run it continues).
-RESUME_FIXED = ("full", "init", "rank", "alpha", "dropout", "targets", "rslora", "dora", "trainable_tokens", "train_on",
-                "max_seq_len", "packing", "batch_size", "grad_accum", "seed", "eval_fraction")
+RESUME_FIXED = ("full", "init", "rank", "alpha", "dropout", "targets", "rslora", "dora", "trainable_tokens", "fp8",
+                "train_on", "max_seq_len", "packing", "batch_size", "grad_accum", "seed", "eval_fraction")
 
 
 def config_from_json(path: Path) -> TrainConfig:
@@ -238,6 +243,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.quantize and (cfg.full or cfg.init == "random"):
         raise FlagError("--quantize holds a pretrained base frozen in 4 bits for LoRA; drop it with --full or "
                         "--init random")
+    if cfg.fp8 and (cfg.full or cfg.quantize or cfg.dora):
+        clash = [f for f, on in (("--full", cfg.full), ("--quantize", cfg.quantize), ("--dora", cfg.dora)) if on]
+        raise FlagError(f"--fp8 computes a frozen 16-bit base's products for plain LoRA in FP8; it does not go with "
+                        f"{' or '.join(clash)}: drop one")
     if cfg.export_merged is not None:
         if cfg.full:
             raise FlagError("--export-merged merges a LoRA adapter into its base; a --full run's folder already holds "
@@ -288,6 +297,19 @@ def trainable_token_ids(cfg: TrainConfig, tokenizer, config: Phi3Config) -> list
                             "each token once")
         ids[token] = item
     return list(ids)
+
+
+def fp8_problem(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why --fp8 cannot run here (None: it can): its GEMM needs Hopper's FP8 tensor cores and TMA, and bf16."""
+    if not cfg.fp8:
+        return None
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
+        return (f"--fp8 needs an NVIDIA GPU with FP8 tensor cores and TMA (Hopper: H100, H200, or newer); this run is "
+                f"on {name}: drop --fp8")
+    if dtype != torch.bfloat16:
+        return f"--fp8 computes the rest in bf16, not {str(dtype).removeprefix('torch.')}: drop --dtype or --fp8"
+    return None
 
 
 def check_writable_folder(path: Path, flag: str) -> None:

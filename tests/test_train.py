@@ -135,6 +135,31 @@ def test_bad_kernel_setting_is_one_clear_line(small_chat, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flags,says", [(["--fp8"], "--fp8 needs an NVIDIA GPU with FP8 tensor cores"),
+                                        (["--fp8", "--dora"], "does not go with --dora: drop one"),
+                                        (["--fp8", "--quantize", "nf4"], "does not go with --quantize: drop one")])
+def test_fp8_where_it_cannot_run_is_one_clear_line(small_chat, tmp_path, capsys, flags, says):
+    """On this CPU (or a GPU before Hopper), or beside another way of changing the base: refused before loading."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 and flags == ["--fp8"]:
+        pytest.skip("this GPU runs --fp8")
+    assert run("--data", small_chat, "--out", tmp_path / "o", *flags) == 2
+    err = capsys.readouterr().err
+    assert says in err.splitlines()[-1], err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="--fp8 needs a Hopper GPU (`pytest -m cuda` on the device machine)")
+def test_fp8_trains_the_embedded_model(small_chat, tmp_path, capsys):
+    """train.py --fp8 on a GPU: every decoder layer's LoRA in FP8, and the loss falls as in bf16."""
+    out = tmp_path / "o"
+    assert run("--data", small_chat, "--out", out, "--fp8", "--max-steps", 12, "--lr", "3e-3", "--log-every", 1,
+               "--eval-fraction", 0, "--save-every", 0) == 0, capsys.readouterr().err
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+
+
 def test_missing_model_folder_is_one_clear_line(small_chat, tmp_path, capsys):
     assert run("--data", small_chat, "--model", tmp_path / "nope", "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
