@@ -64,8 +64,8 @@ CONFIGS = {
                    "16x64x128 s6": _c(4, 6, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)},
     # one token (kernels/nf4_gemv.py): rows per program x columns per step; the first two were fastest on an H100
     # over Phi-3-mini's and Phi-4's layers (bench/README.md), codes looked up from memory beat warp shuffles
-    "nf4-gemv": {"8x512 mem w2 s4": _c(2, 4, BLOCK_N=8, BLOCK_K=512, CODE_FROM_MEMORY=True),
-                 "16x512 mem s3": _c(4, 3, BLOCK_N=16, BLOCK_K=512, CODE_FROM_MEMORY=True),
+    "nf4-gemv": {"16x512 mem s3": _c(4, 3, BLOCK_N=16, BLOCK_K=512, CODE_FROM_MEMORY=True),
+                 "8x512 mem w2 s4": _c(2, 4, BLOCK_N=8, BLOCK_K=512, CODE_FROM_MEMORY=True),
                  "8x1024 mem s3": _c(4, 3, BLOCK_N=8, BLOCK_K=1024, CODE_FROM_MEMORY=True),
                  "16x512 s3": _c(4, 3, BLOCK_N=16, BLOCK_K=512, CODE_FROM_MEMORY=False)},
     "nf4-dequantize": {"64 blocks": _c(4, 1, BLOCKS=64), "128 blocks": _c(8, 1, BLOCKS=128),

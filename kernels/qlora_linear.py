@@ -24,7 +24,7 @@ from .nf4_weight import NF4Weight
 
 FUSED_MAX_TOKENS = 512  # estimate: past it, the repeated in-loop dequant costs more than one pass + cuBLAS
 DECODE_TOKENS = 16  # up to this many: the "nf4-decode" configs (BLOCK_M = 16)
-GEMV_PROGRAMS_PER_SM = 16  # one token: enough programs (each 1-2 KB of W in flight) to keep W streaming
+GEMV_PROGRAMS_PER_SM = 8  # one token: programs per SM the K split aims at (8 and 16 were best on an H100)
 
 
 def _nf4(w: NF4Weight):
