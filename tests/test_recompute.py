@@ -3,6 +3,7 @@
 The kernels' path (LoRA layers under TRITON_INTERPRET=1 on the CPU): a checkpointed model's LoRA gradients equal,
 bit for bit, those of the same model keeping its activations (the recompute replays the same kernels and the same
 dropout draws; the skipped product is never read), and each layer's recompute runs three of its four frozen GEMMs.
+The same on a 4-bit base and with --fp8's products.
 """
 import pytest
 import torch
@@ -11,6 +12,8 @@ import phi3.lora_layers
 from phi3.kernels import launch
 from phi3.kernels import lora_linear as lora_kernels
 from phi3.kernels import qlora_linear as qlora_kernels
+from phi3.kernels.fp8 import FP8Weight
+from phi3.lora import use_fp8
 from phi3.recompute import checkpoint_layer, recomputing
 from test_offload import gradients, lora_model
 
@@ -70,6 +73,23 @@ def test_on_a_4bit_base_too(monkeypatch):
     batches = [torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(7))]
     checkpointed = gradients(model, batches, None)
     assert gemms.count("nf4.fwd") == 2 * 4 + 2 * 3
+    model.recompute = None
+    kept = gradients(model, batches, None)
+    for name in kept:
+        assert torch.equal(checkpointed[name], kept[name]), name
+
+
+@interpreted
+def test_with_fp8_products_too(monkeypatch):
+    """--fp8's layers: the recompute skips down's FP8 GEMM, the gradients are those of keeping the activations."""
+    gemms, real_gemm = [], qlora_kernels.FROZEN_GEMMS[FP8Weight]
+    monkeypatch.setitem(qlora_kernels.FROZEN_GEMMS, FP8Weight, lambda site, *a, **k: gemms.append(site) or
+                        real_gemm(site, *a, **k))
+    model = lora_model(torch.device("cpu"), torch.float32, layers=2, hidden=64, dropout=0.1)
+    assert use_fp8(model) == 2 * 4
+    batches = [torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(7))]
+    checkpointed = gradients(model, batches, None)
+    assert gemms.count("fwd") == 2 * 4 + 2 * 3 and gemms.count("dx") == 2 * 4 - 1
     model.recompute = None
     kept = gradients(model, batches, None)
     for name in kept:
