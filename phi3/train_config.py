@@ -337,6 +337,12 @@ def check_against_model(cfg: TrainConfig, config: Phi3Config, tokenizer) -> None
     if cfg.max_seq_len > config.max_position_embeddings:
         raise FlagError(f"--max-seq-len {cfg.max_seq_len} is longer than the model's context "
                         f"({config.max_position_embeddings} tokens, max_position_embeddings in {cfg.model}/config.json)")
+    sizes = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+             "head_dim": config.head_dim}
+    odd = [f"{name} {size}" for name, size in sizes.items() if size % 16]
+    if cfg.fp8 and odd:  # (every Phi's are multiples of 16)
+        raise FlagError(f"--fp8: {', '.join(odd)} in {cfg.model}/config.json; FP8 products need layer sizes that are "
+                        "multiples of 16: drop --fp8")
     smallest = min(config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim)
     if not cfg.full and cfg.rank > smallest:
         raise FlagError(f"--rank {cfg.rank} is larger than the smallest side of the adapted layers ({smallest}); "

@@ -160,6 +160,21 @@ def test_fp8_trains_the_embedded_model(small_chat, tmp_path, capsys):
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
 
 
+def test_fp8_on_layer_sizes_it_cannot_take_is_one_clear_line(small_chat, tmp_path, capsys, monkeypatch):
+    """A model whose sizes are not multiples of 16 (TMA's 16-byte rows of FP8), refused before loading; the device
+    check is lifted here so that the CPU reaches it."""
+    monkeypatch.setattr(train, "fp8_problem", lambda *args: None)
+    model = tmp_path / "odd"
+    shutil.copytree(REPO / "models" / "tiny-phi3", model)
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] = 440
+    (model / "config.json").write_text(json.dumps(config))
+    assert run("--data", small_chat, "--model", model, "--out", tmp_path / "o", "--fp8") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--fp8: intermediate_size 440 in" in err and "multiples of 16: drop --fp8" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_model_folder_is_one_clear_line(small_chat, tmp_path, capsys):
     assert run("--data", small_chat, "--model", tmp_path / "nope", "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
