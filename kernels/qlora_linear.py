@@ -141,7 +141,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         with launch.on_device(dy):
             g, da, db = _lora_skinny_backward(x2, dy2, lora_A, lora_B, s, ctx.scale, ctx.seed, p)
             dx = None
-            if ctx.needs_input_grad[0]:  # dx = dy W + (G A) * mask, W dequantized in the GEMM
+            if ctx.needs_input_grad[0]:  # dx = dy W + (G A) * mask, W dequantized (or FP8) inside the GEMM
                 dx = FROZEN_GEMMS[type(ctx.weight)]("dx", dy2, ctx.weight, g, lora_A, 1.0, ctx.seed, p).view(x.shape)
         return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None, None
 

@@ -27,11 +27,13 @@ def launched(monkeypatch):
 
 
 class Launched(list):
-    grids: dict
+    def __init__(self):
+        super().__init__()
+        self.grids = {}  # kernel name -> its last grid
 
     def note(self, name, grid):
         self.append(name)
-        self.grids = {**getattr(self, "grids", {}), name: grid}
+        self.grids[name] = grid
 
 
 @needs_triton
