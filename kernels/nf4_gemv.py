@@ -7,10 +7,11 @@ used once, on the CUDA cores. Reading W at the memory's speed needs tens of KB i
 per program gave Phi-3-mini's o_proj and down_proj 384 programs for 132 SMs, each walking K one dependent load after
 another. So K is split among programs (grid (row blocks, splits), the launcher picks the splits): each stores its
 partial sums and the last of a row block's splits to arrive adds them in split order (lowrank._summed:
-deterministic, no second launch) and finishes the row block. A 64-block's absmax multiplies the block's sum, not each
-of its values; the byte's two codes are looked up in the 16-entry table (from memory, one L1 line: CODE_FROM_MEMORY,
-or by warp shuffles, as the GEMM does); the weight is used in fp32, not rounded to x's dtype first (more exact than
-the GEMM, within its rounding).
+deterministic, no second launch) and finishes the row block. W is read as int32 words, 8 codes each, and x in
+runs of 8 contiguous values: the first version read bytes and x's even and odd values apart, and with one load
+instruction per byte and per value it ran at a fifth of the memory's speed (bench/README.md). A 64-block's absmax
+multiplies the block's sum, not each of its values; each code is looked up in the 16-entry table (from memory, one
+L1 line); the weight is used in fp32, not rounded to x's dtype first (more exact than the GEMM, within its rounding).
 
     y[n] = sum_b absmax[n, b] sum_j code[nibble(n, 64 b + j)] x[64 b + j]  +  scale * sum_r S[r] B^T[r, n]
 
@@ -24,41 +25,31 @@ from .nf4_gemm import _absmax
 
 
 @triton.jit
-def _codes(byte, code_ptr, code, CODE_FROM_MEMORY: tl.constexpr):
-    """(high, low) NF4 values of each byte (any shape)."""
-    hi, lo = byte >> 4, byte & 15
-    if CODE_FROM_MEMORY:
-        return tl.load(code_ptr + hi), tl.load(code_ptr + lo)
-    table = tl.broadcast_to(code[None, None, :], (byte.shape[0], byte.shape[1], 16))
-    return tl.gather(table, hi, 2), tl.gather(table, lo, 2)
-
-
-@triton.jit
-def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_code_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
+def _nf4_gemv_kernel(x_ptr, words_ptr, absmax_code_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
                      s_ptr, r_ptr, y_ptr, partial_ptr, count_ptr, N, K, R, scale, blocks_per_split,
                      stride_xk, stride_sr, stride_rr, stride_rn,
-                     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     CODE_FROM_MEMORY: tl.constexpr):
-    """y (N,) for x (K,), W (N, K) in NF4 with K % 64 == 0 (whole 64-blocks per row): rows offs_n, 64-blocks
-    blocks_per_split * split .. of them per program (blocks_per_split a multiple of BLOCK_K / 64)."""
+                     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y (N,) for x (K,), W (N, K) in NF4 with K % 64 == 0 (whole 64-blocks per row), read as int32 words (8 codes
+    each; a 64-block is 8 words): rows offs_n, 64-blocks blocks_per_split * split .. of them per program
+    (blocks_per_split a multiple of BLOCK_K / 64)."""
     NB: tl.constexpr = BLOCK_K // 64  # 64-blocks per step
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)  # rows past N read the last one; never stored
-    code = tl.load(code_ptr + tl.arange(0, 16))
     blocks_per_row = K // 64
-    j = tl.arange(0, 32)  # byte j of a block holds values 2j (high nibble) and 2j + 1
+    word = tl.arange(0, 8)  # word of a 64-block
+    value = tl.arange(0, 8)  # value of a word: 2i is byte i's high nibble (bitsandbytes' order), 2i + 1 its low one
+    shift = (value // 2) * 8 + 4 * (1 - value % 2)  # little-endian words: byte i is bits 8i..8i+7
     acc = tl.zeros((BLOCK_N,), tl.float32)
     split = tl.program_id(1)
     for b0 in range(split * blocks_per_split, min((split + 1) * blocks_per_split, blocks_per_row), NB):
         blk = b0 + tl.arange(0, NB)
         inside = blk < blocks_per_row
         blocks = rows[:, None] * blocks_per_row + tl.where(inside, blk, 0)[None, :]  # (BLOCK_N, NB)
-        byte = tl.load(packed_ptr + blocks[:, :, None] * 32 + j[None, None, :]).to(tl.int32)  # (BLOCK_N, NB, 32)
-        hi, lo = _codes(byte, code_ptr, code, CODE_FROM_MEMORY)
-        k = (blk[:, None] * 64 + 2 * j[None, :]) * stride_xk  # (NB, 32): the even values' columns
-        x_even = tl.load(x_ptr + k, mask=inside[:, None], other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + k + stride_xk, mask=inside[:, None], other=0.0).to(tl.float32)
-        block_sums = tl.sum(hi * x_even[None, :, :] + lo * x_odd[None, :, :], axis=2)  # (BLOCK_N, NB)
+        words = tl.load(words_ptr + blocks[:, :, None] * 8 + word[None, None, :])  # (BLOCK_N, NB, 8)
+        w = tl.load(code_ptr + ((words[:, :, :, None] >> shift[None, None, None, :]) & 15))  # (BLOCK_N, NB, 8, 8)
+        k = blk[:, None, None] * 64 + word[None, :, None] * 8 + value[None, None, :]  # (NB, 8, 8): contiguous
+        x = tl.load(x_ptr + k * stride_xk, mask=inside[:, None, None], other=0.0).to(tl.float32)
+        block_sums = tl.sum(tl.sum(w * x[None], axis=3), axis=2)  # (BLOCK_N, NB)
         acc += tl.sum(block_sums * _absmax(absmax_code_ptr, nested_absmax_ptr, nested_code_ptr, offset, blocks), axis=1)
     last, acc = _summed(acc, partial_ptr, N, offs_n, offs_n < N, count_ptr + tl.program_id(0), tl.num_programs(1),
                         split)

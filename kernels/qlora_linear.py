@@ -75,8 +75,9 @@ def _gemv(key, a, w, lo, ro, scale, c):
         steps_per_split = launch.cdiv(steps, max(1, min(steps, wanted)))
         splits = launch.cdiv(steps, steps_per_split)
         partial = launch.empty(splits, N, dtype=torch.float32, device=a.device) if splits > 1 else c
-        args = (a, *_nf4(w), lo, ro, c, partial, count, N, K, R, float(scale), steps_per_split * cfg["BLOCK_K"] // 64,
-                a.stride(1), lo.stride(1), ro.stride(0), ro.stride(1))
+        packed, *stats = _nf4(w)  # the kernel reads W as int32 words (whole 64-blocks: 8 words each)
+        args = (a, packed.view(torch.int32), *stats, lo, ro, c, partial, count, N, K, R, float(scale),
+                steps_per_split * cfg["BLOCK_K"] // 64, a.stride(1), lo.stride(1), ro.stride(0), ro.stride(1))
         launch.run(_nf4_gemv_kernel, (rows, splits), args, {**meta, **cfg})
 
     meta = dict(R_PAD=launch.next_pow2(R) if R else 0, enable_fp_fusion=False)

@@ -39,12 +39,10 @@ class Launched(list):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("k,r", [(64, 1), (192, 16), (320, 4)])
-@pytest.mark.parametrize("from_memory", [True, False])
 @pytest.mark.parametrize("split", [True, False], ids=["split-k", "whole-k"])
-def test_one_token(launched, monkeypatch, dtype, k, r, from_memory, split):
-    """Both ways of looking the codes up; one step of 128 columns (two 64-blocks): K of 1, 3 and 5 blocks, in as
-    many splits as steps (1, 2, 3) or in one."""
-    monkeypatch.setitem(choices.SMALL, "nf4-gemv", {**choices.SMALL["nf4-gemv"], "CODE_FROM_MEMORY": from_memory})
+def test_one_token(launched, monkeypatch, dtype, k, r, split):
+    """One step of 128 columns (two 64-blocks): K of 1, 3 and 5 blocks, in as many splits as steps (1, 2, 3) or in
+    one."""
     monkeypatch.setattr(qlora_linear, "GEMV_PROGRAMS_PER_SM", 64 if split else 0)
     _check((1, 1, k), 37, r, dtype, scale=1.5, seed=k)
     assert launched.grids["_nf4_gemv_kernel"] == (3, -(-k // 128) if split else 1)
