@@ -37,10 +37,11 @@ CONFIGS = {
             "128x256 s4": _tma(8, 4, 128, 256), "128x256 full s3": _tma(8, 3, 128, 256, subtile=False),
             "128x256 ws s4": _tma(8, 4, 128, 256, ws=True), "128x256 full ws s3": _tma(8, 3, 128, 256, False, ws=True),
             "128x256 ws g4 s4": _tma(8, 4, 128, 256, group=4, ws=True)},
-    # the same GEMM on FP8 operands (kernels/fp8_linear.py): K steps of 128 bytes, as the bf16 tiles' 64 values
-    "tma-fp8": {"128x256 ws s4": _tma(8, 4, 128, 256, ws=True, bk=128), "128x256 s3": _tma(8, 3, 128, 256, bk=128),
-                "128x128 ws s5": _tma(8, 5, 128, 128, ws=True, bk=128), "128x256 ws s3": _tma(8, 3, 128, 256, ws=True,
-                                                                                             bk=128)},
+    # the same GEMM on FP8 operands (kernels/fp8_linear.py): K steps of 128 bytes, as the bf16 tiles' 64 values;
+    # in the order of an H100's times at Phi-3-mini's shapes, 8,192 tokens (bench/README.md)
+    "tma-fp8": {"128x256 ws s3": _tma(8, 3, 128, 256, ws=True, bk=128), "128x256 s3": _tma(8, 3, 128, 256, bk=128),
+                "128x256 ws s5": _tma(8, 5, 128, 256, ws=True, bk=128),
+                "128x128 ws s5": _tma(8, 5, 128, 128, ws=True, bk=128)},
     "gemm": {"128x128 s4": _c(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
              "128x256 s3": _c(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
              "128x256 s4": _c(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
@@ -62,12 +63,10 @@ CONFIGS = {
     "nf4-decode": {"16x64x256 s4": _c(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1),
                    "16x128x128 s4": _c(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
                    "16x64x128 s6": _c(4, 6, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)},
-    # one token (kernels/nf4_gemv.py): rows per program x columns per step; the first two were fastest on an H100
-    # over Phi-3-mini's and Phi-4's layers (bench/README.md), codes looked up from memory beat warp shuffles
-    "nf4-gemv": {"16x512 mem s3": _c(4, 3, BLOCK_N=16, BLOCK_K=512, CODE_FROM_MEMORY=True),
-                 "8x512 mem w2 s4": _c(2, 4, BLOCK_N=8, BLOCK_K=512, CODE_FROM_MEMORY=True),
-                 "8x1024 mem s3": _c(4, 3, BLOCK_N=8, BLOCK_K=1024, CODE_FROM_MEMORY=True),
-                 "16x512 s3": _c(4, 3, BLOCK_N=16, BLOCK_K=512, CODE_FROM_MEMORY=False)},
+    # one token (kernels/nf4_gemv.py): rows per program x columns per step, in the order of an H100 sweep over
+    # Phi-3-mini's and Phi-4's layers (bench/README.md, seventh session)
+    "nf4-gemv": {"16x512 s3": _c(4, 3, BLOCK_N=16, BLOCK_K=512), "32x256 s3": _c(4, 3, BLOCK_N=32, BLOCK_K=256),
+                 "8x512 w2 s4": _c(2, 4, BLOCK_N=8, BLOCK_K=512)},
     "nf4-dequantize": {"64 blocks": _c(4, 1, BLOCKS=64), "128 blocks": _c(8, 1, BLOCKS=128),
                        "32 blocks": _c(4, 1, BLOCKS=32)},
     # DoRA's weight norm (kernels/dora.py), not yet timed: BLOCK_N rows x BLOCK_K columns of W a step (BLOCK_K
@@ -82,7 +81,7 @@ SMALL = {"tma": _tma(1, 1, 32, 32), "tma-fp8": _tma(1, 1, 32, 32),
          "down": _c(4, 2, BLOCK_M=32, BLOCK_K=32), "dy": _c(4, 2, BLOCK_N=32), "da": _c(4, 2, BLOCK_M=32, BLOCK_K=32),
          "nf4": _c(4, 2, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4),
          "nf4-decode": _c(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1), "nf4-dequantize": _c(4, 1, BLOCKS=32),
-         "nf4-gemv": _c(4, 1, BLOCK_N=16, BLOCK_K=128, CODE_FROM_MEMORY=True),
+         "nf4-gemv": _c(4, 1, BLOCK_N=16, BLOCK_K=128),
          "dora-norm": _c(4, 2, BLOCK_N=16, BLOCK_K=64)}
 
 _table = None  # use_table's: None = the shipped one

@@ -65,11 +65,12 @@ class DecodeGraphs:
         return logits
 
     def _record(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # a run before recording: kernels compiled and loaded, cuBLAS set up
-            self._step(window)  # (it writes the cache slot the replay then writes again, with the same values)
-        torch.cuda.current_stream().wait_stream(side)
+        if not self.graphs:  # a run before the first recording: kernels compiled and loaded, cuBLAS set up (later
+            side = torch.cuda.Stream()  # windows run the same kernels: a second run would cost a token's host time)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step(window)  # (it writes the cache slot the replay then writes again, with the same values)
+            torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self._step(window)
