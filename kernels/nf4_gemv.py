@@ -8,8 +8,9 @@ per program gave Phi-3-mini's o_proj and down_proj 384 programs for 132 SMs, eac
 another. So K is split among programs (grid (row blocks, splits), the launcher picks the splits): each stores its
 partial sums and the last of a row block's splits to arrive adds them in split order (lowrank._summed:
 deterministic, no second launch) and finishes the row block. W is read as int32 words, 8 codes each, and x in
-runs of 8 contiguous values: the first version read bytes and x's even and odd values apart, and with one load
-instruction per byte and per value it ran at a fifth of the memory's speed (bench/README.md). A 64-block's absmax
+runs of 8 contiguous values: the first version read bytes and x's even and odd values apart, one load instruction
+per byte and per value, and took 1.16x as long (bench/README.md). Both still run at about a quarter of the memory's
+speed: the kernel is bound by its instructions (shift, mask, lookup, multiply-add per value), not by the bytes. A 64-block's absmax
 multiplies the block's sum, not each of its values; each code is looked up in the 16-entry table (from memory, one
 L1 line); the weight is used in fp32, not rounded to x's dtype first (more exact than the GEMM, within its rounding).
 
