@@ -45,7 +45,9 @@ def _gemm(site, a, w, lo=None, ro=None, scale=1.0, seed=0, p=0.0):
     n_out = w.shape[0] if site == "nf4.fwd" else w.shape[1]
     c = launch.empty(a.shape[0], n_out, dtype=a.dtype, device=a.device)
     key = choices.key(a.shape[0], c.shape[1], a.shape[1], lo.shape[1], p > 0)
-    if site == "nf4.fwd" and a.shape[0] == 1 and w.shape[1] % 64 == 0:  # one token: decoding
+    # one token (decoding): whole 64-blocks per row, read as int32 words (a view of a checkpoint's bytes may start
+    # off a word boundary: the GEMM takes that)
+    if site == "nf4.fwd" and a.shape[0] == 1 and w.shape[1] % 64 == 0 and w.packed.storage_offset() % 4 == 0:
         _gemv(key, a, w, lo, ro, scale, c)
         return c
     run = lambda kind: _KINDS[kind](site, key, a, w, lo, ro, scale, c, seed, p)

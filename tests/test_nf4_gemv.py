@@ -7,7 +7,10 @@ CPU: under TRITON_INTERPRET=1, fp32 and fp16. GPU (`pytest -m cuda`): bf16 at Ph
 shapes, and every config of the kernel. K split among programs (each row block's last split adds the partials)
 and not split, both.
 """
+import dataclasses
+
 import pytest
+import test_qlora_kernel
 import torch
 
 from conftest import cuda, needs_cuda, needs_triton
@@ -53,6 +56,22 @@ def test_one_token_strided_and_without_lora(launched):
     _check((1, 128), 45, 8, torch.float32, scale=0.5, noncontig=True, seed=2)
     _check_nf4_linear((1, 1, 256), 29, torch.float16)
     assert launched.count("_nf4_gemv_kernel") == 2
+
+
+@needs_triton
+def test_codes_off_a_word_boundary_take_the_gemm(launched, monkeypatch):
+    """Packed codes viewed from an odd byte of their storage (as a view into a checkpoint's bytes may be) cannot
+    be read as int32 words: the GEMM computes that token, still right."""
+    def shifted(*args, **kwargs):
+        w = real_weight(*args, **kwargs)
+        storage = torch.empty(w.packed.numel() + 1, dtype=torch.uint8, device=w.packed.device)
+        storage[1:] = w.packed
+        return dataclasses.replace(w, packed=storage[1:])
+
+    real_weight = test_qlora_kernel._nf4_weight
+    monkeypatch.setattr(test_qlora_kernel, "_nf4_weight", shifted)
+    _check_nf4_linear((1, 1, 128), 29, torch.float32)
+    assert launched.count("_nf4_gemm_kernel") == 2 and "_nf4_gemv_kernel" not in launched  # forward and dx
 
 
 @needs_triton
