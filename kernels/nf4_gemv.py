@@ -10,9 +10,10 @@ partial sums and the last of a row block's splits to arrive adds them in split o
 deterministic, no second launch) and finishes the row block. W is read as int32 words, 8 codes each, and x in
 runs of 8 contiguous values: the first version read bytes and x's even and odd values apart, one load instruction
 per byte and per value, and took 1.16x as long (bench/README.md). Both still run at about a quarter of the memory's
-speed: the kernel is bound by its instructions (shift, mask, lookup, multiply-add per value), not by the bytes. A 64-block's absmax
-multiplies the block's sum, not each of its values; each code is looked up in the 16-entry table (from memory, one
-L1 line); the weight is used in fp32, not rounded to x's dtype first (more exact than the GEMM, within its rounding).
+speed: the kernel is bound by its instructions (shift, mask, lookup, multiply-add per value), not by the bytes.
+A 64-block's absmax multiplies the block's sum, not each of its values; each code is looked up in the 16-entry table
+(from memory, one L1 line); the weight is used in fp32, not rounded to x's dtype first (more exact than the GEMM,
+within its rounding).
 
     y[n] = sum_b absmax[n, b] sum_j code[nibble(n, 64 b + j)] x[64 b + j]  +  scale * sum_r S[r] B^T[r, n]
 
