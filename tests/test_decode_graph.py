@@ -4,8 +4,8 @@ The CPU half of this is in tests/test_generate.py (the graphed step run eagerly,
 Here the graphs are recorded and replayed, in bf16: each step's logits against the float64 model's for that prefix
 (DESIGN.md's rule: at most twice the error of the eager bf16 decoder, plus one bf16 rounding of the largest logit),
 over prompts and replies that cross a window (the smallest made 64 tokens here), the KV cache's growth, the sliding
-window and LongRoPE's switch to the long factors; and a 4-bit base (its one-token kernel splits K among programs, which count their
-arrivals: the counters inside a recorded graph), against its dequantized weights in float64.
+window and LongRoPE's switch to the long factors; and a 4-bit base (its one-token kernel splits K among programs,
+which count their arrivals: the counters inside a recorded graph), against its dequantized weights in float64.
 """
 import pytest
 import torch
