@@ -222,8 +222,9 @@ class Run:
         self.log = emit if world.is_main else (lambda text: None)
         self.dtype = default_dtype(device) if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
         self.resolve_memory_flags()
-        if fp8_problem(cfg, device, self.dtype):
-            raise FlagError(fp8_problem(cfg, device, self.dtype))
+        problem = fp8_problem(cfg, device, self.dtype)
+        if problem:
+            raise FlagError(problem)
         self.run_dir = Path(cfg.out)
         self.continuing = bool(cfg.resume) and (self.run_dir.resolve() ==
                                                 run_folder_of(find_checkpoint(cfg.resume)).resolve())

@@ -134,9 +134,10 @@ class LoRALinear(nn.Module):
         p, B = self.dropout if self.training else 0.0, self.full_B()
         if self.lora_magnitude is not None:  # (DoRA's backward needs x W^T: always computed)
             return dora_linear(x, self.frozen_weight(), self.lora_A, B, self.scale, self.dora_scale(B), p)
-        op, W = (qlora_linear, self.base4.weight4) if self.base4 is not None else (lora_linear, self.weight)
         if self.fp8 is not None:
             op, W = fp8_lora_linear, self.fp8
+        else:
+            op, W = qlora_linear if self.base4 is not None else lora_linear, self.frozen_weight()
         return op(x, W, self.lora_A, B, self.scale, dropout_p=p, training=self.training, output=output)
 
     def backward_inputs(self, x: torch.Tensor) -> torch.Tensor:
