@@ -71,8 +71,18 @@ def init(device: str) -> tuple[World, torch.device]:
 
 def _sum_gradients(state, bucket):  # (no annotations: DDP checks them, and they are strings in this file)
     """DDP communication hook: sum a bucket of gradients across processes (DDP's default divides the sum by the
-    number of processes; our loss is already divided by the trained tokens of the whole step, all processes')."""
-    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+    number of processes; our loss is already divided by the trained tokens of the whole step, all processes').
+
+    The sum is waited for here and handed back as a finished future. A Python callback chained on the collective's
+    future (`.then(...)`, as torch's own hooks do) is released by gloo's worker thread, which needs the GIL for it:
+    when the DDP module was freed at that moment, the main thread, holding the GIL, joined that worker thread for
+    ever (a hang seen in the test suite; gdb showed both threads). Waiting costs no overlap worth having: the
+    adapter's gradients are a few MB, and under NCCL the wait only orders the CUDA streams."""
+    buffer = bucket.buffer()
+    dist.all_reduce(buffer)
+    summed = torch.futures.Future()
+    summed.set_result(buffer)
+    return summed
 
 
 def data_parallel(module: nn.Module, world: World, device: torch.device) -> nn.Module:

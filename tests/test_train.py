@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -779,7 +780,7 @@ def test_links_in_a_resumed_run_folder_never_lead_writes_outside(finished_run, t
     assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-7"]
 
 
-def test_ddp_accumulation_counts_every_micro_batch_once(base, lora_model, tmp_path):
+def test_ddp_accumulation_counts_every_micro_batch_once(base, lora_model):
     """The DDP path of accumulate_gradients (no_sync for all but the last micro-batch, then a summing reduce),
     in a one-process group: the gradients must be bit-identical to plain accumulation."""
     import torch.distributed as dist
@@ -789,7 +790,9 @@ def test_ddp_accumulation_counts_every_micro_batch_once(base, lora_model, tmp_pa
     train.accumulate_gradients(lora_model, four, "cpu", no_autocast)
     plain = grads(lora_model)
     lora_model.zero_grad(set_to_none=True)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    # An in-memory store (no rendezvous file) and a timeout: a collective that never completes fails the test
+    # instead of hanging the suite (one full CI run of ~450 hung here once on a file store, untimed).
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=120))
     try:  # World says 2 so that data_parallel wraps the module; the group itself has this one process
         ddp = distributed.data_parallel(train.MicroBatchLoss(lora_model), distributed.World(0, 2), torch.device("cpu"))
         train.accumulate_gradients(ddp, four, "cpu", no_autocast)
