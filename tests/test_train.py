@@ -802,6 +802,30 @@ def test_ddp_accumulation_counts_every_micro_batch_once(base, lora_model):
     assert plain.keys() == reduced.keys() and all(torch.equal(plain[n], reduced[n]) for n in plain)
 
 
+class _Bucket:  # the one method of DDP's GradBucket the hook uses
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def buffer(self):
+        return self.tensor
+
+
+def test_ddp_hook_hands_back_a_finished_sum():
+    """The DDP hook returns its sum already done. A hook that chains a Python callback on gloo's future leaves that
+    callback for gloo's worker thread to release, which takes the GIL; a DDP module freed at that moment deadlocked
+    (the main thread, holding the GIL, joined the worker). Such a future is still pending when the hook returns."""
+    import torch.distributed as dist
+    from phi3 import distributed
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=120))
+    try:
+        grads = torch.randn(1_000_000)
+        expected = grads.clone()
+        summed = distributed._sum_gradients(None, _Bucket(grads))
+        assert summed.done() and torch.equal(summed.value(), expected)  # one process: the sum is itself
+    finally:
+        dist.destroy_process_group()
+
+
 def test_killed_torchrun_worker_stops_the_run_which_resumes_exactly_on_one_process(base, small_chat, tmp_path):
     """SIGKILL one of two torchrun processes: the run stops (torchrun ends the other), the last complete checkpoint
     loads, and resuming it in one process (which then takes both processes' micro-batches per step) trains exactly
