@@ -8,8 +8,8 @@ rowwise), where one outlier spoils only its own row. FP8 tensor cores take both 
 W with its other dimension contiguous: a second FP8 copy, W^T with a scale per input channel (FP8Weight). The two
 copies weigh what the bf16 W weighs.
 
-`_quantize_rows_kernel`: one program per row. A row of up to ONE_PASS_K values is read once and held in registers
-for both the absolute max and the scaled cast; a longer one takes two passes (the second reads the row back from L2). The division is correctly rounded (div_rn) and the cast rounds to nearest even,
+`_quantize_rows_kernel`: one program per row, two passes (the row's absolute max, then the scaled cast; the second
+reads the row back from L2). The division is correctly rounded (div_rn) and the cast rounds to nearest even,
 saturating: torch's bits (quantize_rows_reference), checked on the GPU. Triton's interpreter casts to FP8 with other
 rounding, so the CPU tests quantize with the reference and run the GEMM (kernels/gemm.py, SCALED) on its output.
 """
@@ -47,31 +47,20 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
     row = tl.cast(tl.program_id(0), tl.int64)
     x_row, q_row = x_ptr + row * stride_xm, q_ptr + row * K
-    if ONE_PASS:  # BLOCK_K >= K: the whole row in registers
-        offs = tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.abs(x)
-    else:
-        amax = tl.zeros((BLOCK_K,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
+    amax = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)))
     scale = tl.max(amax) / 448.0
     scale = tl.where(scale > 0, scale, 1.0)
-    if ONE_PASS:
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         tl.store(q_row + offs, tl.math.div_rn(x, scale).to(tl.float8e4nv), mask=offs < K)
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            tl.store(q_row + offs, tl.math.div_rn(x, scale).to(tl.float8e4nv), mask=offs < K)
     tl.store(s_ptr + row, scale)
-
-
-ONE_PASS_K = 8192  # 32 fp32 registers a thread at 8 warps: Phi-3's and Phi-4-mini's rows (hidden, intermediate)
 
 
 def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,11 +72,8 @@ def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     M, K = x2.shape
     q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x2.device)
     s = torch.empty(M, dtype=torch.float32, device=x2.device)
-    one_pass = K <= ONE_PASS_K
-    block = triton.next_power_of_2(K) if one_pass else 1024
     with launch.on_device(x2):
-        launch.run(_quantize_rows_kernel, (M,), (x2, q, s, K, x2.stride(0)),
-                   dict(BLOCK_K=block, ONE_PASS=one_pass, num_warps=8 if block > 2048 else 4))
+        launch.run(_quantize_rows_kernel, (M,), (x2, q, s, K, x2.stride(0)), dict(BLOCK_K=1024, num_warps=4))
     return q, s
 
 
