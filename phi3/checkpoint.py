@@ -147,8 +147,9 @@ def _plain_file_name(name) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
-def checkpoint_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
+def checkpoint_files(folder: Path) -> tuple[list[Path], dict | None]:
+    """The safetensors files of a checkpoint folder, and the index's weight_map (tensor -> shard) if it has one."""
+    index, weight_map = folder / "model.safetensors.index.json", None
     if index.is_file():
         fix = "copy model.safetensors.index.json again from the checkpoint's source"
         weight_map = read_json_object(index, CheckpointError, fix).get("weight_map")
@@ -169,18 +170,24 @@ def checkpoint_files(folder: Path) -> list[Path]:
     for file in files:
         if not file.is_file():
             raise CheckpointError(f"{file}: shard listed in model.safetensors.index.json is missing; download it")
-    return files
+    return files, weight_map
 
 
 def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder as memory-mapped views (no copy)."""
     state, source = {}, {}
-    for file in checkpoint_files(Path(folder)):
+    files, weight_map = checkpoint_files(Path(folder))
+    for file in files:
         for name, t in read_safetensors(file).items():
             if name in state:
                 raise CheckpointError(f"{file}: tensor {show(name)} is also in {source[name].name}; the shards do not "
                                       "belong together, download the checkpoint again")
             state[name], source[name] = t, file
+    for name, shard in (weight_map or {}).items():  # an index that disagrees with its shards: which one is right?
+        if name not in source or source[name].name != shard:
+            raise CheckpointError(f"{Path(folder) / 'model.safetensors.index.json'}: weight_map puts tensor "
+                                  f"{show(name)} in {shard}, which does not hold it; the index and the shards do not "
+                                  "belong together, download the checkpoint again")
     return state
 
 

@@ -66,6 +66,19 @@ def open_regular(path: str | Path, fifo_ok: bool = False):
         raise
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    d = {}
+    for key, value in pairs:
+        if key in d:
+            raise DuplicateKey(key)
+        d[key] = value
+    return d
+
+
 def read_json_object(path: str | Path, error: type[ValueError], fix: str) -> dict:
     """The JSON object in `path`. A missing, unreadable, special (a FIFO would block), huge, non-UTF-8, invalid,
     too deeply nested or non-object file raises `error` with one line: "PATH: what is wrong; `fix`"."""
@@ -77,7 +90,9 @@ def read_json_object(path: str | Path, error: type[ValueError], fix: str) -> dic
     if len(raw) > MAX_JSON_BYTES:
         raise error(f"{path}: too large for this file (more than {MAX_JSON_BYTES} bytes); {fix}")
     try:
-        data = json.loads(raw.decode("utf-8-sig"))  # -sig: tolerate a byte-order mark
+        data = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_unique_keys)  # -sig: a byte-order mark is fine
+    except DuplicateKey as e:  # json keeps the last silently: a hand-edited file whose reader would guess
+        raise error(f"{path}: key {show(e.args[0])} appears twice in one object; keep one, or {fix}") from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text (byte {e.start}); {fix}") from None
     except json.JSONDecodeError as e:  # its message names the line and column
@@ -183,7 +198,7 @@ class Phi3Config:
         """The config and the JSON object it came from, read once (its other keys, e.g. a 4-bit folder's
         quantization_config, then agree with the config: the file cannot change in between)."""
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() and path.name != "config.json":  # a folder; a folder named config.json is no file to read
             path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"{path}: file not found; a checkpoint folder needs the config.json of its model")
@@ -293,13 +308,20 @@ def _rope(r: _Reader, sizes: dict, max_pos: int) -> dict:
     if rotary < 2 or rotary % 2:
         raise r.fail(f"partial_rotary_factor {partial:g} of head_dim {head_dim} rotates {rotary} dims, not an "
                      "even number >= 2; restore the checkpoint's original config.json")
-    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
     if not isinstance(rope_type, str):
         raise r.bad(f"{rope_key}.type", "a string", rope_type)
+    factors = [name for name in ("short_factor", "long_factor") if rope.get(name) is not None]
+    if factors and rope_type == "default":  # transformers would check their lengths, then ignore them
+        raise r.fail(f"{rope_key} has {' and '.join(factors)} but no type, so they would be ignored; LongRoPE "
+                     "checkpoints say \"type\": \"longrope\": restore the checkpoint's original config.json")
+    if rope_type == "yarn" and not factors:  # Phi-3's old name of LongRoPE comes with its factor lists
+        raise r.fail(f"{rope_key}: YaRN scaling (type 'yarn' without short_factor/long_factor lists) is not "
+                     "supported; Phi-3 models use none (4k) or LongRoPE's factor lists (128k)")
     rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type
     out = dict(rope_theta=r.positive("rope_theta", setting("rope_theta", 10000.0), lo=1.0, hi=1e30),
                partial_rotary_factor=partial, rope_type=rope_type, original_max_position_embeddings=r.integer(
-                   "original_max_position_embeddings", setting("original_max_position_embeddings", max_pos),
+                   "original_max_position_embeddings", setting("original_max_position_embeddings", 4096),
                    lo=2, hi=MAX_POSITIONS))  # LongRoPE divides by its log
     if rope_type == "default":
         return out

@@ -30,6 +30,7 @@ from phi3.chat_template import CHAT_FORMATS, END_OF_TURN, KNOWN_TEMPLATES, finge
 from phi3.config import is_int, open_regular, read_json_object, show
 
 FIX = "use the checkpoint's own tokenizer files (download them again)"
+GENERATION_FIX = "use the checkpoint's own generation_config.json (download it again)"
 MAX_TOKENIZER_BYTES = 256 * 2**20  # tokenizer.json: Phi-3's is 1.8 MiB, the largest common ones about 35 MiB
 MAX_TEMPLATE_CHARS = 8192  # the Phi templates are under 1 KB; fingerprint() can take quadratic time on long text
 
@@ -134,11 +135,11 @@ class Phi3Tokenizer:
         self.bos, self.eos = tokenizer.id_to_token(self.bos_id), tokenizer.id_to_token(self.eos_id)
         stop = generation_config.get("eos_token_id")
         stop = [stop] if is_int(stop) else stop
-        if stop is not None and not (isinstance(stop, list) and all(is_int(i) and 0 <= i < self.vocab_size
-                                                                    for i in stop)):
-            raise TokenizerError(f"{generation_name}: 'eos_token_id' must be a token id or a list of them (ids of "
-                                 f"{name}, below {self.vocab_size}), got {show(generation_config['eos_token_id'])}; "
-                                 f"{FIX}")
+        if stop is not None and not (isinstance(stop, list) and stop and all(is_int(i) and 0 <= i < self.vocab_size
+                                                                             for i in stop)):
+            raise TokenizerError(f"{generation_name}: 'eos_token_id' must be a token id or a non-empty list of them "
+                                 f"(ids of {name}, below {self.vocab_size}), got "
+                                 f"{show(generation_config['eos_token_id'])}; {GENERATION_FIX}")
         self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(stop or [self.eos_id, self.end_id]))
 
     def encode(self, text: str) -> list[int]:
@@ -216,7 +217,7 @@ def load_tokenizer(path, chat_format: str | None = None) -> Phi3Tokenizer:
         raise TokenizerError(f"{tj}: tokenizers failed on this file ({show(str(e), 200)}); {FIX}") from None
     cp, gp = os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "generation_config.json")
     config = _read_json(cp) if os.path.exists(cp) else {}
-    gen = _read_json(gp) if os.path.exists(gp) else {}
+    gen = read_json_object(gp, TokenizerError, GENERATION_FIX) if os.path.exists(gp) else {}
     if chat_format is None:
         template, where = _find_template(folder, config)
         if template is None:

@@ -211,6 +211,10 @@ BAD_VALUES = {  # config.json key -> values of a wrong type or out of range, one
     ({"rope_scaling": dict(LONGROPE, short_factor=[1e-30] * 48)}, r"short_factor\[0\]"),
     ({"rope_scaling": dict(LONGROPE, attention_factor=NAN)}, "attention_factor"),
     ({"rope_scaling": dict(LONGROPE, attention_factor=1e30)}, "attention_factor"),
+    # LongRoPE's factors without a type would be dropped (plain RoPE); a YaRN "factor" is not LongRoPE
+    ({"rope_scaling": {k: v for k, v in LONGROPE.items() if k != "type"}}, "short_factor and long_factor but no type"),
+    ({"rope_scaling": dict(LONGROPE, type=None, long_factor=[5.0])}, "but no type"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "YaRN scaling .* is not supported"),
     # each size within its bound, together a model of terabytes: refused before `--init random` allocates it
     ({"hidden_size": 2**16, "num_attention_heads": 512, "num_key_value_heads": 512, "intermediate_size": 2**18,
       "num_hidden_layers": 2**10}, "parameters"),
@@ -227,12 +231,35 @@ def test_config_with_wrong_values_names_the_key(tmp_path, changes, key):
     (b"null", "expected a JSON object"), (b"{", "not valid JSON"), (b'{"a": 1,}', "not valid JSON"),
     (b"[" * 100_000, "nesting too deep"), (b'{"a": ' + b"1" * 5000 + b"}", "number too long"),
     (b'{"model_type": "phi3\xff"}', "not UTF-8"), (b"", "not valid JSON"),
+    (b'{"rope_theta": 10000.0, "rope_theta": 500000.0}', "key 'rope_theta' appears twice"),  # json keeps the last
 ])
 def test_config_file_that_is_not_a_json_object(tmp_path, content, what):
     (tmp_path / "config.json").write_bytes(content)
     with pytest.raises(ConfigError, match=what) as e:
         Phi3Config.from_json(tmp_path / "config.json")
     assert_one_line(e, tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("given", ["folder", "file"])
+def test_config_json_that_is_a_folder(tmp_path, given):
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ConfigError, match=r"cannot be read \(a folder, not a file\)") as e:
+        Phi3Config.from_json(tmp_path if given == "folder" else tmp_path / "config.json")
+    assert_one_line(e, tmp_path / "config.json")
+    assert "config.json/config.json" not in str(e.value)
+
+
+def test_longrope_without_original_max_positions_takes_transformers_default(tmp_path):
+    """transformers' Phi3Config defaults original_max_position_embeddings to 4096 (where the long factors start),
+    not to max_position_embeddings (which would never switch to them)."""
+    d = json.loads((CONFIGS / "phi3-mini-128k-instruct" / "config.json").read_text())
+    del d["original_max_position_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    ours = Phi3Config.from_json(tmp_path / "config.json")
+    assert ours.original_max_position_embeddings == 4096
+    transformers = transformers_or_skip()
+    theirs = transformers.Phi3Config.from_pretrained(tmp_path)
+    assert theirs.original_max_position_embeddings == ours.original_max_position_embeddings
 
 
 def test_config_that_is_a_fifo_does_not_hang(tmp_path):
@@ -332,6 +359,22 @@ def test_index_that_is_not_a_json_object(sharded, content):
     (sharded / "model.safetensors.index.json").write_bytes(content)
     with pytest.raises(CheckpointError, match="model.safetensors.index.json: "):
         load_model(sharded)
+
+
+@pytest.mark.parametrize("entry", ["a tensor no shard holds", "a tensor in the other shard"])
+def test_index_that_disagrees_with_its_shards(sharded, entry):
+    index = sharded / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    shards = sorted(set(d["weight_map"].values()))
+    if entry == "a tensor no shard holds":
+        d["weight_map"]["model.layers.99.mlp.down_proj.weight"] = shards[0]
+    else:
+        name = next(n for n, s in d["weight_map"].items() if s == shards[0])
+        d["weight_map"][name] = shards[1]
+    index.write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match="which does not hold it") as e:
+        load_model(sharded)
+    assert_one_line(e, index)
 
 
 def test_tensor_in_two_shards(sharded):

@@ -287,11 +287,13 @@ def test_special_token_missing_from_tokenizer_json(tmp_path, key, value):
     assert_refused(d, "tokenizer_config.json", f"{key} .* is not a token of .*tokenizer.json")
 
 
-@pytest.mark.parametrize("value", ["32000", [32000, "x"], [True], True, -1, 10**9, 1.5, {"a": 1}, [32000, 40000]])
+@pytest.mark.parametrize("value", ["32000", [32000, "x"], [True], True, -1, 10**9, 1.5, {"a": 1}, [32000, 40000], []])
 def test_generation_config_stop_ids_with_wrong_values(tmp_path, value):
+    """An empty list too: no stop ids would leave sampling without an end (it fell back to the defaults silently)."""
     d = _make_folder(tmp_path, "phi3")
     edit_json(d / "generation_config.json", eos_token_id=value)
-    assert_refused(d, "generation_config.json", "'eos_token_id' must be a token id or a list of them")
+    assert_refused(d, "generation_config.json", "'eos_token_id' must be a token id or a non-empty list of them.*"
+                   "own generation_config.json")
 
 
 @pytest.mark.parametrize("file", ["tokenizer_config.json", "generation_config.json", "chat_template.json"])
@@ -302,7 +304,16 @@ def test_generation_config_stop_ids_with_wrong_values(tmp_path, value):
 def test_json_files_that_are_not_objects(tmp_path, file, content, what):
     d = _make_folder(tmp_path, "phi3")
     (d / file).write_bytes(content)
-    assert_refused(d, file, what)
+    assert_refused(d, file, what + (".*own generation_config.json" if file == "generation_config.json" else ""))
+
+
+@pytest.mark.parametrize("file", ["tokenizer_config.json", "generation_config.json"])
+def test_json_key_given_twice_is_refused(tmp_path, file):
+    """json keeps the last of two equal keys without a word: which one the author meant is a guess."""
+    d = _make_folder(tmp_path, "phi3")
+    text = (d / file).read_text()
+    (d / file).write_text(text.replace("{", '{"eos_token_id": 32000, "eos_token_id": 32007, ', 1))
+    assert_refused(d, file, "key 'eos_token_id' appears twice")
 
 
 @pytest.mark.parametrize("content", [b"", b"[]", b"{}", b"[" * 100_000, b'{"model": 5}', b"\xff",
