@@ -67,7 +67,7 @@ def open_regular(path: str | Path, fifo_ok: bool = False):
 
 
 class DuplicateKey(ValueError):
-    pass
+    """A JSON object that names one key twice (json.loads would keep the last without a word)."""
 
 
 def _unique_keys(pairs: list) -> dict:
@@ -91,7 +91,7 @@ def read_json_object(path: str | Path, error: type[ValueError], fix: str) -> dic
         raise error(f"{path}: too large for this file (more than {MAX_JSON_BYTES} bytes); {fix}")
     try:
         data = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_unique_keys)  # -sig: a byte-order mark is fine
-    except DuplicateKey as e:  # json keeps the last silently: a hand-edited file whose reader would guess
+    except DuplicateKey as e:  # which of the two the file's author meant is a guess
         raise error(f"{path}: key {show(e.args[0])} appears twice in one object; keep one, or {fix}") from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text (byte {e.start}); {fix}") from None
@@ -184,7 +184,7 @@ class Phi3Config:
         dtype = d.get("torch_dtype") or d.get("dtype") or "bfloat16"
         if not isinstance(dtype, str):
             raise r.bad("torch_dtype", "a string such as 'bfloat16'", dtype)
-        return cls(**sizes, **_rope(r, sizes, max_pos), **_token_ids(r, sizes["vocab_size"]),
+        return cls(**sizes, **_rope(r, sizes), **_token_ids(r, sizes["vocab_size"]),
                    max_position_embeddings=max_pos,
                    sliding_window=None if window is None else r.integer("sliding_window", window),
                    rms_norm_eps=r.positive("rms_norm_eps", d.get("rms_norm_eps", 1e-5)), torch_dtype=dtype)
@@ -291,7 +291,7 @@ def _sizes(r: _Reader) -> dict:
     return dict(sizes, num_key_value_heads=kv_heads, tie_word_embeddings=tie)
 
 
-def _rope(r: _Reader, sizes: dict, max_pos: int) -> dict:
+def _rope(r: _Reader, sizes: dict) -> dict:
     """RoPE's settings: theta, partial rotary, and LongRoPE's factors and attention factor. Its numbers are used in
     float32 (1 / (factor * theta**e), e in [0, 1)): these ranges keep every frequency finite and non-zero. Phi-3:
     theta 1e4, factors 1 to ~60, attention factor ~1.19."""
