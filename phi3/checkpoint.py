@@ -22,7 +22,8 @@ import torch
 
 from phi3 import nf4, quantized
 from phi3.atomic import atomic_dir, atomic_file, write_safetensors
-from phi3.config import ConfigError, Phi3Config, is_int, open_regular, read_json_object, show
+from phi3.config import (ConfigError, DuplicateKey, Phi3Config, is_int, open_regular, read_json_object, show,
+                         unique_keys)
 from phi3.model import Phi3ForCausalLM, Recompute
 
 
@@ -112,7 +113,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); check the file, or {fix}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKey as e:  # json would keep the last entry of a tensor named twice
+        raise CheckpointError(f"{bad} (header names {show(e.args[0])} twice); {fix}") from None
     except (ValueError, RecursionError):  # bad UTF-8 or JSON (both ValueErrors), or nesting too deep
         raise CheckpointError(f"{bad} (header is not JSON); {fix}") from None
     if not isinstance(header, dict):

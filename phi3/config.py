@@ -70,7 +70,8 @@ class DuplicateKey(ValueError):
     """A JSON object that names one key twice (json.loads would keep the last without a word)."""
 
 
-def _unique_keys(pairs: list) -> dict:
+def unique_keys(pairs: list) -> dict:
+    """json.loads' object_pairs_hook: the object, or DuplicateKey for a key it names twice."""
     d = {}
     for key, value in pairs:
         if key in d:
@@ -90,7 +91,7 @@ def read_json_object(path: str | Path, error: type[ValueError], fix: str) -> dic
     if len(raw) > MAX_JSON_BYTES:
         raise error(f"{path}: too large for this file (more than {MAX_JSON_BYTES} bytes); {fix}")
     try:
-        data = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_unique_keys)  # -sig: a byte-order mark is fine
+        data = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=unique_keys)  # -sig: a byte-order mark is fine
     except DuplicateKey as e:  # which of the two the file's author meant is a guess
         raise error(f"{path}: key {show(e.args[0])} appears twice in one object; keep one, or {fix}") from None
     except UnicodeDecodeError as e:

@@ -298,6 +298,8 @@ def entry(**changes):
     (None, "header is a JSON"), (b"[" * 100_000, "header is not JSON"), (b"{\xff}", "header is not JSON"),
     (b"{'w': 1}", "header is not JSON"), ({"w": 5}, "entry is the int 5"), ({"w": ["F32", [4], [0, 16]]}, "the list"),
     ({"w": None}, "entry is the NoneType None"),
+    (b'{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, "w": {"dtype": "F32", "shape": [4], '
+     b'"data_offsets": [0, 16]}}', "header names 'w' twice"),  # json would keep the second
     (entry(dtype="F8"), "unsupported dtype 'F8'"), (entry(dtype=["F32"]), "unsupported dtype"),
     (entry(dtype=None), "unsupported dtype"), ({"w": {"shape": [4], "data_offsets": [0, 16]}}, "unsupported dtype"),
     (entry(shape=[-1, 2]), "shape"), (entry(shape=[2.0, 2]), "shape"), (entry(shape=[True, 4]), "shape"),

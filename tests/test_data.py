@@ -132,6 +132,11 @@ BAD = [
     ("nan", ['{"text": NaN}'], 1, "NaN is not JSON"),
     ("infinity_in_turn", ['{"messages": [{"role": "user", "content": Infinity}]}'], 1, "Infinity is not JSON"),
     ("minus_infinity", ['{"text": "a", "w": -Infinity}'], 1, "-Infinity is not JSON"),
+    # json keeps the last of two equal keys: the first conversation would be dropped without a word
+    ("key_twice", [CHAT, '{"messages": [], "messages": [{"role": "user", "content": "q"}]}'], 2,
+     "the key 'messages' appears twice in one object"),
+    ("key_twice_in_turn", ['{"messages": [{"role": "user", "role": "assistant", "content": "a"}]}'], 1,
+     "the key 'role' appears twice"),
     ("lone_surrogate_text", ['{"text": "ab\\ud800c"}'], 1, '"text" has a lone surrogate \\ud800 (character 3)'),
     ("lone_low_surrogate", ['{"text": "\\udc00"}'], 1, '"text" has a lone surrogate \\udc00 (character 1)'),
     ("lone_surrogate_content", ['{"messages": [{"role": "assistant", "content": "x\\ud83d"}]}'], 1,
