@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from phi3.config import NotARegularFile, open_regular
+from phi3.config import DuplicateKey, NotARegularFile, open_regular, unique_keys
 
 IGNORE = -100
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -171,16 +171,6 @@ def _constant(s: str):
     raise _Bad(f"{s} is not JSON (only JavaScript and Python write it)", f'Write null or the string "{s}" instead')
 
 
-def _object(pairs: list) -> dict:
-    """json keeps the last of two equal keys without a word: which one the author meant is a guess."""
-    d = {}
-    for key, value in pairs:
-        if key in d:
-            raise _Bad(f"the key {_quote(key)} appears twice in one object", "Keep one of them")
-        d[key] = value
-    return d
-
-
 def _text(v, where: str) -> str:
     """v if it is a string the tokenizer can take, else _Bad."""
     if not isinstance(v, str):
@@ -248,7 +238,10 @@ def _decode(line: bytes) -> dict | None:
     if not text.strip():
         return None
     try:
-        rec = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant, object_pairs_hook=_object)
+        rec = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant,
+                         object_pairs_hook=unique_keys)
+    except DuplicateKey as e:  # json would keep the last of the two without a word
+        raise _Bad(f"the key {_quote(e.args[0])} appears twice in one object", "Keep one of them") from None
     except json.JSONDecodeError as e:
         raise _Bad(f"invalid JSON ({e.msg} at column {e.colno})",
                    "Write exactly one JSON object per line (JSONL)") from None
