@@ -85,14 +85,16 @@ def _lora_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, a_scale_ptr, b_scal
                           B_KMAJOR: tl.constexpr, DOT_PREC: tl.constexpr, R_PAD: tl.constexpr,
                           BLOCK_R: tl.constexpr, DROPOUT: tl.constexpr, NUM_SMS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                          SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr):
+                          SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
+                          FAST_ACCUM: tl.constexpr = False):
     """The same C = A_op B_op + scale * L R, Hopper style: a persistent grid of NUM_SMS programs walking the
     tiles, operands fetched by the tensor-memory engine (TMA descriptors: async, pipelined num_stages deep, zero
     fill past the edges), C stored by TMA. B_KMAJOR: b_ptr holds B_op^T (N, K), i.e. W itself in the forward.
     SUBTILE stores C in two halves, which frees shared memory for one more pipeline stage. FLATTEN / WARP_SPEC:
     Triton's loop flattening (next tile's loads during this one's epilogue) and warp specialization, per config.
     FP8 operands (kernels/fp8.py) come with a scale per row of A_op and per column of B_op (a_scale_ptr,
-    b_scale_ptr; None for 16-bit ones): the accumulator is scaled before the low-rank term joins it.
+    b_scale_ptr; None for 16-bit ones): the accumulator is scaled before the low-rank term joins it. FAST_ACCUM
+    (FP8 only): no promotion to fp32 each K step (torchao's float8 recipe for the forward GEMM; faster, less exact).
     The descriptors are built on the device (needs triton.set_allocator): host-built ones cost tens of
     microseconds of host time per launch."""
     dt = c_ptr.dtype.element_ty
@@ -118,8 +120,10 @@ def _lora_gemm_tma_kernel(a_ptr, b_ptr, c_ptr, l_ptr, r_ptr, a_scale_ptr, b_scal
                 b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K]).T
             else:
                 b = b_desc.load([ki * BLOCK_K, pid_n * BLOCK_N])
-            if a_scale_ptr is not None:  # FP8: Hopper keeps 13 mantissa bits in FP8 sums; fp32 again each K step
-                acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+            if a_scale_ptr is not None and not FAST_ACCUM:  # FP8: Hopper keeps 13 mantissa bits in FP8 sums;
+                acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)  # fp32 again each K step
+            elif a_scale_ptr is not None:  # FAST_ACCUM: the whole K sum in the tensor cores' own accumulator
+                acc = tl.dot(a, b, acc)
             else:
                 acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         tile_c += NUM_SMS

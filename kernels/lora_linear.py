@@ -84,15 +84,17 @@ def _gemm(site, a, b_op, lo, ro, scale, out_dtype, seed=0, p=0.0):
     return c
 
 
-def _tma_gemm(site, key, a, b_op, lo, ro, scale, c, seed, p, scales=(None, None), kernel="tma"):
-    """scales: FP8 operands' (per row of a, per column of b_op) scales (kernels/fp8_linear.py)."""
+def _tma_gemm(site, key, a, b_op, lo, ro, scale, c, seed, p, scales=(None, None), kernel="tma", fast_accum=False):
+    """scales: FP8 operands' (per row of a, per column of b_op) scales (kernels/fp8_linear.py); fast_accum: theirs
+    summed without fp32 promotion."""
     (M, K), (N, R) = a.shape, (c.shape[1], lo.shape[1])
     b_kmajor = b_op.stride(0) == 1
     w = b_op.t() if b_kmajor else b_op
     (r_pad, block_r), sms = _r_blocks(R), launch.num_sms(a.device)
     args = (a, w, c, lo, ro, *scales, M, N, K, R, float(scale), seed, p, 1.0 / (1.0 - p), a.stride(0), w.stride(0),
             c.stride(0), lo.stride(0), lo.stride(1), ro.stride(0), ro.stride(1))
-    meta = dict(B_KMAJOR=b_kmajor, DOT_PREC=_prec(c.dtype), R_PAD=r_pad, BLOCK_R=block_r, DROPOUT=p > 0, NUM_SMS=sms)
+    meta = dict(B_KMAJOR=b_kmajor, DOT_PREC=_prec(c.dtype), R_PAD=r_pad, BLOCK_R=block_r, DROPOUT=p > 0, NUM_SMS=sms,
+                FAST_ACCUM=fast_accum)
     go = lambda cfg: launch.run(_lora_gemm_tma_kernel, (min(sms, launch.cdiv(M, cfg["BLOCK_M"]) * launch.cdiv(
         N, cfg["BLOCK_N"])),), args, {**meta, **cfg})
     choices.launch_with(site, kernel, key, a, go)
