@@ -826,6 +826,31 @@ def test_ddp_hook_hands_back_a_finished_sum():
         dist.destroy_process_group()
 
 
+def _gloo_threads() -> list[str]:
+    return [n for n in (Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+            if "gloo" in n]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux's /proc")
+def test_shutdown_ends_gloo_threads_though_dtensor_caches_keep_the_mesh():
+    """After a sharded op, DTensor's caches keep the DeviceMesh, which keeps the process group: destroying the group
+    left gloo's threads running into the interpreter's exit, where the group's late end sometimes aborted the
+    process. distributed.shutdown ends them before it returns."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from phi3 import distributed
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=120))
+    mesh = init_device_mesh("cpu", (1,))
+    distributed._meshes.append(mesh)  # as distributed.shard() does
+    x = distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)])
+    (x @ x).full_tensor()  # through DTensor's sharding propagation: its caches now hold the mesh
+    del x, mesh
+    assert _gloo_threads()
+    distributed.shutdown(distributed.World(rank=0, size=2))  # (the size only says: a torchrun run)
+    assert not _gloo_threads() and not dist.is_initialized()
+
+
 def test_killed_torchrun_worker_stops_the_run_which_resumes_exactly_on_one_process(base, small_chat, tmp_path):
     """SIGKILL one of two torchrun processes: the run stops (torchrun ends the other), the last complete checkpoint
     loads, and resuming it in one process (which then takes both processes' micro-batches per step) trains exactly
