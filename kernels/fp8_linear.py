@@ -3,8 +3,9 @@
     forward   y  = [q(x) q(W)^T] s_x s_w + S (s B)^T        q(): e4m3 with a scale per row (kernels/fp8.py)
     backward  dx = [q(dy) q(W^T)^T] s_dy s_wt + (G A) * mask
 
-Only the two frozen GEMMs change: the TMA GEMM (kernels/gemm.py) takes the FP8 operands and scales its fp32
-accumulator by the row and column scales before adding the low-rank term. The low-rank path, S, G, dA, dB and what
+Only the two frozen GEMMs change: the TMA GEMM (kernels/gemm.py) takes the FP8 operands and scales its
+accumulator by the row and column scales before adding the low-rank term (FAST_FORWARD, below, says which sums
+stay in the tensor cores' own accumulator). The low-rank path, S, G, dA, dB and what
 is saved for the backward (x in 16 bits, S, the seed) are lora_linear's own: the adapter trains on the same
 gradients' formulas, only the base's products carry FP8's rounding (about 2^-4 relative per operand element). The
 autograd Function is the QLoRA layer's (kernels/qlora_linear.py), which takes these GEMMs for an FP8Weight.
