@@ -481,11 +481,12 @@ def gate_up_problem():
 @cuda
 @needs_cuda
 @pytest.mark.parametrize("kernel,option", [(k, o) for k in ("tma", "gemm", "down", "dy", "da")
-                                           for o in choices.CONFIGS[k]])  # the kernels lora_linear runs; the
-def test_cuda_every_config(monkeypatch, gate_up_problem, kernel, option):  # others' in their own kernel's tests
-    """Each config a table may name, forced for its kernel (the others take the rule's), at a Phi-3-mini shape:
-    outputs and gradients within the rule of _check. "gemm" configs run as the pointer GEMM (GEMM="triton"), the
-    rest under the TMA GEMM."""
+                                           for o in choices.CONFIGS[k]])
+def test_cuda_every_config(monkeypatch, gate_up_problem, kernel, option):
+    """Each config a table may name for the kernels lora_linear runs, forced for its kernel (the others take the
+    rule's), at a Phi-3-mini shape: outputs and gradients within the rule of _check. "gemm" configs run as the
+    pointer GEMM (GEMM="triton"), the rest under the TMA GEMM. (FP8's, NF4's and DoRA's configs: their kernels'
+    test files.)"""
     monkeypatch.setattr(ll, "GEMM", "triton" if kernel == "gemm" else "auto")
     used = []
     choices.set_timer(lambda key, options, run: used.append(key) or (option if option in options else options[0]))
