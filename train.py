@@ -67,7 +67,7 @@ def recompute_of(cfg: TrainConfig) -> Recompute | None:
     """The model's gradient checkpointing, from the flags (resolved: see Run.start)."""
     if not cfg.gradient_checkpointing:
         return None
-    return Recompute(layers=cfg.checkpoint_layers, offload=cfg.offload_checkpoints)
+    return Recompute(layers=cfg.checkpoint_layers, offload=cfg.offload_checkpoints, keep_outputs=cfg.keep_outputs)
 
 
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, token_ids=()) -> Phi3ForCausalLM:

@@ -15,6 +15,7 @@ every token trained, AdamW (fused), gradient checkpointing per layer. Each syste
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -47,6 +48,10 @@ ABLATIONS = {  # this project with one mechanism switched off: what each buys in
                            "nothing reads (phi3/recompute.py)",
     "ours-no-keep": "each layer's recompute computing attention again instead of taking back the output and "
                     "log-sum-exp its forward kept in host memory beside its input (phi3/attention.py)",
+    "ours-no-kept-outputs": "no layer keeping its frozen GEMMs' outputs for the recompute, which runs them again "
+                            "(phi3/recompute.py; the default keeps as many as half the free memory holds)",
+    "ours-nothing-kept": "the recompute computing every LoRA layer's S = dropout(x) A^T and output again, none kept "
+                         "from the first run (phi3/recompute.py)",
 }
 
 
@@ -73,6 +78,8 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
         phi3.model.recomputing = lambda: False
     elif ablation == "ours-no-keep":
         phi3.attention.keep_outputs = False
+    elif ablation == "ours-nothing-kept":
+        phi3.model.Phi3ForCausalLM.kept_outputs = lambda *args: None
     layers = None  # the middle ground, ours-checkpoint-N: only the first N layers checkpointed
     if ablation and ablation.startswith("ours-checkpoint-"):
         layers = int(ablation.removeprefix("ours-checkpoint-"))
@@ -82,6 +89,10 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
     if ablation == "ours-fp8":
         from phi3.lora import use_fp8
         use_fp8(model)
+    if ablation == "ours-no-kept-outputs" or (ablation or "").startswith("ours-keep-outputs-"):
+        # ours-keep-outputs-N: N layers keep their GEMM outputs, whatever the free memory
+        kept = 0 if ablation == "ours-no-kept-outputs" else int(ablation.removeprefix("ours-keep-outputs-"))
+        model.recompute = dataclasses.replace(model.recompute, keep_outputs=kept)
 
     def loss_fn(ids, labels):
         return cross_entropy_sum(model.hidden_states(ids), model.lm_head, labels) / labels.numel()
@@ -101,8 +112,11 @@ def build_reference(checkpointing: bool, four_bit: bool = False, kind: str = "")
     return model, loss_fn
 
 
-def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool) -> dict:
+def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool, cap_gib: float = 0.0) -> dict:
+    """cap_gib: torch may hold at most this much GPU memory (a card of that size, emulated)."""
     torch.manual_seed(0)
+    if cap_gib:
+        torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     if system.startswith("reference"):
         model, loss_fn = build_reference(checkpointing, system == "reference-bnb", system.removeprefix("reference-"))
     else:
@@ -154,11 +168,16 @@ def main() -> None:
                    "(trainable_token_indices), and ours")
     p.add_argument("--ablations", nargs="?", const=",".join(ABLATIONS), default="",
                    help="also run ours with each mechanism off in turn (or only those named, comma-separated)")
+    p.add_argument("--cap", type=float, default=0.8,
+                   help="also run ours on a card with this fraction of the reference's peak memory, emulated (torch's "
+                        "set_per_process_memory_fraction; ours keeps outputs for the recompute only in the memory a "
+                        "card has, so its peak on an 80 GB card is not the least it runs in); 0: no such run")
+    p.add_argument("--cap-gib", type=float, default=0.0, help=argparse.SUPPRESS)  # (--system's: the cap itself)
     args = p.parse_args()
     global CONFIG, DROPOUT
     CONFIG, DROPOUT = CONFIGS / args.config / "config.json", args.dropout
     if args.system:
-        print(json.dumps(measure(args.system, args.batch, args.seq, args.steps, args.checkpointing)))
+        print(json.dumps(measure(args.system, args.batch, args.seq, args.steps, args.checkpointing, args.cap_gib)))
         return
     if args.qlora:
         return qlora(args)
@@ -167,10 +186,12 @@ def main() -> None:
             return adapter_kind(args, kind)
     systems = ("ours", "reference") + tuple(a for a in args.ablations.split(",") if a) + tuple(
         f"ours-checkpoint-{int(n)}" for n in args.checkpoint_layers.split(",") if n)
-    results = run_each(__file__, systems, ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq),
-                       "--dropout", str(args.dropout),
-                       "--steps", str(args.steps), "--checkpointing" if args.checkpointing else "--no-checkpointing"])
+    flags = ["--config", args.config, "--batch", str(args.batch), "--seq", str(args.seq), "--dropout", str(args.dropout),
+             "--steps", str(args.steps), "--checkpointing" if args.checkpointing else "--no-checkpointing"]
+    results = run_each(__file__, systems, flags)
     ours, ref = results["ours"], results["reference"]
+    cap_gib = args.cap * ref["peak_gib"]
+    capped = run_each(__file__, ("ours",), flags + ["--cap-gib", str(cap_gib)])["ours"] if args.cap else None
     print(f"\nLoRA training step, {args.config} shapes, batch {args.batch} x {args.seq}, r=16, dropout {args.dropout}, "
           f"checkpointing {'on' if args.checkpointing else 'off'}, {torch.cuda.get_device_name()}, "
           f"median of {args.steps} steps")
@@ -178,6 +199,10 @@ def main() -> None:
     print(f"{'tokens/s':16}{ours['tokens_per_s']:12,.0f}{ref['tokens_per_s']:20,.0f}{ours['tokens_per_s'] / ref['tokens_per_s']:10.2f}")
     print(f"{'peak GiB':16}{ours['peak_gib']:12.2f}{ref['peak_gib']:20.2f}{ours['peak_gib'] / ref['peak_gib']:10.2f}")
     print(f"{'trainable':16}{ours['trainable']:12,}{ref['trainable']:20,}")
+    if capped:
+        print(f"ours on a card of {args.cap:g}x the reference's peak ({cap_gib:.2f} GiB, emulated): "
+              f"{capped['tokens_per_s']:,.0f} tokens/s ({capped['tokens_per_s'] / ref['tokens_per_s']:.2f}x ref), "
+              f"peak {capped['peak_gib']:.2f} GiB ({capped['peak_gib'] / ref['peak_gib']:.2f}x ref)")
     for name in (s for s in systems if s.startswith("ours-checkpoint-")):
         r = results[name]
         print(f"ours with the first {name.removeprefix('ours-checkpoint-')} layers checkpointed: "

@@ -198,14 +198,13 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, scale, dropout_p, seed, output=True):
+    def forward(ctx, x, weight, lora_A, lora_B, scale, dropout_p, seed, output=True, reuse=None, keep=None):
         assert weight.dtype == x.dtype, f"x {x.dtype} and W {weight.dtype} must share a dtype (W is never cast)"
         assert x.shape[-1] == weight.shape[1] == lora_A.shape[1] and lora_B.shape == (weight.shape[0], lora_A.shape[0])
         x2 = x.reshape(-1, x.shape[-1])  # a view when possible; strides go to the kernels
         with launch.on_device(x):
-            s = _lora_down(x2, lora_A, seed, dropout_p)
-            y = (_gemm("fwd", x2, weight.t(), s, lora_B.t(), scale, x2.dtype) if output  # else: a recompute's,
-                 else x2.new_empty(x2.shape[0], weight.shape[0]))  # whose output nothing reads (phi3/recompute.py)
+            s, y = made(x2, weight.shape[0], output, reuse, keep, lambda: _lora_down(x2, lora_A, seed, dropout_p),
+                        lambda s: _gemm("fwd", x2, weight.t(), s, lora_B.t(), scale, x2.dtype))
         ctx.save_for_backward(x, weight, lora_A, lora_B, s)
         ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -219,4 +218,17 @@ class LoRALinearFunction(torch.autograd.Function):
             dx = None
             if ctx.needs_input_grad[0]:  # dx = dy W + (G A) * mask, mask regenerated in the GEMM epilogue
                 dx = _gemm("dx", dy2, weight, g, lora_A, 1.0, x.dtype, ctx.seed, p).view(x.shape)
-        return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None, None
+        return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None, None, None, None
+
+
+def made(x2, out_features, output, reuse, keep, low_rank, frozen_gemm):
+    """The forward's (S, y): S = low_rank(), y = frozen_gemm(S), except what `reuse` (S, y or None) gives (a
+    recompute taking what its layer's first run kept, phi3/recompute.py); output=False: y is uninitialized memory (a
+    recompute's, whose output nothing reads). keep(S, y or None) receives what was made (a first run that keeps)."""
+    s, y = reuse if reuse is not None else (None, None)
+    s = low_rank() if s is None else s
+    if y is None:
+        y = frozen_gemm(s) if output else x2.new_empty(x2.shape[0], out_features)
+    if keep is not None:
+        keep(s, y if output else None)
+    return s, y

@@ -17,7 +17,7 @@ the switch to these).
 import torch
 
 from . import choices, launch
-from .lora_linear import _cublas_gemm, _lora_down, _lora_skinny_backward, _prec, _r_blocks
+from .lora_linear import _cublas_gemm, _lora_down, _lora_skinny_backward, _prec, _r_blocks, made
 from .nf4_gemm import _nf4_dequantize_kernel, _nf4_gemm_kernel
 from .nf4_gemv import _nf4_gemv_kernel
 from .nf4_weight import NF4Weight
@@ -126,13 +126,12 @@ class QLoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, scale, dropout_p, seed, output=True):
+    def forward(ctx, x, weight, lora_A, lora_B, scale, dropout_p, seed, output=True, reuse=None, keep=None):
         assert x.shape[-1] == weight.shape[1] == lora_A.shape[1] and lora_B.shape == (weight.shape[0], lora_A.shape[0])
         x2 = x.reshape(-1, x.shape[-1])
         with launch.on_device(x):
-            s = _lora_down(x2, lora_A, seed, dropout_p)
-            y = (FROZEN_GEMMS[type(weight)]("fwd", x2, weight, s, lora_B.t(), scale) if output  # else: a recompute's
-                 else x2.new_empty(x2.shape[0], weight.shape[0]))  # (phi3/recompute.py)
+            s, y = made(x2, weight.shape[0], output, reuse, keep, lambda: _lora_down(x2, lora_A, seed, dropout_p),
+                        lambda s: FROZEN_GEMMS[type(weight)]("fwd", x2, weight, s, lora_B.t(), scale))
         ctx.save_for_backward(x, lora_A, lora_B, s)
         ctx.weight, ctx.scale, ctx.dropout_p, ctx.seed = weight, scale, dropout_p, seed
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -146,7 +145,7 @@ class QLoRALinearFunction(torch.autograd.Function):
             dx = None
             if ctx.needs_input_grad[0]:  # dx = dy W + (G A) * mask, W dequantized (or FP8) inside the GEMM
                 dx = FROZEN_GEMMS[type(ctx.weight)]("dx", dy2, ctx.weight, g, lora_A, 1.0, ctx.seed, p).view(x.shape)
-        return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None, None
+        return dx, None, da.to(lora_A.dtype), db.to(lora_B.dtype), None, None, None, None, None, None
 
 
 class NF4LinearFunction(torch.autograd.Function):

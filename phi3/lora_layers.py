@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from phi3.ops import dora_linear, dora_weight_norm, fp8_lora_linear, lora_linear, qlora_linear
 from phi3.quantized import NF4Linear
+from phi3.recompute import kept_slot
 
 
 def keep_or_untie(module: nn.Module, merged: torch.Tensor) -> None:
@@ -127,8 +128,9 @@ class LoRALinear(nn.Module):
         norm = self.dora_norm(full_B)
         return self.full_magnitude(norm) / norm
 
-    def forward(self, x: torch.Tensor, output: bool = True) -> torch.Tensor:
-        """output=False (backward_inputs): see there."""
+    def forward(self, x: torch.Tensor, output: bool = True, keep_output: bool = True) -> torch.Tensor:
+        """output=False (backward_inputs): see there. keep_output=False: a checkpointed layer that keeps its outputs
+        for the recompute (phi3/recompute.py) keeps none of this one's (the recompute calls backward_inputs)."""
         if self.merged:
             return F.linear(x, self.weight)
         p, B = self.dropout if self.training else 0.0, self.full_B()
@@ -138,7 +140,24 @@ class LoRALinear(nn.Module):
             op, W = fp8_lora_linear, self.fp8
         else:
             op, W = qlora_linear if self.base4 is not None else lora_linear, self.frozen_weight()
-        return op(x, W, self.lora_A, B, self.scale, dropout_p=p, training=self.training, output=output)
+        return op(x, W, self.lora_A, B, self.scale, dropout_p=p, training=self.training, output=output,
+                  **self._kept_args(keep_output))
+
+    @property
+    def keeps(self) -> bool:
+        """Whether a checkpointed layer's first run keeps this layer's S and output for the recompute (DoRA's
+        norm-scaled kernels do not take them)."""
+        return self.lora_magnitude is None and not self.merged
+
+    def _kept_args(self, keep_output: bool) -> dict:
+        """In a checkpointed layer that keeps (phi3/recompute.py Kept): the first run's keep, the recompute's reuse."""
+        slot = kept_slot()
+        if slot is None or not self.keeps:
+            return {}
+        kept, recompute = slot
+        if recompute:
+            return {"reuse": kept.take(self)}
+        return {"keep": lambda s, y: kept.keep(self, s, y if keep_output else None)}
 
     def backward_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) for its backward only: what the layer saves is computed and saved as forward(x) would, but the

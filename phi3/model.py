@@ -23,7 +23,7 @@ from phi3.attention import Visibility, attend
 from phi3.config import Phi3Config
 from phi3.offload import CheckpointOffload
 from phi3.ops import rms_norm, rope_qk, swiglu
-from phi3.recompute import checkpoint_layer, recomputing
+from phi3.recompute import Kept, checkpoint_layer, recomputing
 
 
 class RMSNorm(nn.Module):
@@ -148,9 +148,10 @@ class MLP(nn.Module):
 
     def untiled(self, x: torch.Tensor) -> torch.Tensor:
         h = swiglu(self.gate_up_proj(x))  # up * silu(gate); gate is the first half
-        if recomputing() and hasattr(self.down_proj, "backward_inputs"):
-            # the output only joins the residual sum, which a recompute throws away (phi3/recompute.py)
-            return self.down_proj.backward_inputs(h)
+        if hasattr(self.down_proj, "backward_inputs"):
+            # the output only joins the residual sum, which a recompute throws away (phi3/recompute.py): the first
+            # run keeps none of it for the recompute, which computes only what the backward needs
+            return self.down_proj.backward_inputs(h) if recomputing() else self.down_proj(h, keep_output=False)
         return self.down_proj(h)
 
     def forward(self, x: torch.Tensor, recompute_tiles: bool = False) -> torch.Tensor:
@@ -189,9 +190,42 @@ class Recompute:
     """Gradient checkpointing while training (per layer, non-reentrant): the first `layers` decoder layers (None: all)
     keep only their input and recompute the rest in the backward pass; the others keep their activations, which
     skips their recompute for more memory (0.85 GiB a layer at batch 4 x 2048 on Phi-3-mini). offload: those inputs
-    wait in pinned host memory (phi3/offload.py; CUDA only)."""
+    wait in pinned host memory (phi3/offload.py; CUDA only).
+
+    keep_outputs: how many checkpointed layers also keep their frozen GEMMs' outputs for the recompute (qkv, o and
+    gate_up: 0.38 GiB a layer at batch 4 x 2048 on Phi-4-mini, less than half of what a layer without checkpointing
+    keeps, for most of what skipping its recompute buys: phi3/recompute.py). None: as many as fit in half of the
+    device memory free when the forward pass starts, so that a larger batch keeps fewer and never runs out of memory
+    for them. Every checkpointed layer keeps its small low-rank products S either way. Results are the same bits
+    whatever is kept."""
     layers: int | None = None
     offload: bool = False
+    keep_outputs: int | None = None
+
+    def output_layers(self, checkpointed: int, layer_bytes: int, device: torch.device) -> int:
+        """How many of the `checkpointed` layers keep their outputs (`layer_bytes` each) in this forward pass."""
+        if self.keep_outputs is not None:
+            return min(checkpointed, self.keep_outputs)
+        if device.type != "cuda" or layer_bytes == 0:
+            return 0  # (on the CPU the recompute is not where a step's time goes)
+        return min(checkpointed, device_memory_available(device) // 2 // layer_bytes)
+
+
+def device_memory_available(device: torch.device) -> int:
+    """Bytes torch can still allocate on a GPU: the device's free memory and torch's own cached blocks, within
+    torch's cap (set_per_process_memory_fraction: a smaller card, emulated)."""
+    free, total = torch.cuda.mem_get_info(device)
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    cap = int(total * torch.cuda.get_per_process_memory_fraction(device))
+    return max(0, min(free + reserved, cap) - allocated)
+
+
+def kept_output_bytes(model: nn.Module, tokens: int, dtype: torch.dtype) -> int:
+    """The GEMM outputs one layer keeps for its recompute at `tokens` tokens: its LoRA layers' but the MLP's last."""
+    layer = model.model.layers[0]
+    widths = sum(m.out_features for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj)
+                 if getattr(m, "keeps", False))
+    return tokens * widths * dtype.itemsize
 
 
 class Phi3ForCausalLM(nn.Module):
@@ -225,11 +259,13 @@ class Phi3ForCausalLM(nn.Module):
             self.offload = self.offload or CheckpointOffload(x.device)
             offloaded = self.offload.new_pass(checkpointed - 1, x.numel() * x.element_size())
         seen.keeper = offloaded  # where layer inputs wait, attention outputs wait too (phi3/attention.py)
+        keeping = self.kept_outputs(checkpointed, B * T, x)
         for i, layer in enumerate(self.model.layers):
             if i < checkpointed:
                 keep = offloaded is None or not offloaded.moves(i)
+                kept = Kept(outputs=i >= checkpointed - keeping) if keeping is not None else None
                 with contextlib.nullcontext() if keep else offloaded.layer_input(x, i):
-                    x = checkpoint_layer(layer, x, cos, sin, seen, kv_cache, True)
+                    x = checkpoint_layer(layer, x, cos, sin, seen, kv_cache, True, kept=kept)
             else:
                 x = layer(x, cos, sin, seen, kv_cache)
         if offloaded is not None:
@@ -237,6 +273,13 @@ class Phi3ForCausalLM(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         return self.model.norm(x)
+
+    def kept_outputs(self, checkpointed: int, tokens: int, x: torch.Tensor) -> int | None:
+        """How many checkpointed layers keep their GEMM outputs in this pass (the last ones); None: the layers keep
+        nothing (no checkpointing, or an MLP cut into token tiles: their recompute is nested checkpoints)."""
+        if not checkpointed or tokens > MLP.tile_tokens:
+            return None
+        return self.recompute.output_layers(checkpointed, kept_output_bytes(self, tokens, x.dtype), x.device)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:

@@ -111,15 +111,18 @@ def lora_linear_reference(x, weight, lora_A, lora_B, scale, dropout_mask=None):
 
 
 def lora_linear(x, weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, training: bool = True,
-                *, backend=None, seed=None, output=True) -> torch.Tensor:
+                *, backend=None, seed=None, output=True, reuse=None, keep=None) -> torch.Tensor:
     """A LoRA layer with W frozen. seed: the kernels' dropout seed (None: drawn from torch's CPU generator, so
     checkpoint recompute replays it). output=False: the kernels skip x W^T and return uninitialized memory, saving
-    for the backward all the same (a recompute's, phi3/recompute.py); the torch path computes it anyway."""
+    for the backward all the same (a recompute's, phi3/recompute.py); the torch path computes it anyway.
+    reuse=(S, y or None): the kernels take those instead of computing them (a recompute's, from its layer's first
+    run); keep(S, y or None) receives what they made (kernels/lora_linear.py `made`). The torch path ignores both."""
     p = float(dropout_p) if training else 0.0
     if not _triton(backend, x):
         mask = None if p == 0 else F.dropout(torch.ones_like(x), p)
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, mask)
-    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed), output)
+    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed), output, reuse,
+                                    keep)
 
 
 def _kernel_seed(p, seed):
@@ -130,22 +133,24 @@ def _kernel_seed(p, seed):
 
 
 def qlora_linear(x, weight: NF4Weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, training: bool = True,
-                 *, backend=None, seed=None, output=True) -> torch.Tensor:
+                 *, backend=None, seed=None, output=True, reuse=None, keep=None) -> torch.Tensor:
     """lora_linear with W frozen in NF4. The spec: W = dequantize_reference(W4, x.dtype) (fp32 values rounded once
     to x's dtype), then lora_linear's; the kernels dequantize W inside their GEMM (kernels/qlora_linear.py)."""
     if not _triton(backend, x):
         return lora_linear(x, dequantize_reference(weight, x.dtype), lora_A, lora_B, scale, dropout_p, training,
                            backend="torch")
     p = float(dropout_p) if training else 0.0
-    return QLoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed), output)
+    return QLoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed), output, reuse,
+                                     keep)
 
 
 def fp8_lora_linear(x, weight: FP8Weight, lora_A, lora_B, scale: float, dropout_p: float = 0.0, training: bool = True,
-                    *, seed=None, output=True) -> torch.Tensor:
+                    *, seed=None, output=True, reuse=None, keep=None) -> torch.Tensor:
     """lora_linear with the frozen W's two GEMMs on FP8 operands (kernels/fp8_linear.py; train.py --fp8). Kernels
     only: its spec is tests/test_fp8_kernel.py's reference, and it needs a Hopper GPU (or the interpreter)."""
     p = float(dropout_p) if training else 0.0
-    return FP8LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed), output)
+    return FP8LoRALinearFunction.apply(x, weight, lora_A, lora_B, float(scale), p, _kernel_seed(p, seed), output,
+                                       reuse, keep)
 
 
 def nf4_linear(x, weight: NF4Weight, *, backend=None) -> torch.Tensor:

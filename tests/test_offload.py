@@ -47,7 +47,7 @@ def lora_model(device, dtype, layers=4, hidden=64, heads=4, dropout=0.1, window=
 def gradients(model, batches, offload):
     model.offload = offload
     if model.recompute is not None:  # offloading with checkpointing, as train.py sets it up on a GPU
-        model.recompute = Recompute(model.recompute.layers, offload=offload is not None)
+        model.recompute = dataclasses.replace(model.recompute, offload=offload is not None)
     model.zero_grad(set_to_none=True)
     for i, ids in enumerate(batches):
         torch.manual_seed(i)  # dropout masks: the same draws in both runs

@@ -1,10 +1,14 @@
-"""phi3/recompute.py: a checkpointed layer knows when it runs again, and the down projection's recompute skips x W^T.
+"""phi3/recompute.py: a checkpointed layer knows when it runs again, the down projection's recompute skips x W^T,
+and the recompute takes back what the first run kept (every LoRA layer's S, and in the layers given the memory the
+frozen GEMMs' outputs) instead of computing it again.
 
 The kernels' path (LoRA layers under TRITON_INTERPRET=1 on the CPU): a checkpointed model's LoRA gradients equal,
 bit for bit, those of the same model keeping its activations (the recompute replays the same kernels and the same
-dropout draws; the skipped product is never read), and each layer's recompute runs three of its four frozen GEMMs.
-The same on a 4-bit base and with --fp8's products.
+dropout draws; the skipped product is never read), whatever it keeps; each layer's recompute runs three of its four
+frozen GEMMs, none where it kept their outputs, and no S kernel. The same on a 4-bit base and with --fp8's products.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,7 +18,9 @@ from phi3.kernels import lora_linear as lora_kernels
 from phi3.kernels import qlora_linear as qlora_kernels
 from phi3.kernels.fp8 import FP8Weight
 from phi3.lora import use_fp8
-from phi3.recompute import checkpoint_layer, recomputing
+from phi3.model import Recompute, kept_output_bytes
+from phi3.offload import CheckpointOffload
+from phi3.recompute import Kept, checkpoint_layer, kept_slot, recomputing
 from test_offload import gradients, lora_model
 
 
@@ -44,18 +50,84 @@ interpreted = pytest.mark.skipif(not launch.INTERPRET, reason="the kernels on CP
                                  "GPU's run: tests/test_long_context.py, its gradients through the same recompute)")
 
 
+def test_kept_entries_go_back_in_order_once_and_a_nested_checkpoint_keeps_nothing():
+    first, second = object(), object()
+    kept = Kept(outputs=True)
+    s, y = torch.ones(2, 1), torch.ones(2, 3, requires_grad=True)
+    kept.keep(first, s, y)
+    kept.keep(second, s, None)
+    got = kept.take(first)
+    assert got[0] is s and torch.equal(got[1], y) and not got[1].requires_grad
+    with pytest.raises(RuntimeError, match="order"):
+        kept.take(first)  # the second entry is `second`'s
+    got = kept.take(second)
+    assert got[0] is s and got[1] is None
+    assert kept.take(first) is None  # taken once: a second recompute computes again
+    products_only = Kept(outputs=False)
+    products_only.keep(first, s, y)
+    assert products_only.take(first)[1] is None
+
+    slots = []
+    def inner(x):
+        slots.append(kept_slot())
+        return x.sin()
+    def outer(x):
+        slots.append(kept_slot())
+        return checkpoint_layer(inner, x.cos())
+    outer_kept = Kept(outputs=False)
+    checkpoint_layer(outer, torch.randn(3, requires_grad=True), kept=outer_kept).sum().backward()
+    assert slots[0] == (outer_kept, False) and slots[1] is None
+    assert slots[2] == (outer_kept, True) and all(slot is None for slot in slots[3:])
+
+
+def test_output_layers_take_half_the_free_memory(monkeypatch):
+    """The default: as many layers as half of the device's free memory (torch's cached blocks included) holds,
+    within torch's cap (a smaller card, emulated)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
+    gpu = torch.device("cuda", 0)
+    assert Recompute().output_layers(32, 2**30, gpu) == 6  # (10 + 2) / 2 GiB
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.1)
+    assert Recompute().output_layers(32, 2**30, gpu) == 2  # (8 - 3) / 2 GiB
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
+    assert Recompute().output_layers(4, 2**30, gpu) == 4
+    assert Recompute().output_layers(32, 13 * 2**30, gpu) == 0
+    assert Recompute(keep_outputs=3).output_layers(32, 2**30, gpu) == 3
+    assert Recompute(keep_outputs=40).output_layers(32, 2**30, gpu) == 32
+    assert Recompute().output_layers(32, 2**20, torch.device("cpu")) == 0
+    model = lora_model(torch.device("cpu"), torch.float32, layers=2, hidden=64)
+    config = model.config
+    assert kept_output_bytes(model, 10, torch.bfloat16) == 10 * 2 * (
+        sum(config.qkv_sizes) + config.hidden_size + 2 * config.intermediate_size)
+
+
+def _counting(monkeypatch, op_name):
+    """Run the LoRA layers' `op_name` op through the kernels; count the forward's GEMMs (sites) and S kernels."""
+    real_op, gemms, downs = getattr(phi3.lora_layers, op_name), [], []
+    monkeypatch.setattr(phi3.lora_layers, op_name, lambda *a, **k: real_op(*a, **k, backend="triton"))
+    real_down = lora_kernels._lora_down
+    for module in (lora_kernels, qlora_kernels):
+        monkeypatch.setattr(module, "_lora_down", lambda *a: downs.append(1) or real_down(*a))
+    return gemms, downs
+
+
 @interpreted
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_checkpointed_gradients_equal_and_down_skips_its_product(monkeypatch, dropout):
-    real_op, gemms = phi3.lora_layers.lora_linear, []
-    monkeypatch.setattr(phi3.lora_layers, "lora_linear", lambda *a, **k: real_op(*a, **k, backend="triton"))
+@pytest.mark.parametrize("dropout,keep_outputs", [(0.0, 0), (0.1, 0), (0.1, 1), (0.0, 2), (0.1, 2)])
+def test_checkpointed_gradients_equal_and_the_recompute_skips_what_it_can(monkeypatch, dropout, keep_outputs):
+    gemms, downs = _counting(monkeypatch, "lora_linear")
     real_gemm = lora_kernels._gemm
     monkeypatch.setattr(lora_kernels, "_gemm", lambda site, *a: gemms.append(site) or real_gemm(site, *a))
     model = lora_model(torch.device("cpu"), torch.float32, layers=2, hidden=64, dropout=dropout)
+    model.recompute = Recompute(keep_outputs=keep_outputs)
     batches = [torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(7))]
     checkpointed = gradients(model, batches, None)
-    assert gemms.count("fwd") == 2 * 4 + 2 * 3  # the forward's four products a layer, the recompute's three
+    # the forward's four products a layer, the recompute's three (down's output is never read) where the layer
+    # kept no outputs, none where it did
+    assert gemms.count("fwd") == 2 * 4 + (2 - keep_outputs) * 3
     assert gemms.count("dx") == 2 * 4 - 1  # no dx for the first qkv_proj: its input is a frozen embedding's
+    assert len(downs) == 2 * 4  # S: in the forward only, the recompute takes it back
     model.recompute = None
     assert checkpointed.keys() == (kept := gradients(model, batches, None)).keys()
     for name in kept:
@@ -63,16 +135,18 @@ def test_checkpointed_gradients_equal_and_down_skips_its_product(monkeypatch, dr
 
 
 @interpreted
-def test_on_a_4bit_base_too(monkeypatch):
-    """QLoRA's layers: the recompute skips down's NF4 GEMM, the gradients are those of keeping the activations."""
-    real_op, gemms = phi3.lora_layers.qlora_linear, []
-    monkeypatch.setattr(phi3.lora_layers, "qlora_linear", lambda *a, **k: real_op(*a, **k, backend="triton"))
+@pytest.mark.parametrize("keep_outputs", [0, 1])
+def test_on_a_4bit_base_too(monkeypatch, keep_outputs):
+    """QLoRA's layers: the recompute skips down's NF4 GEMM (and the kept ones), the gradients are those of keeping
+    the activations."""
+    gemms, downs = _counting(monkeypatch, "qlora_linear")
     real_gemm = qlora_kernels._gemm
     monkeypatch.setattr(qlora_kernels, "_gemm", lambda site, *a, **k: gemms.append(site) or real_gemm(site, *a, **k))
     model = lora_model(torch.device("cpu"), torch.float32, layers=2, hidden=64, dropout=0.1, four_bit=True)
+    model.recompute = Recompute(keep_outputs=keep_outputs)
     batches = [torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(7))]
     checkpointed = gradients(model, batches, None)
-    assert gemms.count("nf4.fwd") == 2 * 4 + 2 * 3
+    assert gemms.count("nf4.fwd") == 2 * 4 + (2 - keep_outputs) * 3 and len(downs) == 2 * 4
     model.recompute = None
     kept = gradients(model, batches, None)
     for name in kept:
@@ -80,17 +154,36 @@ def test_on_a_4bit_base_too(monkeypatch):
 
 
 @interpreted
-def test_with_fp8_products_too(monkeypatch):
-    """--fp8's layers: the recompute skips down's FP8 GEMM, the gradients are those of keeping the activations."""
+@pytest.mark.parametrize("keep_outputs", [0, 2])
+def test_with_fp8_products_too(monkeypatch, keep_outputs):
+    """--fp8's layers: the recompute skips down's FP8 GEMM (and the kept ones), the gradients are those of keeping
+    the activations."""
     gemms, real_gemm = [], qlora_kernels.FROZEN_GEMMS[FP8Weight]
     monkeypatch.setitem(qlora_kernels.FROZEN_GEMMS, FP8Weight, lambda site, *a, **k: gemms.append(site) or
                         real_gemm(site, *a, **k))
     model = lora_model(torch.device("cpu"), torch.float32, layers=2, hidden=64, dropout=0.1)
     assert use_fp8(model) == 2 * 4
+    model.recompute = Recompute(keep_outputs=keep_outputs)
     batches = [torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(7))]
     checkpointed = gradients(model, batches, None)
-    assert gemms.count("fwd") == 2 * 4 + 2 * 3 and gemms.count("dx") == 2 * 4 - 1
+    assert gemms.count("fwd") == 2 * 4 + (2 - keep_outputs) * 3 and gemms.count("dx") == 2 * 4 - 1
     model.recompute = None
     kept = gradients(model, batches, None)
     for name in kept:
         assert torch.equal(checkpointed[name], kept[name]), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_kept_outputs_change_no_bit_at_real_widths():
+    """bf16, Phi-3-mini's widths, 4 x 2048 tokens, dropout, offloading: the LoRA gradients of a model whose
+    layers keep everything for the recompute equal, bit for bit, those of one that keeps nothing."""
+    device = torch.device("cuda")
+    model = lora_model(device, torch.bfloat16, layers=2, hidden=3072, heads=32, dropout=0.05, window=2047)
+    batches = [torch.randint(0, 512, (4, 2048), generator=torch.Generator().manual_seed(7)).to(device)]
+    results = {}
+    for keep in (0, 2):
+        model.recompute = Recompute(keep_outputs=keep)
+        results[keep] = gradients(model, batches, CheckpointOffload(device))
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[2][name]), name
