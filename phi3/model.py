@@ -23,7 +23,7 @@ from phi3.attention import Visibility, attend
 from phi3.config import Phi3Config
 from phi3.offload import CheckpointOffload
 from phi3.ops import rms_norm, rope_qk, swiglu
-from phi3.recompute import Kept, checkpoint_layer, recomputing
+from phi3.recompute import Kept, KeptOutputBudget, checkpoint_layer, recomputing
 
 
 class RMSNorm(nn.Module):
@@ -194,30 +194,12 @@ class Recompute:
 
     keep_outputs: how many checkpointed layers also keep their frozen GEMMs' outputs for the recompute (qkv, o and
     gate_up: 0.38 GiB a layer at batch 4 x 2048 on Phi-4-mini, less than half of what a layer without checkpointing
-    keeps, for most of what skipping its recompute buys: phi3/recompute.py). None: as many as fit in half of the
-    device memory free when the forward pass starts, so that a larger batch keeps fewer and never runs out of memory
-    for them. Every checkpointed layer keeps its small low-rank products S either way. Results are the same bits
-    whatever is kept."""
+    keeps, for most of what skipping its recompute buys: phi3/recompute.py). None: as many as the GPU's spare memory
+    holds, pass by pass (phi3/recompute.py KeptOutputBudget). Every checkpointed layer keeps its small low-rank
+    products S either way. Results are the same bits whatever is kept."""
     layers: int | None = None
     offload: bool = False
     keep_outputs: int | None = None
-
-    def output_layers(self, checkpointed: int, layer_bytes: int, device: torch.device) -> int:
-        """How many of the `checkpointed` layers keep their outputs (`layer_bytes` each) in this forward pass."""
-        if self.keep_outputs is not None:
-            return min(checkpointed, self.keep_outputs)
-        if device.type != "cuda" or layer_bytes == 0:
-            return 0  # (on the CPU the recompute is not where a step's time goes)
-        return min(checkpointed, device_memory_available(device) // 2 // layer_bytes)
-
-
-def device_memory_available(device: torch.device) -> int:
-    """Bytes torch can still allocate on a GPU: the device's free memory and torch's own cached blocks, within
-    torch's cap (set_per_process_memory_fraction: a smaller card, emulated)."""
-    free, total = torch.cuda.mem_get_info(device)
-    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
-    cap = int(total * torch.cuda.get_per_process_memory_fraction(device))
-    return max(0, min(free + reserved, cap) - allocated)
 
 
 def kept_output_bytes(model: nn.Module, tokens: int, dtype: torch.dtype) -> int:
@@ -238,6 +220,7 @@ class Phi3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
         self.offload: CheckpointOffload | None = None  # made at the first pass that offloads (it needs the device)
+        self.kept_budget = KeptOutputBudget()
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       document_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -279,7 +262,9 @@ class Phi3ForCausalLM(nn.Module):
         nothing (no checkpointing, or an MLP cut into token tiles: their recompute is nested checkpoints)."""
         if not checkpointed or tokens > MLP.tile_tokens:
             return None
-        return self.recompute.output_layers(checkpointed, kept_output_bytes(self, tokens, x.dtype), x.device)
+        if self.recompute.keep_outputs is not None:
+            return min(checkpointed, self.recompute.keep_outputs)
+        return self.kept_budget.layers(checkpointed, kept_output_bytes(self, tokens, x.dtype), tokens, x.device)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:

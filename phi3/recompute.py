@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextvars
 
+import torch
 from torch.utils.checkpoint import checkpoint
 
 # a context variable, not a global: the backward pass (and with it the recompute) runs on autograd's own threads
@@ -80,3 +81,45 @@ def checkpoint_layer(function, *args, kept: Kept | None = None):
             _recomputing.reset(token)
 
     return checkpoint(run, *args, use_reentrant=False)
+
+
+class KeptOutputBudget:
+    """How many checkpointed layers keep their GEMM outputs in each forward pass (Recompute.keep_outputs = None): as
+    many as fit in the memory torch can still take beside what the pass needs anyway, less a margin against the
+    allocator's fragmentation.
+
+    What a pass needs beyond the memory held at its start (its working set: the loss, a layer's backward) is measured,
+    not guessed: the first pass keeps no outputs, and at the start of each pass the peak so far, less the memory held
+    now and less what the last pass kept, bounds the last pass's working set from above (a peak from before, or one
+    that torch's reset_peak_memory_stats lowered, only makes the bound larger or leaves the earlier one). Per token, the
+    largest bound seen scales to this pass's tokens. So a card that only just fits a step keeps nothing, and a larger
+    batch keeps fewer layers. On the CPU nothing is kept (the recompute is not where a CPU step's time goes)."""
+
+    def __init__(self):
+        self.working_per_token = None  # bytes, the largest bound measured
+        self.last = None  # (bytes kept, tokens) of the last pass
+
+    def layers(self, checkpointed: int, layer_bytes: int, tokens: int, device: torch.device) -> int:
+        if device.type != "cuda" or layer_bytes == 0:
+            return 0
+        peak, held = torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
+        if self.last is not None:
+            kept, last_tokens = self.last
+            bound = max(0, peak - held - kept) / last_tokens
+            self.working_per_token = max(self.working_per_token or 0.0, bound)
+        keeping = 0
+        if self.working_per_token is not None:
+            _, total = torch.cuda.mem_get_info(device)
+            spare = available_bytes(device) - self.working_per_token * tokens - total // 16
+            keeping = max(0, min(checkpointed, int(spare // layer_bytes)))
+        self.last = keeping * layer_bytes, tokens
+        return keeping
+
+
+def available_bytes(device: torch.device) -> int:
+    """Bytes torch can still allocate on a GPU: the device's free memory and torch's own cached blocks, within
+    torch's cap (set_per_process_memory_fraction: a smaller card, emulated)."""
+    free, total = torch.cuda.mem_get_info(device)
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    cap = int(total * torch.cuda.get_per_process_memory_fraction(device))
+    return max(0, min(free + reserved, cap) - allocated)

@@ -68,7 +68,7 @@ class TrainConfig:
     keep_outputs: int | None = field(default=None, metadata={
         "help": "with gradient checkpointing, N checkpointed layers keep their frozen GEMMs' outputs for the "
                 "recompute, which then runs no GEMM (0.38 GiB per layer on Phi-4-mini at 8k tokens per micro-batch); "
-                "default: as many as half of the GPU memory free at each forward pass holds"})
+                "default: as many as fit beside what a step needs (measured in the first, which keeps none)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0

@@ -20,7 +20,7 @@ from phi3.kernels.fp8 import FP8Weight
 from phi3.lora import use_fp8
 from phi3.model import Recompute, kept_output_bytes
 from phi3.offload import CheckpointOffload
-from phi3.recompute import Kept, checkpoint_layer, kept_slot, recomputing
+from phi3.recompute import Kept, KeptOutputBudget, checkpoint_layer, kept_slot, recomputing
 from test_offload import gradients, lora_model
 
 
@@ -80,23 +80,40 @@ def test_kept_entries_go_back_in_order_once_and_a_nested_checkpoint_keeps_nothin
     assert slots[2] == (outer_kept, True) and all(slot is None for slot in slots[3:])
 
 
-def test_output_layers_take_half_the_free_memory(monkeypatch):
-    """The default: as many layers as half of the device's free memory (torch's cached blocks included) holds,
-    within torch's cap (a smaller card, emulated)."""
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5 * 2**30)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 3 * 2**30)
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
-    gpu = torch.device("cuda", 0)
-    assert Recompute().output_layers(32, 2**30, gpu) == 6  # (10 + 2) / 2 GiB
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.1)
-    assert Recompute().output_layers(32, 2**30, gpu) == 2  # (8 - 3) / 2 GiB
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
-    assert Recompute().output_layers(4, 2**30, gpu) == 4
-    assert Recompute().output_layers(32, 13 * 2**30, gpu) == 0
-    assert Recompute(keep_outputs=3).output_layers(32, 2**30, gpu) == 3
-    assert Recompute(keep_outputs=40).output_layers(32, 2**30, gpu) == 32
-    assert Recompute().output_layers(32, 2**20, torch.device("cpu")) == 0
+class FakeGPU:
+    """torch.cuda's memory figures as the budget reads them, in GiB."""
+
+    def __init__(self, monkeypatch, total, held, peak, fraction=1.0):
+        self.total, self.held, self.peak, self.fraction = total, held, peak, fraction
+        GiB = 2**30
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: ((self.total - self.held) * GiB, self.total * GiB))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: self.held * GiB)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: self.held * GiB)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: self.peak * GiB)
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: self.fraction)
+
+
+def test_the_output_budget_measures_a_pass_first_then_keeps_what_spare_memory_holds(monkeypatch):
+    gpu, GiB, cuda = FakeGPU(monkeypatch, total=80, held=10, peak=12), 2**30, torch.device("cuda", 0)
+    budget = KeptOutputBudget()
+    assert budget.layers(32, GiB, 8192, cuda) == 0  # the first pass keeps nothing: it measures
+    gpu.peak = 13  # that pass needed 3 GiB beyond what was held at its start
+    # spare: 70 GiB free, less 3 for the pass, less 80/16 for fragmentation = 62 GiB
+    assert budget.layers(32, GiB, 8192, cuda) == 32 and budget.layers(80, GiB, 8192, cuda) == 62
+    gpu.peak = 10  # peak statistics reset: the earlier bound stands
+    assert budget.layers(80, GiB, 8192, cuda) == 62
+    assert budget.layers(80, GiB, 16384, cuda) == 59  # twice the tokens: twice the working set
+    gpu.fraction = 0.5  # a 40 GiB card, emulated: 30 GiB torch may take, less 3, less 5
+    assert budget.layers(80, GiB, 8192, cuda) == 22
+    small = KeptOutputBudget()  # a 16 GiB card that only just fits the step: nothing kept
+    FakeGPU(monkeypatch, total=16, held=10, peak=10)
+    assert small.layers(32, GiB, 8192, cuda) == 0
+    FakeGPU(monkeypatch, total=16, held=10, peak=15)  # the pass took 5 of the 6 GiB free
+    assert small.layers(32, GiB // 4, 8192, cuda) == 0
+    assert KeptOutputBudget().layers(32, GiB, 8192, torch.device("cpu")) == 0
+
+
+def test_kept_output_bytes_are_the_three_outputs_the_recompute_would_compute():
     model = lora_model(torch.device("cpu"), torch.float32, layers=2, hidden=64)
     config = model.config
     assert kept_output_bytes(model, 10, torch.bfloat16) == 10 * 2 * (
