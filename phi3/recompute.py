@@ -85,8 +85,8 @@ def checkpoint_layer(function, *args, kept: Kept | None = None):
 
 class KeptOutputBudget:
     """How many checkpointed layers keep their GEMM outputs in each forward pass (Recompute.keep_outputs = None): as
-    many as fit in the memory torch can still take beside what the pass needs anyway, less a margin against the
-    allocator's fragmentation.
+    many as fit in the memory torch can still take beside what the pass needs anyway, less 1/16 of what it may hold
+    (a margin against the allocator's fragmentation).
 
     What a pass needs beyond the memory held at its start (its working set: the loss, a layer's backward) is measured,
     not guessed: the first pass keeps no outputs, and at the start of each pass the peak so far, less the memory held
@@ -109,17 +109,17 @@ class KeptOutputBudget:
             self.working_per_token = max(self.working_per_token or 0.0, bound)
         keeping = 0
         if self.working_per_token is not None:
-            _, total = torch.cuda.mem_get_info(device)
-            spare = available_bytes(device) - self.working_per_token * tokens - total // 16
+            available, capacity = available_bytes(device)
+            spare = available - self.working_per_token * tokens - capacity // 16
             keeping = max(0, min(checkpointed, int(spare // layer_bytes)))
         self.last = keeping * layer_bytes, tokens
         return keeping
 
 
-def available_bytes(device: torch.device) -> int:
-    """Bytes torch can still allocate on a GPU: the device's free memory and torch's own cached blocks, within
-    torch's cap (set_per_process_memory_fraction: a smaller card, emulated)."""
+def available_bytes(device: torch.device) -> tuple[int, int]:
+    """(bytes torch can still allocate on a GPU, the most it may hold): the device's free memory and torch's own
+    cached blocks, within torch's cap (set_per_process_memory_fraction: a smaller card, emulated)."""
     free, total = torch.cuda.mem_get_info(device)
     reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
     cap = int(total * torch.cuda.get_per_process_memory_fraction(device))
-    return max(0, min(free + reserved, cap) - allocated)
+    return max(0, min(free + reserved, cap) - allocated), cap

@@ -103,8 +103,8 @@ def test_the_output_budget_measures_a_pass_first_then_keeps_what_spare_memory_ho
     gpu.peak = 10  # peak statistics reset: the earlier bound stands
     assert budget.layers(80, GiB, 8192, cuda) == 62
     assert budget.layers(80, GiB, 16384, cuda) == 59  # twice the tokens: twice the working set
-    gpu.fraction = 0.5  # a 40 GiB card, emulated: 30 GiB torch may take, less 3, less 5
-    assert budget.layers(80, GiB, 8192, cuda) == 22
+    gpu.fraction = 0.5  # a 40 GiB card, emulated: 30 GiB torch may take, less 3, less 40/16
+    assert budget.layers(80, GiB, 8192, cuda) == 24
     small = KeptOutputBudget()  # a 16 GiB card that only just fits the step: nothing kept
     FakeGPU(monkeypatch, total=16, held=10, peak=10)
     assert small.layers(32, GiB, 8192, cuda) == 0
