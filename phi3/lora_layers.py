@@ -145,9 +145,14 @@ class LoRALinear(nn.Module):
 
     @property
     def keeps(self) -> bool:
-        """Whether a checkpointed layer's first run keeps this layer's S and output for the recompute (DoRA's
-        norm-scaled kernels do not take them)."""
+        """Whether a checkpointed layer's first run keeps this layer's S for the recompute (DoRA's norm-scaled kernels
+        do not take it)."""
         return self.lora_magnitude is None and not self.merged
+
+    @property
+    def keeps_output(self) -> bool:
+        """Whether it may keep its output too: not on a 4-bit base, whose user chose the least memory over speed."""
+        return self.keeps and self.base4 is None
 
     def _kept_args(self, keep_output: bool) -> dict:
         """In a checkpointed layer that keeps (phi3/recompute.py Kept): the first run's keep, the recompute's reuse."""
@@ -157,7 +162,7 @@ class LoRALinear(nn.Module):
         kept, recompute = slot
         if recompute:
             return {"reuse": kept.take(self)}
-        return {"keep": lambda s, y: kept.keep(self, s, y if keep_output else None)}
+        return {"keep": lambda s, y: kept.keep(self, s, y if keep_output and self.keeps_output else None)}
 
     def backward_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) for its backward only: what the layer saves is computed and saved as forward(x) would, but the
