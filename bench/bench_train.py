@@ -142,7 +142,19 @@ def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool, 
     step_s = sorted(times[2:])[len(times[2:]) // 2]
     return {"system": system, "tokens_per_s": batch * seq / step_s, "step_s": step_s,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss),
-            "trainable": sum(p.numel() for p in trainable)}
+            "trainable": sum(p.numel() for p in trainable), "kept_layers": kept_layers(model)}
+
+
+def kept_layers(model) -> int | None:
+    """How many layers kept their GEMM outputs for the recompute in ours' last pass (phi3/recompute.py)."""
+    from phi3.model import kept_output_bytes
+    budget, recompute = getattr(model, "kept_budget", None), getattr(model, "recompute", None)
+    if budget is None or recompute is None:
+        return None
+    if recompute.keep_outputs is not None:
+        return recompute.keep_outputs
+    kept, tokens = budget.last or (0, 1)
+    return kept // max(1, kept_output_bytes(model, tokens, torch.bfloat16))
 
 
 def main() -> None:
@@ -199,10 +211,12 @@ def main() -> None:
     print(f"{'tokens/s':16}{ours['tokens_per_s']:12,.0f}{ref['tokens_per_s']:20,.0f}{ours['tokens_per_s'] / ref['tokens_per_s']:10.2f}")
     print(f"{'peak GiB':16}{ours['peak_gib']:12.2f}{ref['peak_gib']:20.2f}{ours['peak_gib'] / ref['peak_gib']:10.2f}")
     print(f"{'trainable':16}{ours['trainable']:12,}{ref['trainable']:20,}")
+    print(f"ours kept the GEMM outputs of {ours['kept_layers']} layers for the recompute (phi3/recompute.py)")
     if capped:
         print(f"ours on a card of {args.cap:g}x the reference's peak ({cap_gib:.2f} GiB, emulated): "
               f"{capped['tokens_per_s']:,.0f} tokens/s ({capped['tokens_per_s'] / ref['tokens_per_s']:.2f}x ref), "
-              f"peak {capped['peak_gib']:.2f} GiB ({capped['peak_gib'] / ref['peak_gib']:.2f}x ref)")
+              f"peak {capped['peak_gib']:.2f} GiB ({capped['peak_gib'] / ref['peak_gib']:.2f}x ref), "
+              f"outputs of {capped['kept_layers']} layers kept")
     elif args.cap:
         print(f"ours on a card of {args.cap:g}x the reference's peak ({cap_gib:.2f} GiB, emulated): failed (above)")
     for name in (s for s in systems if s.startswith("ours-checkpoint-")):
