@@ -67,7 +67,8 @@ def recompute_of(cfg: TrainConfig) -> Recompute | None:
     """The model's gradient checkpointing, from the flags (resolved: see Run.start)."""
     if not cfg.gradient_checkpointing:
         return None
-    return Recompute(layers=cfg.checkpoint_layers, offload=cfg.offload_checkpoints, keep_outputs=cfg.keep_outputs)
+    keep = None if cfg.keep_outputs == "auto" else int(cfg.keep_outputs)
+    return Recompute(layers=cfg.checkpoint_layers, offload=cfg.offload_checkpoints, keep_outputs=keep)
 
 
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, token_ids=()) -> Phi3ForCausalLM:

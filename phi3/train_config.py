@@ -65,10 +65,10 @@ class TrainConfig:
     checkpoint_layers: int | None = field(default=None, metadata={
         "help": "with gradient checkpointing, checkpoint only the first N layers: the others keep their activations "
                 "(faster; 0.85 GiB more per layer on Phi-3-mini at 8k tokens per micro-batch); default: all"})
-    keep_outputs: int | None = field(default=None, metadata={
+    keep_outputs: str = field(default="auto", metadata={
         "help": "with gradient checkpointing, N checkpointed layers keep their frozen GEMMs' outputs for the "
                 "recompute, which then runs no GEMM (0.38 GiB per layer on Phi-4-mini at 8k tokens per micro-batch); "
-                "default: as many as fit beside what a step needs (measured in the first, which keeps none)"})
+                "auto: as many as fit beside what a step needs (measured in the first, which keeps none)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0
@@ -227,8 +227,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         problems.append("--eval-fraction must be in [0, 1)")
     if cfg.checkpoint_layers is not None and cfg.checkpoint_layers < 0:
         problems.append("--checkpoint-layers must be >= 0 (0: checkpoint none, like --no-gradient-checkpointing)")
-    if cfg.keep_outputs is not None and cfg.keep_outputs < 0:
-        problems.append("--keep-outputs must be >= 0 (0: every recompute runs its GEMMs again)")
+    if cfg.keep_outputs != "auto" and not (cfg.keep_outputs.isdigit() and cfg.keep_outputs.isascii()):
+        problems.append("--keep-outputs must be auto or a number of layers >= 0 (0: every recompute runs its GEMMs "
+                        "again)")
     try:
         targets = parse_targets(cfg.targets)
     except ValueError as e:

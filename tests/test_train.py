@@ -1,5 +1,6 @@
 """train.py on tiny models (CPU): learning, resume, atomic checkpoints, bad input, loss accounting, peft export."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -326,10 +327,18 @@ def test_torchrun_two_processes_train_like_one_with_double_accumulation(base, sm
     (["--rank", "0"], "--rank must be > 0"),
     (["--targets", "attn"], "unknown LoRA target 'attn'"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--keep-outputs", "-1"], "--keep-outputs must be auto or a number of layers >= 0"),
+    (["--keep-outputs", "all"], "--keep-outputs must be auto or a number of layers >= 0"),
 ])
 def test_impossible_flags_exit_2_before_loading(small_chat, tmp_path, capsys, flags, message):
     assert run("--data", small_chat, "--out", tmp_path / "o", *flags) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_keep_outputs_reaches_the_models_recompute():
+    cfg = train.TrainConfig(gradient_checkpointing=True, offload_checkpoints=False)
+    assert train.recompute_of(cfg).keep_outputs is None  # auto: the measured budget (phi3/recompute.py)
+    assert train.recompute_of(dataclasses.replace(cfg, keep_outputs="3")).keep_outputs == 3
 
 
 def test_full_training_from_random_init_saves_a_hugging_face_checkpoint(base, small_chat, tmp_path):
