@@ -513,8 +513,9 @@ def main(argv=None) -> int:
     except OSError as e:  # unreadable inputs, unwritable outputs, a full disk: the failed write left nothing behind
         message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
     except torch.OutOfMemoryError:
-        message = ("out of GPU memory; lower --batch-size or --max-seq-len, or turn on --gradient-checkpointing "
-                   "(the last complete checkpoint, if any, can be resumed with --resume)")
+        message = ("out of GPU memory; lower --batch-size or --max-seq-len, turn on --gradient-checkpointing, or "
+                   "keep nothing for its recompute with --keep-outputs 0 (the last complete checkpoint, if any, can be "
+                   "resumed with --resume)")
     except KeyboardInterrupt:  # before training started (loading, tuning): no run folder was written yet
         emit("\ninterrupted")
         return 130

@@ -11,7 +11,8 @@ A layer's first run can also leave its LoRA layers' results for the recompute (`
 (M x r: a few MB a layer, and its pass over x, with the dropout mask's random numbers, is the recompute's costliest
 skinny kernel), and where the layer is given the memory, every frozen GEMM's output y too (as large as the
 activations of qkv, o and gate_up: the recompute then runs no GEMM, only norms, RoPE and SwiGLU again). The
-recompute takes them back in call order; what it takes is bit for bit what it would have computed.
+recompute takes them back in call order; what it takes is bit for bit what it would have computed. On an H100 at
+Phi-4-mini's shapes, batch 4 x 2048, all 32 layers keeping: 1.205x the step for 0.375 GiB a layer (bench/README.md).
 
     x = checkpoint_layer(layer, x, cos, sin, ..., kept=Kept(outputs=True))   # in the layer:  if recomputing(): ...
 """

@@ -195,14 +195,20 @@ def test_with_fp8_products_too(monkeypatch, keep_outputs):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_kept_outputs_change_no_bit_at_real_widths():
-    """bf16, Phi-3-mini's widths, 4 x 2048 tokens, dropout, offloading: the LoRA gradients of a model whose
-    layers keep everything for the recompute equal, bit for bit, those of one that keeps nothing."""
+    """bf16, Phi-3-mini's widths, 4 x 2048 tokens, dropout, offloading: wherever two runs that keep nothing give the
+    same bits, a run whose layers keep everything for the recompute gives them too. (Flash attention's backward sums
+    dq with atomics, so gradients that pass through it differ between any two runs; the last layer's o, gate_up and
+    down gradients do not, and must be among the equal ones.)"""
     device = torch.device("cuda")
     model = lora_model(device, torch.bfloat16, layers=2, hidden=3072, heads=32, dropout=0.05, window=2047)
     batches = [torch.randint(0, 512, (4, 2048), generator=torch.Generator().manual_seed(7)).to(device)]
-    results = {}
-    for keep in (0, 2):
+    runs = []
+    for keep in (0, 0, 2):
         model.recompute = Recompute(keep_outputs=keep)
-        results[keep] = gradients(model, batches, CheckpointOffload(device))
-    for name in results[0]:
-        assert torch.equal(results[0][name], results[2][name]), name
+        runs.append(gradients(model, batches, CheckpointOffload(device)))
+    reproducible = [name for name in runs[0] if torch.equal(runs[0][name], runs[1][name])]
+    last = [f"model.layers.1.{m}.lora_{ab}" for m in ("self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+            for ab in "AB"]
+    assert set(last) <= set(reproducible), reproducible
+    for name in reproducible:
+        assert torch.equal(runs[0][name], runs[2][name]), name
