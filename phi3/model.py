@@ -24,6 +24,7 @@ from phi3.config import Phi3Config
 from phi3.offload import CheckpointOffload
 from phi3.ops import rms_norm, rope_qk, swiglu
 from phi3.recompute import Kept, KeptOutputBudget, checkpoint_layer, recomputing
+from phi3.tiles import in_tiles, token_tiles
 
 
 class RMSNorm(nn.Module):
@@ -129,15 +130,10 @@ class Attention(nn.Module):
         return self.o_proj(attend(q, k, v, seen, self.layer_idx))
 
 
-def token_tiles(tokens: int, tile: int) -> list[int]:
-    """The sizes of the tiles `tokens` tokens are cut into: whole tiles, then the rest (one tile if they fit)."""
-    return [min(tile, tokens - start) for start in range(0, tokens, tile)]
-
-
 class MLP(nn.Module):
     # Calls with more tokens than this run in token tiles, so that only one tile's (tokens, 2 x intermediate)
-    # activations exist at a time: at 131,072 tokens gate_up's output alone is 4 GiB on Phi-3-mini. With gradient
-    # checkpointing each tile is checkpointed again (its forward runs once more in the backward pass); without it
+    # activations exist at a time: at 131,072 tokens gate_up's output alone is 4 GiB on Phi-3-mini. In a checkpointed
+    # layer the tiles are recomputed one at a time in the backward pass (phi3/tiles.py); without checkpointing
     # nothing is tiled under autograd (the activations are kept anyway). At or below this size nothing changes.
     tile_tokens = 16384
 
@@ -158,10 +154,14 @@ class MLP(nn.Module):
         tokens = x.shape[:-1].numel()
         if tokens <= self.tile_tokens or (torch.is_grad_enabled() and not recompute_tiles):
             return self.untiled(x)
-        def run(tile):
-            return checkpoint_layer(self.untiled, tile) if torch.is_grad_enabled() else self.untiled(tile)
-        tiles = x.reshape(tokens, x.shape[-1]).split(token_tiles(tokens, self.tile_tokens))
-        return torch.cat([run(tile) for tile in tiles]).view(*x.shape[:-1], -1)
+        flat = x.reshape(tokens, x.shape[-1])
+        sizes = token_tiles(tokens, self.tile_tokens)
+        if torch.is_grad_enabled():
+            trainable = [p for p in self.parameters() if p.requires_grad]
+            out = in_tiles(self.untiled, flat, sizes, self.down_proj.out_features, trainable)
+        else:
+            out = torch.cat([self.untiled(tile) for tile in flat.split(sizes)])
+        return out.view(*x.shape[:-1], -1)
 
 
 class DecoderLayer(nn.Module):
@@ -260,7 +260,8 @@ class Phi3ForCausalLM(nn.Module):
 
     def kept_outputs(self, checkpointed: int, tokens: int, x: torch.Tensor) -> int | None:
         """How many checkpointed layers keep their GEMM outputs in this pass (the last ones); None: the layers keep
-        nothing (no checkpointing, or an MLP cut into token tiles: their recompute is nested checkpoints)."""
+        nothing (no checkpointing, or an MLP cut into token tiles: at that length attention's time dwarfs what
+        keeping would save, and the tiles keep nothing, phi3/tiles.py)."""
         if not checkpointed or tokens > MLP.tile_tokens:
             return None
         if self.recompute.keep_outputs is not None:

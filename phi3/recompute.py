@@ -18,6 +18,7 @@ Phi-4-mini's shapes, batch 4 x 2048, all 32 layers keeping: 1.205x the step for 
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 
 import torch
@@ -62,6 +63,18 @@ class Kept:
 def kept_slot():
     """(the current layer's Kept, whether this run is its recompute), or None outside a layer that keeps."""
     return _kept.get()
+
+
+@contextlib.contextmanager
+def inner_run(recompute: bool):
+    """For code that a checkpointed layer's own autograd node runs rather than the layer (phi3/tiles.py): it keeps
+    nothing for the layer's recompute and takes nothing from it, and recomputing() says `recompute`."""
+    token, slot = _recomputing.set(recompute), _kept.set(None)
+    try:
+        yield
+    finally:
+        _kept.reset(slot)
+        _recomputing.reset(token)
 
 
 def checkpoint_layer(function, *args, kept: Kept | None = None):
