@@ -100,7 +100,9 @@ def checkpoint_layer(function, *args, kept: Kept | None = None):
 class KeptOutputBudget:
     """How many checkpointed layers keep their GEMM outputs in each forward pass (Recompute.keep_outputs = None): as
     many as fit in the memory torch can still take beside what the pass needs anyway, less 1/16 of what it may hold
-    (a margin against the allocator's fragmentation).
+    (a margin against the allocator's fragmentation), and no more than the pass needs anyway (what is held at its
+    start and its working set): keeping at most doubles a step's footprint, and a large card's rest stays free for
+    whatever else runs on it (an evaluation, a second run).
 
     What a pass needs beyond the memory held at its start (its working set: the loss, a layer's backward) is measured,
     not guessed: the first pass keeps no outputs, and at the start of each pass the peak so far, less the memory held
@@ -124,7 +126,8 @@ class KeptOutputBudget:
         keeping = 0
         if self.working_per_token is not None:
             available, capacity = available_bytes(device)
-            spare = available - self.working_per_token * tokens - capacity // 16
+            working = self.working_per_token * tokens
+            spare = min(available - working - capacity // 16, held + working)
             keeping = max(0, min(checkpointed, int(spare // layer_bytes)))
         self.last = keeping * layer_bytes, tokens
         return keeping

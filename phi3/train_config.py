@@ -68,7 +68,8 @@ class TrainConfig:
     keep_outputs: str = field(default="auto", metadata={
         "help": "with gradient checkpointing, N checkpointed layers keep their frozen GEMMs' outputs for the "
                 "recompute, which then runs no GEMM (0.38 GiB per layer on Phi-4-mini at 8k tokens per micro-batch); "
-                "auto: as many as fit beside what a step needs (measured in the first, which keeps none)"})
+                "auto: as many as fit beside what a step needs (measured in the first, which keeps none), at most as much "
+                "as the step needs without them"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "fp32"]})
     seed: int = 0

@@ -94,17 +94,22 @@ class FakeGPU:
 
 
 def test_the_output_budget_measures_a_pass_first_then_keeps_what_spare_memory_holds(monkeypatch):
-    gpu, GiB, cuda = FakeGPU(monkeypatch, total=80, held=10, peak=12), 2**30, torch.device("cuda", 0)
+    gpu, GiB, cuda = FakeGPU(monkeypatch, total=80, held=40, peak=42), 2**30, torch.device("cuda", 0)
     budget = KeptOutputBudget()
-    assert budget.layers(32, GiB, 8192, cuda) == 0  # the first pass keeps nothing: it measures
-    gpu.peak = 13  # that pass needed 3 GiB beyond what was held at its start
-    # spare: 70 GiB free, less 3 for the pass, less 80/16 for fragmentation = 62 GiB
-    assert budget.layers(32, GiB, 8192, cuda) == 32 and budget.layers(80, GiB, 8192, cuda) == 62
-    gpu.peak = 10  # peak statistics reset: the earlier bound stands
-    assert budget.layers(80, GiB, 8192, cuda) == 62
-    assert budget.layers(80, GiB, 16384, cuda) == 59  # twice the tokens: twice the working set
-    gpu.fraction = 0.5  # a 40 GiB card, emulated: 30 GiB torch may take, less 3, less 40/16
-    assert budget.layers(80, GiB, 8192, cuda) == 24
+    assert budget.layers(64, GiB, 8192, cuda) == 0  # the first pass keeps nothing: it measures
+    gpu.peak = 43  # that pass needed 3 GiB beyond what was held at its start
+    # spare: 40 GiB free, less 3 for the pass, less 80/16 for fragmentation = 32 GiB
+    assert budget.layers(16, GiB, 8192, cuda) == 16 and budget.layers(64, GiB, 8192, cuda) == 32
+    gpu.peak = 40  # peak statistics reset: the earlier bound stands
+    assert budget.layers(64, GiB, 8192, cuda) == 32
+    assert budget.layers(64, GiB, 16384, cuda) == 29  # twice the tokens: twice the working set
+    gpu.fraction = 0.75  # a 60 GiB card, emulated: 20 GiB torch may take, less 3, less 60/16
+    assert budget.layers(64, GiB, 8192, cuda) == 13
+    small_model = KeptOutputBudget()  # 10 GiB held, 3 more in a pass: at most 13 GiB kept, whatever is free
+    gpu = FakeGPU(monkeypatch, total=80, held=10, peak=10)
+    assert small_model.layers(64, GiB, 8192, cuda) == 0
+    gpu.peak = 13
+    assert small_model.layers(64, GiB, 8192, cuda) == 13 and small_model.layers(64, GiB // 2, 16384, cuda) == 32
     small = KeptOutputBudget()  # a 16 GiB card that only just fits the step: nothing kept
     FakeGPU(monkeypatch, total=16, held=10, peak=10)
     assert small.layers(32, GiB, 8192, cuda) == 0
