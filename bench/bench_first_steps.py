@@ -1,6 +1,7 @@
 """Launch to the end of step 10, cold and warm, and train.py's own tokens/s: this project vs transformers + peft.
 
     python3 bench/bench_first_steps.py --ckpt /tmp/phi3-mini-random   # writes a random Phi-3-mini checkpoint if missing
+    python3 bench/bench_first_steps.py --config phi4-mini-instruct   # its shapes and tokenizer, /tmp/phi4-mini-instruct-random
     python3 bench/bench_first_steps.py --ckpt /tmp/tiny --tiny --device cpu --steps 3   # smoke run on a CPU
 
 Issue 12, items 6 and 7. Each run is a fresh process, timed from its launch to the end of its 10th optimizer step,
@@ -32,7 +33,9 @@ from systems import ours_config, peft_lora, random_checkpoint  # bench/ itself: 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = REPO / "examples" / "chat.jsonl"
-CONFIG = REPO / "assets" / "configs" / "phi3-mini-4k-instruct" / "config.json"
+CONFIGS = REPO / "assets" / "configs"
+TOKENIZERS = {"phi4-mini-instruct": REPO / "models" / "tokenizers" / "phi-4-mini-instruct",
+              "phi4": REPO / "models" / "tokenizers" / "phi-4"}  # (the others: the shipped Phi-3 tokenizer)
 TINY = dict(hidden_size=192, intermediate_size=448, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)
 
 
@@ -80,15 +83,22 @@ def timed(cmd: list[str], env: dict, until: str, show: str = "kernels:") -> floa
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--system", choices=["reference"])
-    p.add_argument("--ckpt", type=Path, default=Path("/tmp/phi3-mini-random"))
+    p.add_argument("--config", default="phi3-mini-4k-instruct", help="the model's shapes: a folder of assets/configs")
+    p.add_argument("--ckpt", type=Path, help="default: /tmp/phi3-mini-random, or /tmp/CONFIG-random")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
     if args.system:
         return reference(args)
+    if args.ckpt is None:
+        name = "phi3-mini" if args.config == "phi3-mini-4k-instruct" else args.config
+        args.ckpt = Path(f"/tmp/{name}-random")
     if not any(args.ckpt.glob("*.safetensors")):
-        random_checkpoint(args.ckpt, ours_config(CONFIG, TINY if args.tiny else None), args.device)
+        config = ours_config(CONFIGS / args.config / "config.json")
+        tiny = dict(TINY, hidden_size=2 * config.head_dim)  # two of its heads: its RoPE tables' lengths stand
+        random_checkpoint(args.ckpt, ours_config(CONFIGS / args.config / "config.json", tiny if args.tiny else None),
+                          args.device, TOKENIZERS.get(args.config))
     caches = Path(tempfile.mkdtemp(prefix="first-steps-"))
     results = {}
     scenarios = ("cold", "warm")
@@ -107,7 +117,7 @@ def main() -> None:
                "--device", args.device]
         env_ref = {**env, "TRITON_CACHE_DIR": str(caches / "triton-ref")}
         results[f"reference {temperature}"] = timed(ref, env_ref, f'"step": {args.steps}}}')
-    print(f"launch to the end of step {args.steps}, {'tiny' if args.tiny else 'Phi-3-mini'} checkpoint {args.ckpt}, "
+    print(f"launch to the end of step {args.steps}, {'tiny' if args.tiny else args.config} checkpoint {args.ckpt}, "
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'} (load included)")
     for temperature in scenarios:
         a, b = results[f"ours {temperature}"], results[f"reference {temperature}"]

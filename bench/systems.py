@@ -11,6 +11,7 @@ speed and memory do not depend on the values).
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import tempfile
 from pathlib import Path
 
@@ -53,16 +54,20 @@ def ours_config(path: Path, overrides: dict | None = None):
     return dataclasses.replace(Phi3Config.from_json(path), **(overrides or {}))
 
 
-def random_checkpoint(folder: Path, config, device) -> None:
-    """A checkpoint on disk (bf16 safetensors, HF layout, the shipped tokenizer) with random weights of `config`,
-    for the benchmarks that time train.py itself."""
+def random_checkpoint(folder: Path, config, device, tokenizer: Path | None = None) -> None:
+    """A checkpoint on disk (bf16 safetensors, HF layout, `tokenizer`'s files or the shipped Phi-3 tokenizer) with
+    random weights of `config`, for the benchmarks that time train.py itself."""
     from phi3 import Phi3ForCausalLM, save_model
     with torch.device("meta"):
         model = Phi3ForCausalLM(config)
     model = model.to_empty(device=device).to(torch.bfloat16)
     model.init_weights(seed=0)
-    tokenizer = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
-    save_model(model, folder, dtype=torch.bfloat16, tokenizer_from=tokenizer)
+    tokenizer = tokenizer or Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+    with tempfile.TemporaryDirectory() as unpacked:  # models/tokenizers/ keeps tokenizer.json gzipped
+        for f in tokenizer.iterdir():
+            target = Path(unpacked) / f.name.removesuffix(".gz")
+            target.write_bytes(gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes())
+        save_model(model, folder, dtype=torch.bfloat16, tokenizer_from=unpacked)
 
 
 def hf_random(path: Path, overrides: dict | None, device, dtype):
