@@ -40,6 +40,7 @@ from phi3.lora import (LoRAConfig, add_lora, add_trainable_tokens, lora_state_di
 from phi3.quantized import is_4bit, is_4bit_config
 from phi3.loss import cross_entropy_sum
 from phi3.model import Recompute
+from phi3.recompute import keeping_less_where_memory_runs_out
 from phi3.progress import Progress, emit, peak_memory_gib, plot_loss
 from phi3.run_state import (RunStateError, clean_stale_writes, find_checkpoint, load_checkpoint, lr_lambda,
                             optimizer_tensors, run_folder_of, save_checkpoint, trainable_tensors, write_json_atomic)
@@ -378,10 +379,18 @@ class Run:
         cfg, world = self.cfg, self.world
         started, before = time.perf_counter(), (dict(self.position), self.batches)
         group = self.next_micro_batches()
-        torch.manual_seed(step_seed(cfg.seed, self.step, world.rank))
-        progress.begin_step(self.step + 1)
-        loss = accumulate_gradients(self.loss_of, group[world.rank::world.size], self.device, self.autocast,
-                                    sum(b.trained_tokens for b in group), progress.begin_micro_batch)
+
+        def gradients():
+            self.optimizer.zero_grad(set_to_none=True)  # (a failed attempt's partial sums)
+            torch.manual_seed(step_seed(cfg.seed, self.step, world.rank))  # an attempt again draws the same dropout
+            progress.begin_step(self.step + 1)
+            return accumulate_gradients(self.loss_of, group[world.rank::world.size], self.device, self.autocast,
+                                        sum(b.trained_tokens for b in group), progress.begin_micro_batch)
+
+        budget = self.model.kept_budget if world.size == 1 else None  # (one process of several cannot retry alone)
+        loss = keeping_less_where_memory_runs_out(budget, gradients, lambda kept: self.log(
+            f"note: step {self.step + 1} ran out of GPU memory with {kept} layers keeping their outputs for the "
+            f"recompute; it runs again keeping at most {kept // 2}"))
         grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)))
         # one collective carries the loss, the norm's finiteness and any process's stop request
         train_loss, bad, stopping = distributed.sum_scalars(

@@ -129,12 +129,21 @@ def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool, 
     labels = torch.roll(ids, -1, dims=1)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
+    from phi3.recompute import keeping_less_where_memory_runs_out
+    times, budget = [], getattr(model, "kept_budget", None)
     for i in range(steps + 2):  # 2 warm-up steps (Triton autotune, allocator)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = loss_fn(ids, labels)
-        loss.backward()
+
+        def attempt():
+            opt.zero_grad(set_to_none=True)  # (a failed attempt's partial sums)
+            loss = loss_fn(ids, labels)
+            loss.backward()
+            return loss
+
+        loss = keeping_less_where_memory_runs_out(budget, attempt, lambda kept: print(
+            f"step {i + 1} ran out of memory with {kept} layers keeping outputs: again, keeping fewer (as train.py)",
+            file=sys.stderr))
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()

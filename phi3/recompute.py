@@ -114,6 +114,7 @@ class KeptOutputBudget:
     def __init__(self):
         self.working_per_token = None  # bytes, the largest bound measured
         self.last = None  # (bytes kept, tokens) of the last pass
+        self.last_layers, self.ceiling = 0, None  # layers the last pass kept; at most this many (see back_off)
 
     def layers(self, checkpointed: int, layer_bytes: int, tokens: int, device: torch.device) -> int:
         if device.type != "cuda" or layer_bytes == 0:
@@ -128,9 +129,15 @@ class KeptOutputBudget:
             available, capacity = available_bytes(device)
             working = self.working_per_token * tokens
             spare = min(available - working - capacity // 16, held + working)
-            keeping = max(0, min(checkpointed, int(spare // layer_bytes)))
-        self.last = keeping * layer_bytes, tokens
+            keeping = max(0, min(checkpointed, int(spare // layer_bytes),
+                                  checkpointed if self.ceiling is None else self.ceiling))
+        self.last, self.last_layers = (keeping * layer_bytes, tokens), keeping
         return keeping
+
+    def back_off(self) -> None:
+        """After a pass that ran out of memory while keeping: from now on keep at most half of what it kept (the
+        allocator's fragmentation can take more than the margin)."""
+        self.ceiling = self.last_layers // 2
 
 
 def available_bytes(device: torch.device) -> tuple[int, int]:
@@ -140,3 +147,21 @@ def available_bytes(device: torch.device) -> tuple[int, int]:
     reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
     cap = int(total * torch.cuda.get_per_process_memory_fraction(device))
     return max(0, min(free + reserved, cap) - allocated), cap
+
+
+def keeping_less_where_memory_runs_out(budget: KeptOutputBudget | None, attempt, on_retry=lambda kept: None):
+    """attempt() (a step's forward and backward passes, from its start), again while it runs out of GPU memory in a
+    pass whose layers the budget let keep outputs: each time the budget keeps at most half as many (back_off). The
+    results are the bits a first attempt would have given, where attempt() draws its random numbers the same way
+    again. budget None (several processes, which cannot retry alone): no retry. on_retry(layers the failed pass kept)."""
+    while True:
+        try:
+            return attempt()
+        except torch.OutOfMemoryError:
+            kept = budget.last_layers if budget is not None else 0
+            if not kept:
+                raise
+            budget.back_off()
+        # here, out of the except clause, the failed attempt's tensors are freed with its traceback
+        torch.cuda.empty_cache()  # and the fragments that caused it go back to the device
+        on_retry(kept)

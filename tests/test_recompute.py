@@ -20,7 +20,8 @@ from phi3.kernels.fp8 import FP8Weight
 from phi3.lora import use_fp8
 from phi3.model import Recompute, kept_output_bytes
 from phi3.offload import CheckpointOffload
-from phi3.recompute import Kept, KeptOutputBudget, checkpoint_layer, kept_slot, recomputing
+from phi3.recompute import (Kept, KeptOutputBudget, checkpoint_layer, keeping_less_where_memory_runs_out,
+                            kept_slot, recomputing)
 from test_offload import gradients, lora_model
 
 
@@ -116,6 +117,29 @@ def test_the_output_budget_measures_a_pass_first_then_keeps_what_spare_memory_ho
     FakeGPU(monkeypatch, total=16, held=10, peak=15)  # the pass took 5 of the 6 GiB free
     assert small.layers(32, GiB // 4, 8192, cuda) == 0
     assert KeptOutputBudget().layers(32, GiB, 8192, torch.device("cpu")) == 0
+
+
+def test_after_running_out_the_budget_keeps_at_most_half_and_only_a_keeping_pass_is_retried(monkeypatch):
+    gpu, GiB, cuda = FakeGPU(monkeypatch, total=80, held=40, peak=40), 2**30, torch.device("cuda", 0)
+    budget = KeptOutputBudget()
+    budget.layers(64, GiB, 8192, cuda)
+    gpu.peak = 43
+    assert budget.layers(64, GiB, 8192, cuda) == 32
+    attempts = []
+
+    def attempt():
+        attempts.append(budget.layers(64, GiB, 8192, cuda))
+        if len(attempts) < 3:
+            raise torch.OutOfMemoryError("simulated")
+        return "done"
+    assert keeping_less_where_memory_runs_out(budget, attempt) == "done" and attempts == [32, 16, 8]
+    assert budget.layers(64, GiB, 8192, cuda) == 8  # the ceiling stays
+    def runs_out():
+        raise torch.OutOfMemoryError("simulated")
+    with pytest.raises(torch.OutOfMemoryError):  # a pass that kept nothing ran out for another reason: it stands
+        keeping_less_where_memory_runs_out(KeptOutputBudget(), runs_out)
+    with pytest.raises(torch.OutOfMemoryError):  # several processes: no retry
+        keeping_less_where_memory_runs_out(None, runs_out)
 
 
 def test_kept_output_bytes_are_the_three_outputs_the_recompute_would_compute():

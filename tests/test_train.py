@@ -978,3 +978,51 @@ def test_adapter_kind_flags_that_cannot_work_exit_2(small_chat, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert [line for line in err if line.startswith("error")] == err[-1:] and message in err[-1], err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_step_that_runs_out_of_memory_while_keeping_outputs_runs_again_keeping_fewer(base, small_chat, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """The kept-output budget (phi3/recompute.py) can misjudge the allocator's fragmentation: the step that runs out
+    of memory runs again from its start keeping at most half as many layers' outputs, with the same dropout draws,
+    and the run ends with the adapter of a run that never ran out. (On the CPU the budget keeps nothing: here it is
+    made to keep 2 layers, and step 2's second micro-batch to run out, after its first one's gradients were summed.)"""
+    import phi3.model
+    from phi3.recompute import Kept, KeptOutputBudget
+    passes, decided = [], []
+
+    def keeps_two(self, checkpointed, layer_bytes, tokens, device):
+        self.last_layers = min(2, checkpointed, 2 if self.ceiling is None else self.ceiling)
+        decided.append(self.last_layers)
+        return self.last_layers
+
+    class RunsOut(Kept):
+        def __init__(self, outputs):
+            if outputs and len(decided) == 4 and not passes:
+                passes.append("ran out")
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            super().__init__(outputs)
+
+    monkeypatch.setattr(KeptOutputBudget, "layers", keeps_two)
+    common = ["--data", small_chat, "--model", base, "--max-steps", 5, "--lr", 1e-3, "--dropout", 0.1, "--grad-accum",
+              2, "--gradient-checkpointing", "--eval-fraction", 0, "--log-every", 1]
+    assert run(*common, "--out", tmp_path / "straight") == 0
+    assert decided == [2] * 10  # two micro-batches a step
+    decided.clear()
+    monkeypatch.setattr(phi3.model, "Kept", RunsOut)
+    assert run(*common, "--out", tmp_path / "again") == 0
+    assert passes == ["ran out"] and decided == [2] * 4 + [1] * 8  # step 2 twice, then at most half
+    assert "note: step 2 ran out of GPU memory with 2 layers keeping their outputs" in capsys.readouterr().err
+    assert [r["loss"] for r in metrics(tmp_path / "straight")] == [r["loss"] for r in metrics(tmp_path / "again")]
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_running_out_of_memory_keeping_nothing_is_the_one_line_error(base, small_chat, tmp_path, monkeypatch, capsys):
+    def runs_out(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(train, "accumulate_gradients", runs_out)
+    assert run("--data", small_chat, "--model", base, "--out", tmp_path / "r", "--max-steps", 3) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: out of GPU memory") and "--keep-outputs 0" in err[-1]
+    assert not any("runs again" in line for line in err)
