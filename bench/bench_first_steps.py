@@ -1,7 +1,7 @@
 """Launch to the end of step 10, cold and warm, and train.py's own tokens/s: this project vs transformers + peft.
 
     python3 bench/bench_first_steps.py --ckpt /tmp/phi3-mini-random   # writes a random Phi-3-mini checkpoint if missing
-    python3 bench/bench_first_steps.py --config phi4-mini-instruct   # its shapes and tokenizer, /tmp/phi4-mini-instruct-random
+    python3 bench/bench_first_steps.py --config phi4-mini-instruct   # its shapes and tokenizer, in /tmp/CONFIG-random
     python3 bench/bench_first_steps.py --ckpt /tmp/tiny --tiny --device cpu --steps 3   # smoke run on a CPU
 
 Issue 12, items 6 and 7. Each run is a fresh process, timed from its launch to the end of its 10th optimizer step,

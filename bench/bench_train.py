@@ -49,7 +49,8 @@ ABLATIONS = {  # this project with one mechanism switched off: what each buys in
     "ours-no-keep": "each layer's recompute computing attention again instead of taking back the output and "
                     "log-sum-exp its forward kept in host memory beside its input (phi3/attention.py)",
     "ours-no-kept-outputs": "no layer keeping its frozen GEMMs' outputs for the recompute, which runs them again "
-                            "(phi3/recompute.py; the default keeps as many as spare memory holds)",
+                            "(phi3/recompute.py; the default keeps as many as spare memory holds, at most doubling "
+                            "the step's memory)",
     "ours-nothing-kept": "the recompute computing every LoRA layer's S = dropout(x) A^T and output again, none kept "
                          "from the first run (phi3/recompute.py)",
 }

@@ -195,9 +195,9 @@ class Recompute:
     keep_outputs: how many checkpointed layers also keep their frozen GEMMs' outputs for the recompute (qkv, o and
     gate_up: 0.38 GiB a layer at batch 4 x 2048 on Phi-4-mini, less than half of what a layer without checkpointing
     keeps, for most of what skipping its recompute buys: phi3/recompute.py). None: as many as the GPU's spare memory
-    holds, up to as much as the pass needs without them, pass by pass (phi3/recompute.py KeptOutputBudget). Layers on a 4-bit base keep none (QLoRA is chosen for
-    the least memory). Every checkpointed layer keeps its small low-rank products S either way. Results are the
-    same bits whatever is kept."""
+    holds, up to as much as the pass needs without them, pass by pass (phi3/recompute.py KeptOutputBudget).
+    Layers on a 4-bit base keep none (QLoRA is chosen for the least memory). Every checkpointed layer keeps its
+    small low-rank products S either way. Results are the same bits whatever is kept."""
     layers: int | None = None
     offload: bool = False
     keep_outputs: int | None = None

@@ -153,7 +153,8 @@ def keeping_less_where_memory_runs_out(budget: KeptOutputBudget | None, attempt,
     """attempt() (a step's forward and backward passes, from its start), again while it runs out of GPU memory in a
     pass whose layers the budget let keep outputs: each time the budget keeps at most half as many (back_off). The
     results are the bits a first attempt would have given, where attempt() draws its random numbers the same way
-    again. budget None (several processes, which cannot retry alone): no retry. on_retry(layers the failed pass kept)."""
+    again. budget None (several processes, which cannot retry alone): no retry. on_retry(what the failed pass
+    kept, in layers)."""
     while True:
         try:
             return attempt()
