@@ -19,6 +19,7 @@ shapes, which item 6 wants within 5 %.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -96,9 +97,9 @@ def main() -> None:
         args.ckpt = Path(f"/tmp/{name}-random")
     if not any(args.ckpt.glob("*.safetensors")):
         config = ours_config(CONFIGS / args.config / "config.json")
-        tiny = dict(TINY, hidden_size=2 * config.head_dim)  # two of its heads: its RoPE tables' lengths stand
-        random_checkpoint(args.ckpt, ours_config(CONFIGS / args.config / "config.json", tiny if args.tiny else None),
-                          args.device, TOKENIZERS.get(args.config))
+        if args.tiny:  # two of its heads: its RoPE tables' lengths stand
+            config = dataclasses.replace(config, **dict(TINY, hidden_size=2 * config.head_dim))
+        random_checkpoint(args.ckpt, config, args.device, TOKENIZERS.get(args.config))
     caches = Path(tempfile.mkdtemp(prefix="first-steps-"))
     results = {}
     scenarios = ("cold", "warm")
