@@ -37,6 +37,8 @@ NEW_TOKENS = tuple(range(32000, 32008))  # --tokens: 8 rows trained (Phi-3's pla
 ABLATIONS = {  # this project with one mechanism switched off: what each buys in the whole step
     "ours-no-offload": "checkpointed layer inputs kept on the GPU instead of in pinned host memory",
     "ours-no-flash": "attention through SDPA with a dense mask instead of flash attention",
+    "ours-no-cudnn": "flash attention for every row instead of cuDNN's kernels for rows of 4,096 tokens and more "
+                     "(phi3/attention.py)",
     "ours-torch-rope": "RoPE as torch ops instead of kernels/rope.py",
     "ours-torch-norm-swiglu": "RMSNorm, residual add and SwiGLU as torch ops instead of their kernels",
     # the LoRA kernel's own mechanism (issue 12: each must pay for itself in the whole step; the concat GEMM kind
@@ -66,6 +68,8 @@ def build_ours(checkpointing: bool, ablation: str | None = None):
 
     if ablation == "ours-no-flash":
         phi3.attention.use_flash = False
+    elif ablation == "ours-no-cudnn":
+        phi3.attention.use_cudnn = False
     elif ablation == "ours-torch-rope":
         phi3.model.rope_qk = rope_qk_reference
     elif ablation == "ours-torch-norm-swiglu":

@@ -8,9 +8,10 @@ Query i of a call (absolute position offset + i) sees key j iff
 
 Three ways to compute it, chosen once per call by `Visibility.of`:
 - cudnn: training and evaluation on a Hopper GPU in bf16/fp16 (no KV cache) with long, plainly causal rows (no packed
-  documents, no window that binds, no GQA): every unpacked long-context call of Phi-3-mini-128k. cuDNN's kernels are
-  1.5x faster than flash attention 2 there on an H200 from 4,096 tokens a row on, but 1.2x slower at batch 4 x 2048
-  (bench/README.md), hence the length rule.
+  documents, no window that binds): every unpacked long-context call of Phi-3-mini-128k and Phi-4-mini. cuDNN's
+  kernels are 1.5x faster than flash attention 2 there on an H200 from 4,096 tokens a row on, but 1.2x slower at
+  batch 4 x 2048 (bench/README.md), hence the length rule. They take grouped key/value heads as they are (Phi-4-mini's
+  24 query heads over 8), as flash attention does: nothing is repeated.
 - flash: the other calls of that kind. The batch's rows, or with packing its documents, become one list of
   sequences (cu_seqlens) for torch's flash-attention kernels with a left window. Unlike SDPA with a dense bool mask
   (2.7x slower than its causal path at T 2048 on an H200, and O(T^2) memory), it skips the masked blocks and needs
@@ -120,12 +121,11 @@ class Visibility:
 
     @classmethod
     def of(cls, batch: int, q_len: int, offset: int, window: int | None, document_ids: torch.Tensor | None,
-           dtype: torch.dtype, device: torch.device, head_dim: int, gqa: bool = False,
-           cached: bool = False) -> "Visibility":
+           dtype: torch.dtype, device: torch.device, head_dim: int, cached: bool = False) -> "Visibility":
         """cached: the call writes a KV cache (a prompt's prefill): its keys are views of the cache, not rope_qk's."""
         if offset == 0 and flash_supported(dtype, device, head_dim):
             plain_causal = document_ids is None and (window is None or q_len <= window)
-            if plain_causal and not gqa and not cached and q_len >= cudnn_from_tokens and cudnn_preferred(device):
+            if plain_causal and not cached and q_len >= cudnn_from_tokens and cudnn_preferred(device):
                 return cls(q_len, offset, window, "cudnn", max_len=q_len)
             cu_seqlens, max_len = sequence_starts(batch, q_len, document_ids)
             return cls(q_len, offset, window, "flash", cu_seqlens=cu_seqlens.to(device), max_len=max_len)
@@ -185,7 +185,8 @@ class FlashAttention(torch.autograd.Function):
 
 
 class CudnnAttention(torch.autograd.Function):
-    """Causal attention by cuDNN over whole rows: q, k, v (B, nh, T, hd), as many key as query heads. It saves
+    """Causal attention by cuDNN over whole rows: q (B, nh, T, hd), k and v (B, nkv, T, hd), nh a multiple of nkv
+    (cuDNN reads each key/value head for its group of query heads, and its backward sums their dk, dv). It saves
     and keeps what FlashAttention does; the ops are those SDPA's cuDNN path calls, called directly so that the
     forward can be skipped."""
 

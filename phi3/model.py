@@ -234,7 +234,7 @@ class Phi3ForCausalLM(nn.Module):
         cos, sin = self.rotary(position_ids, x.dtype)
         config = self.config
         seen = Visibility.of(B, T, offset, config.sliding_window, document_ids, x.dtype, x.device, config.head_dim,
-                             gqa=config.num_key_value_heads != config.num_attention_heads, cached=kv_cache is not None)
+                             cached=kv_cache is not None)
         layers, checkpointed, offloaded = len(self.model.layers), 0, None
         if self.recompute is not None and self.training and torch.is_grad_enabled():
             checkpointed = min(layers, layers if self.recompute.layers is None else self.recompute.layers)

@@ -81,24 +81,22 @@ def test_the_cpu_takes_sdpa():
     assert seen.backend == "sdpa" and seen.mask.shape == (1, 1, 8, 8)
 
 
-@pytest.mark.parametrize("q_len, offset, window, packed, gqa, backend", [
-    (16384, 0, None, False, False, "cudnn"),   # the 128k models at length: no window
-    (16384, 0, 2047, False, False, "flash"),   # the 4k models' window binds
-    (16384, 0, None, True, False, "flash"),    # packed documents
-    (16384, 0, None, False, True, "flash"),    # GQA (Phi-3-medium)
-    (2048, 0, None, False, False, "flash"),    # shorter rows: flash attention is faster there
-    (1, 30, None, False, False, "sdpa"),       # decoding with a KV cache
+@pytest.mark.parametrize("q_len, offset, window, packed, backend", [
+    (16384, 0, None, False, "cudnn"),   # the 128k models at length: no window (grouped heads or not)
+    (16384, 0, 2047, False, "flash"),   # the 4k models' window binds
+    (16384, 0, None, True, "flash"),    # packed documents
+    (2048, 0, None, False, "flash"),    # shorter rows: flash attention is faster there
+    (1, 30, None, False, "sdpa"),       # decoding with a KV cache
 ])
 @pytest.mark.parametrize("cached", [False, True])
-def test_the_gpu_backend_follows_the_pattern(monkeypatch, q_len, offset, window, packed, gqa, backend, cached):
+def test_the_gpu_backend_follows_the_pattern(monkeypatch, q_len, offset, window, packed, backend, cached):
     import phi3.attention
     monkeypatch.setattr(phi3.attention, "flash_supported", lambda *args: True)  # as on a Hopper GPU in bf16
     monkeypatch.setattr(phi3.attention, "cudnn_preferred", lambda device: True)
     document_ids = torch.zeros(1, q_len, dtype=torch.long) if packed else None
     if packed:
         document_ids[:, q_len // 2:] = 1
-    seen = Visibility.of(1, q_len, offset, window, document_ids, torch.bfloat16, torch.device("cpu"), 96, gqa=gqa,
-                         cached=cached)
+    seen = Visibility.of(1, q_len, offset, window, document_ids, torch.bfloat16, torch.device("cpu"), 96, cached=cached)
     # a prompt's prefill into a KV cache stays on flash attention: its keys are views of the cache
     assert seen.backend == ("flash" if cached and backend == "cudnn" else backend)
 
@@ -124,15 +122,13 @@ def reference_attention(q, k, v, mask):
 
 @cuda
 @needs_cuda
-@pytest.mark.parametrize("heads", [(32, 32, 96), (40, 10, 128)], ids=["mini", "medium"])
+@pytest.mark.parametrize("heads", [(32, 32, 96), (40, 10, 128), (24, 8, 128)], ids=["mini", "medium", "phi4-mini"])
 @pytest.mark.parametrize("window, packed, backend", [(1000, False, "flash"), (1000, True, "flash"),
                                                      (None, True, "flash"), (None, False, "cudnn"),
                                                      (1536, False, "cudnn")])
 def test_gpu_attention_against_float64(monkeypatch, heads, window, packed, backend):
     import phi3.attention
     nh, nkv, hd = heads
-    if backend == "cudnn" and nkv != nh:
-        pytest.skip("cuDNN takes only as many key as query heads")
     if backend == "cudnn" and not phi3.attention.cudnn_preferred(torch.device("cuda")):
         pytest.skip("cuDNN attention is chosen on Hopper GPUs only")
     batch, length = 2, 1536  # a window of 1000 binds, one of 1536 does not; documents up to 512 tokens
@@ -144,7 +140,7 @@ def test_gpu_attention_against_float64(monkeypatch, heads, window, packed, backe
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd) views, as rope_qk returns them
     grad = rand(batch, length, nh * hd)
     document_ids = packed_documents(batch, length, random.Random(1)).cuda() if packed else None
-    seen = Visibility.of(batch, length, 0, window, document_ids, torch.bfloat16, q.device, hd, gqa=nkv != nh)
+    seen = Visibility.of(batch, length, 0, window, document_ids, torch.bfloat16, q.device, hd)
     assert seen.backend == backend
     mask = dense_mask(batch, length, window, None if document_ids is None else document_ids.cpu())
 
