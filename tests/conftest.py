@@ -31,6 +31,17 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
+@pytest.fixture
+def forced_config_runs(monkeypatch):
+    """A config forced on a kernel runs as itself: one too large for this GPU's shared memory would give way to
+    another (kernels/choices.py's launch_with) and remember it for the key, passing its own test and deciding the
+    next one's. Fresh fallbacks for the test; none may be taken."""
+    from phi3.kernels import choices
+    monkeypatch.setattr(choices, "_fits", {})
+    yield
+    assert not choices._fits, f"forced config does not fit this GPU; it ran {list(choices._fits.values())}"
+
+
 REPO = Path(__file__).parent.parent
 
 

@@ -206,7 +206,7 @@ def test_cuda_other_dtypes(dtype):
 @needs_cuda
 @pytest.mark.parametrize("kind", ["bf16", "nf4"])
 @pytest.mark.parametrize("option", list(choices.CONFIGS["dora-norm"]))
-def test_cuda_every_config(kind, option):
+def test_cuda_every_config(forced_config_runs, kind, option):
     """Each config a table may name, forced, at qkv (two splits) and down (six) with r = 16."""
     used = []
 

@@ -164,7 +164,7 @@ def test_cuda_bf16_real_shapes(k, n, r):
 @cuda
 @needs_cuda
 @pytest.mark.parametrize("option", list(choices.CONFIGS["tma-fp8"]))
-def test_cuda_every_config(option):
+def test_cuda_every_config(forced_config_runs, option):
     """Each config a table may name for the FP8 GEMM, forced for its forward and dx, at gate_up's shape."""
     used = []
     choices.set_timer(lambda key, options, run: used.append(key) or (option if option in options else options[0]))

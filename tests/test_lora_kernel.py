@@ -482,7 +482,7 @@ def gate_up_problem():
 @needs_cuda
 @pytest.mark.parametrize("kernel,option", [(k, o) for k in ("tma", "gemm", "down", "dy", "da")
                                            for o in choices.CONFIGS[k]])
-def test_cuda_every_config(monkeypatch, gate_up_problem, kernel, option):
+def test_cuda_every_config(monkeypatch, forced_config_runs, gate_up_problem, kernel, option):
     """Each config a table may name for the kernels lora_linear runs, forced for its kernel (the others take the
     rule's), at a Phi-3-mini shape: outputs and gradients within the rule of _check. "gemm" configs run as the
     pointer GEMM (GEMM="triton"), the rest under the TMA GEMM. (FP8's, NF4's and DoRA's configs: their kernels'

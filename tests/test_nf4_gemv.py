@@ -96,7 +96,7 @@ def test_cuda_one_token_bf16(launched, k, n, r):
 @cuda
 @needs_cuda
 @pytest.mark.parametrize("option", list(choices.CONFIGS["nf4-gemv"]))
-def test_cuda_every_config(monkeypatch, option):
+def test_cuda_every_config(monkeypatch, forced_config_runs, option):
     real_config = choices.config
     monkeypatch.setattr(choices, "config", lambda site, kernel, *a: choices.CONFIGS[kernel][option]
                         if kernel == "nf4-gemv" else real_config(site, kernel, *a))
