@@ -114,3 +114,15 @@ def test_a_config_too_large_for_the_gpu_gives_way_to_the_next(hopper, monkeypatc
     finally:
         choices.use_table(None)
     assert tried == [first, second, second]
+
+
+HOPPER_SHARED_BYTES = 227 * 1024  # per block on an H100 / H200 (sm90)
+
+
+@pytest.mark.parametrize("kernel, operand_bytes", [("tma", 2), ("tma-fp8", 1), ("gemm", 2)])
+def test_every_tma_and_gemm_config_fits_hoppers_shared_memory(kernel, operand_bytes):
+    """A config whose pipeline (stages x the A and B tiles) exceeds the shared memory of the only GPUs these GEMMs
+    are tuned for never runs as itself: launch_with falls back to another (FP8's 5-stage 128x256 did, on an H100)."""
+    for name, config in choices.CONFIGS[kernel].items():
+        tiles = (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * operand_bytes
+        assert config["num_stages"] * tiles <= HOPPER_SHARED_BYTES, f"{kernel} {name}: {config['num_stages']} x {tiles} B"
