@@ -135,7 +135,7 @@ def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool, 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     from phi3.recompute import keeping_less_where_memory_runs_out
-    times, budget = [], getattr(model, "kept_budget", None)
+    times, budget, ran_out = [], getattr(model, "kept_budget", None), []
     for i in range(steps + 2):  # 2 warm-up steps (Triton autotune, allocator)
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -146,7 +146,7 @@ def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool, 
             loss.backward()
             return loss
 
-        loss = keeping_less_where_memory_runs_out(budget, attempt, lambda kept: print(
+        loss = keeping_less_where_memory_runs_out(budget, attempt, lambda kept: ran_out.append(kept) or print(
             f"step {i + 1} ran out of memory with {kept} layers keeping outputs: again, keeping fewer (as train.py)",
             file=sys.stderr))
         opt.step()
@@ -156,7 +156,7 @@ def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool, 
     step_s = sorted(times[2:])[len(times[2:]) // 2]
     return {"system": system, "tokens_per_s": batch * seq / step_s, "step_s": step_s,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": float(loss),
-            "trainable": sum(p.numel() for p in trainable), "kept_layers": kept_layers(model)}
+            "trainable": sum(p.numel() for p in trainable), "kept_layers": kept_layers(model), "ran_out": ran_out}
 
 
 def kept_layers(model) -> int | None:
@@ -230,7 +230,8 @@ def main() -> None:
         print(f"ours on a card of {args.cap:g}x the reference's peak ({cap_gib:.2f} GiB, emulated): "
               f"{capped['tokens_per_s']:,.0f} tokens/s ({capped['tokens_per_s'] / ref['tokens_per_s']:.2f}x ref), "
               f"peak {capped['peak_gib']:.2f} GiB ({capped['peak_gib'] / ref['peak_gib']:.2f}x ref), "
-              f"outputs of {capped['kept_layers']} layers kept")
+              f"outputs of {capped['kept_layers']} layers kept; steps that ran out of memory and ran again, keeping "
+              f"fewer: {len(capped['ran_out'])} (they had kept {capped['ran_out'] or '-'})")
     elif args.cap:
         print(f"ours on a card of {args.cap:g}x the reference's peak ({cap_gib:.2f} GiB, emulated): failed (above)")
     for name in (s for s in systems if s.startswith("ours-checkpoint-")):
