@@ -146,9 +146,12 @@ def measure(system: str, batch: int, seq: int, steps: int, checkpointing: bool, 
             loss.backward()
             return loss
 
-        loss = keeping_less_where_memory_runs_out(budget, attempt, lambda kept: ran_out.append(kept) or print(
-            f"step {i + 1} ran out of memory with {kept} layers keeping outputs: again, keeping fewer (as train.py)",
-            file=sys.stderr))
+        def again(kept):
+            ran_out.append(kept)
+            print(f"step {i + 1} ran out of memory with {kept} layers keeping outputs: again, keeping fewer "
+                  "(as train.py)", file=sys.stderr)
+
+        loss = keeping_less_where_memory_runs_out(budget, attempt, again)
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
